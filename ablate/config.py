@@ -1,0 +1,231 @@
+"""Validated, frozen config dataclasses built from plain data (TOML, CLI overrides).
+
+Every concern (model, task, optimiser, training, sweep) owns a small frozen dataclass.
+This module holds the one mechanism that builds them from dictionaries: unknown keys,
+wrong types and bad values are all collected, each named by its dotted path
+(`model.n_heads`), and raised together as one `ConfigError` before anything compiles.
+
+A dataclass states its own value rules in a `problems()` method returning
+`[(field, message), ...]`; `__post_init__` should call `check(self)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """One or more invalid config values, each with its dotted path."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]):
+        self.problems = [(str(p), str(m)) for p, m in problems]
+        lines = [f"{p}: {m}" if p else m for p, m in self.problems]
+        super().__init__("invalid config:\n  " + "\n  ".join(lines))
+
+    def prefixed(self, prefix: str) -> ConfigError:
+        """The same problems with `prefix.` in front of every path."""
+        if not prefix:
+            return self
+        return ConfigError([(f"{prefix}.{p}" if p else prefix, m) for p, m in self.problems])
+
+
+def check(obj: Any) -> None:
+    """Raise ConfigError if `obj.problems()` reports anything."""
+    found = list(obj.problems())
+    if found:
+        raise ConfigError(found)
+
+
+def one_of(value: Any, allowed: Iterable[Any]) -> str | None:
+    """A message if `value` is not in `allowed`, else None."""
+    allowed = list(allowed)
+    if value in allowed:
+        return None
+    return f"{value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}"
+
+
+def in_range(value: float, low: float | None = None, high: float | None = None) -> str | None:
+    """A message if `value` lies outside [low, high], else None."""
+    if low is not None and value < low:
+        return f"must be >= {low}, got {value}"
+    if high is not None and value > high:
+        return f"must be <= {high}, got {value}"
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Convert plain data `value` to annotation `tp`, raising ConfigError with `path`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError([(path, f"expected a table of {tp.__name__} fields, got {value!r}")])
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError([(path, one_of(value, allowed))])
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path)
+            except ConfigError as e:
+                errors.extend(m for _, m in e.problems)
+        raise ConfigError([(path, f"expected {_type_name(tp)}, got {value!r}")])
+    if origin in (tuple, list, Sequence):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            raise ConfigError([(path, f"expected a list, got {value!r}")])
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError([(path, f"expected {len(args)} items, got {len(value)}")])
+            item_types = args
+        else:
+            item_types = [args[0] if args else Any] * len(value)
+        problems, items = [], []
+        for i, (item_tp, item) in enumerate(zip(item_types, value, strict=True)):
+            try:
+                items.append(_convert(item_tp, item, f"{path}[{i}]"))
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if problems:
+            raise ConfigError(problems)
+        return tuple(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError([(path, f"expected a table, got {value!r}")])
+        _, value_tp = get_args(tp) or (str, Any)
+        return {str(k): _convert(value_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+    raise ConfigError([(path, f"expected {_type_name(tp)}, got {value!r}")])
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from `data`; every problem found is raised in one ConfigError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    problems: list[tuple[str, str]] = []
+    dot = f"{path}." if path else ""
+    for key in data:
+        if key not in fields:
+            problems.append(
+                (f"{dot}{key}", f"unknown field; {cls.__name__} has: {', '.join(sorted(fields))}")
+            )
+    kwargs = {}
+    for name in fields:
+        if name in data:
+            try:
+                kwargs[name] = _convert(hints[name], data[name], f"{dot}{name}")
+            except ConfigError as e:
+                problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError([(f"{dot}{n}", "required field is missing") for n in missing])
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.prefixed(path) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (dicts, lists, scalars) for a config dataclass, for TOML/JSON/hparams."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file (never executed; duplicate keys are an error in TOML itself)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([("", f"experiment file not found: {path}")])
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([("", f"{path} is not valid TOML: {e}")]) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a","b","c"], value); the value is read as TOML if it can be."""
+    if "=" not in text:
+        raise ConfigError([("", f"override {text!r} must look like key.path=value")])
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError([("", f"override {text!r} has an empty key")])
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of `data` with each dotted `key=value` override applied."""
+    out = _deep_copy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError([(".".join(parts), f"{p!r} is a value, not a table")])
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
