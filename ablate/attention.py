@@ -1,0 +1,253 @@
+"""Attention mixers: every way ablate forms the mixing matrix A_h, in one registry.
+
+A multi-head attention layer (model.py) owns the value and output projections, which every
+variant keeps and trains. What differs between variants is only how the mixing matrix is
+formed, and that is a *mixer*: a small NNX module that, for its group of heads, turns the
+layer input and the visibility mask into patterns `probs_BHLS` (each row a distribution over
+the visible positions), or mixes the values directly (`mix`). Adding a variant is one class
+and one line in `MIXERS`.
+
+Freezing is by variable type, never by a flag checked at update time: `Fixed` holds a
+constant drawn at init (a random pattern), `Frozen` a weight kept at its random init. Neither
+is an `nnx.Param`, so the optimiser (built over `nnx.Param`) never sees them, while
+checkpoints still carry them.
+
+Axis letters: B batch, L query positions, S key positions (S == L), D model width,
+H heads (of this mixer's group), K head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ablate.config import ConfigError
+
+
+class Fixed(nnx.Variable):
+    """A constant drawn once at init (e.g. a random pattern): saved, never trained."""
+
+
+class Frozen(nnx.Variable):
+    """A weight kept at its random init: saved, never trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSettings:
+    """What a mixer needs to know about the model it serves."""
+
+    d_model: int
+    head_dim: int
+    max_len: int
+    causal: bool
+    random_scale: float = 1.0
+    gaussian_sigma: float = 1.0
+    gaussian_offsets: tuple[int, ...] = ()
+
+
+def masked_softmax(scores_BHLS: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    """Softmax over visible key positions; invisible positions get exactly zero."""
+    visible_B1LS = visible_BLS[:, None]
+    scores_BHLS = jnp.where(visible_B1LS, scores_BHLS, -1e30)
+    return jax.nn.softmax(scores_BHLS, axis=-1) * visible_B1LS
+
+
+def normalize_rows(weights_BHLS: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    """Non-negative weights restricted to visible positions, scaled so each row sums to one."""
+    weights_BHLS = weights_BHLS * visible_BLS[:, None]
+    total_BHL1 = weights_BHLS.sum(-1, keepdims=True)
+    return weights_BHLS / jnp.maximum(total_BHL1, 1e-30)
+
+
+def _projection(rngs: nnx.Rngs, settings: MixerSettings, n_heads: int) -> jax.Array:
+    init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    return init(rngs.params(), (settings.d_model, n_heads, settings.head_dim))
+
+
+class Mixer(nnx.Module):
+    """Base of all variants: forms the patterns of `n_heads` heads from x and the mask."""
+
+    #: False for mixers whose token mixing is not a row-stochastic pattern (fourier).
+    has_pattern: ClassVar[bool] = True
+    #: False for mixers that cannot serve a causal model.
+    supports_causal: ClassVar[bool] = True
+
+    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
+        self.n_heads = n_heads
+        self.head_dim = settings.head_dim
+
+    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        """Mixing probabilities `probs_BHLS` (rows sum to one over visible positions)."""
+        raise TypeError(f"{type(self).__name__} mixes without a pattern (has_pattern is False)")
+
+    def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        """Mixed values `out_BLHK`; the default applies `pattern` to the values."""
+        probs_BHLS = self.pattern(x_BLD, visible_BLS)
+        return jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS, v_BLHK.astype(probs_BHLS.dtype))
+
+
+class Learned(Mixer):
+    """softmax(Q K^T / sqrt(K) + mask), with trainable W_q and W_k."""
+
+    weight_type: ClassVar[type[nnx.Variable]] = nnx.Param
+
+    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
+        super().__init__(n_heads, settings, rngs)
+        self.w_q = self.weight_type(_projection(rngs, settings, n_heads))
+        self.w_k = self.weight_type(_projection(rngs, settings, n_heads))
+
+    def _qk(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.w_q[...].astype(x_BLD.dtype))
+        k_BSHK = jnp.einsum("BSD,DHK->BSHK", x_BLD, self.w_k[...].astype(x_BLD.dtype))
+        return q_BLHK, k_BSHK
+
+    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        q_BLHK, k_BSHK = self._qk(x_BLD)
+        scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK) / math.sqrt(self.head_dim)
+        return masked_softmax(scores_BHLS.astype(jnp.float32), visible_BLS).astype(x_BLD.dtype)
+
+    def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        # The fused kernel never materialises the pattern; `pattern` is used when asked for.
+        q_BLHK, k_BSHK = self._qk(x_BLD)
+        return jax.nn.dot_product_attention(
+            q_BLHK, k_BSHK, v_BLHK.astype(q_BLHK.dtype), mask=visible_BLS[:, None]
+        )
+
+
+class FrozenQK(Learned):
+    """As `learned`, but W_q and W_k stay at their random init (content routing, never learned)."""
+
+    weight_type = Frozen
+
+
+class Uniform(Mixer):
+    """1/|V(i)| on the visible positions: the masked mean of the values."""
+
+    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        ones_B1LS = jnp.ones(visible_BLS.shape, x_BLD.dtype)[:, None]
+        probs_B1LS = normalize_rows(ones_B1LS, visible_BLS)
+        return jnp.broadcast_to(probs_B1LS, (x_BLD.shape[0], self.n_heads) + visible_BLS.shape[1:])
+
+
+class RandomFixed(Mixer):
+    """softmax(R_h + mask) with R_h drawn once at init and never trained."""
+
+    table_type: ClassVar[type[nnx.Variable]] = Fixed
+
+    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
+        super().__init__(n_heads, settings, rngs)
+        shape = (n_heads, settings.max_len, settings.max_len)
+        table_HLS = settings.random_scale * jax.random.normal(rngs.params(), shape)
+        self.logits = self.table_type(table_HLS)
+
+    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        L = x_BLD.shape[1]
+        logits_1HLS = self.logits[...][None, :, :L, :L].astype(jnp.float32)
+        probs_BHLS = masked_softmax(logits_1HLS, visible_BLS)
+        return probs_BHLS.astype(x_BLD.dtype)
+
+
+class Synthesizer(RandomFixed):
+    """softmax(R_h + mask) with R_h a trainable, input-independent parameter (Tay et al. 2021)."""
+
+    table_type = nnx.Param
+
+
+class Gaussian(Mixer):
+    """A hard-coded Gaussian around position i + offset_h (You et al. 2020)."""
+
+    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
+        super().__init__(n_heads, settings, rngs)
+        offsets = settings.gaussian_offsets or default_gaussian_offsets(n_heads, settings.causal)
+        if len(offsets) < n_heads:
+            offsets = tuple(offsets[h % len(offsets)] for h in range(n_heads))
+        self.offsets = tuple(int(o) for o in offsets[:n_heads])
+        self.sigma = float(settings.gaussian_sigma)
+
+    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        L = x_BLD.shape[1]
+        pos_L = jnp.arange(L, dtype=jnp.float32)
+        centre_HL = pos_L[None] + jnp.asarray(self.offsets, jnp.float32)[:, None]
+        dist_HLS = pos_L[None, None, :] - centre_HL[:, :, None]
+        logits_1HLS = (-0.5 * (dist_HLS / self.sigma) ** 2)[None]
+        return masked_softmax(logits_1HLS, visible_BLS).astype(x_BLD.dtype)
+
+
+def default_gaussian_offsets(n_heads: int, causal: bool) -> tuple[int, ...]:
+    """Offsets 0, -1, -2, ... (causal) or 0, -1, +1, -2, +2, ... (bidirectional)."""
+    if causal:
+        return tuple(-h for h in range(n_heads))
+    return tuple((h + 1) // 2 * (-1 if h % 2 else 1) for h in range(n_heads))
+
+
+class Identity(Mixer):
+    """Each token sees only itself: no mixing at all (the lower bound)."""
+
+    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        L = x_BLD.shape[1]
+        eye_1LS = jnp.eye(L, dtype=x_BLD.dtype)[None]
+        probs_B1LS = normalize_rows(eye_1LS[:, None], visible_BLS)
+        return jnp.broadcast_to(probs_B1LS, (x_BLD.shape[0], self.n_heads, L, L))
+
+
+class Fourier(Mixer):
+    """FNet mixing (Lee-Thorp et al. 2021): Re(FFT over positions and head features).
+
+    Padded positions are zeroed before the transform. The mixing is not a distribution over
+    positions, so there is no pattern and no alignment for these heads; a causal model is
+    refused because the transform sees every position.
+    """
+
+    has_pattern = False
+    supports_causal = False
+
+    def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+        # A position is a real token iff some query may see it (padding is invisible to all).
+        real_BS = visible_BLS.any(axis=1)
+        v_BLHK = v_BLHK * real_BS[:, :, None, None].astype(v_BLHK.dtype)
+        mixed = jnp.fft.fftn(v_BLHK.astype(jnp.float32), axes=(1, 3), norm="ortho")
+        return mixed.real.astype(v_BLHK.dtype)
+
+
+#: The one registry of attention variants: name -> mixer class.
+MIXERS: dict[str, type[Mixer]] = {
+    "learned": Learned,
+    "uniform": Uniform,
+    "random_fixed": RandomFixed,
+    "frozen": FrozenQK,
+    "synthesizer": Synthesizer,
+    "gaussian": Gaussian,
+    "none": Identity,
+    "fourier": Fourier,
+}
+
+
+def variant_names() -> list[str]:
+    """Names of every registered attention variant."""
+    return list(MIXERS)
+
+
+def variant_problem(name: str, causal: bool) -> str | None:
+    """Why `name` cannot serve a model with this masking, or None if it can."""
+    if name not in MIXERS:
+        return f"unknown attention variant {name!r}; choose one of {', '.join(MIXERS)}"
+    if causal and not MIXERS[name].supports_causal:
+        causal_ok = [n for n, m in MIXERS.items() if m.supports_causal]
+        return (
+            f"{name!r} mixes every position and cannot serve a causal model "
+            f"(set model.causal = false, or choose one of {', '.join(causal_ok)})"
+        )
+    return None
+
+
+def make_mixer(name: str, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs) -> Mixer:
+    """Build the registered mixer `name` for `n_heads` heads, refusing what cannot serve."""
+    problem = variant_problem(name, settings.causal)
+    if problem:
+        raise ConfigError([("attention", problem)])
+    return MIXERS[name](n_heads, settings, rngs)
