@@ -170,7 +170,7 @@ class Attention(nnx.Module):
             nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)(rngs.params(), (H, K, D))
         )
         groups, start = [], 0
-        for name, run in itertools.groupby(head_variants):
+        for _, run in itertools.groupby(head_variants):
             n = len(list(run))
             groups.append((start, n))
             start += n
