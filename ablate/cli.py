@@ -1,0 +1,159 @@
+"""The `ablate` command: parses arguments and calls the library; nothing else lives here.
+
+Exit codes: 0 done, 1 unexpected error, 2 bad config or arguments, 3 bad data,
+4 training diverged (NaN/Inf), 75 stopped by SIGTERM after saving (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 75
+
+
+def _train(args) -> int:
+    from ablate.experiment import load_experiment
+    from ablate.train import train
+
+    exp, _ = load_experiment(args.experiment, args.set)
+    run_dir = safe_join(args.workdir, exp.name)
+    result = train(
+        exp, run_dir, progress=not args.quiet, allow_config_change=args.allow_config_change
+    )
+    acc = result.final.get("accuracy", [])
+    print(f"run folder: {run_dir}")
+    for seed, a in zip(result.seeds, acc):
+        print(f"  seed {seed}: eval accuracy {a:.3f} (chance {result.chance:.3f})")
+    print(f"TensorBoard: ablate tensorboard {run_dir}")
+    return EXIT_OK
+
+
+def _sweep(args) -> int:
+    from ablate.sweep import run_sweep
+
+    summary = run_sweep(
+        args.experiment,
+        overrides=args.set,
+        workdir=args.workdir,
+        progress=not args.quiet,
+        report=not args.no_report,
+    )
+    print(summary)
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from ablate.report import write_report
+
+    path = write_report(args.sweep_dir)
+    print(f"report: {path}")
+    return EXIT_OK
+
+
+def _tensorboard(args) -> int:
+    from ablate.tb_server import serve
+
+    serve(args.logdir, port=args.port)
+    return EXIT_OK
+
+
+def _list(args) -> int:
+    from ablate.attention import MIXERS
+    from ablate.tasks import TASKS
+
+    print("attention variants:")
+    for name, cls in MIXERS.items():
+        print(f"  {name:14s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    print("tasks:")
+    for name, cls in TASKS.items():
+        print(f"  {name:16s} [{cls.context_need}] {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return EXIT_OK
+
+
+def safe_join(root: str | Path, name: str) -> Path:
+    """root/name, refusing names that would leave root (absolute paths, '..')."""
+    from ablate.config import ConfigError
+
+    root_path = Path(root).resolve()
+    candidate = (root_path / name).resolve()
+    if Path(name).is_absolute() or root_path not in candidate.parents:
+        raise ConfigError([("name", f"{name!r} would leave the run root {root_path}")])
+    return candidate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ablate",
+        description="How much does a task depend on attention learning context? "
+        "Train, sweep, ablate and report.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def experiment_args(p):
+        p.add_argument("experiment", help="experiment file (TOML)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field, e.g. --set model.n_layers=4 (repeatable)",
+        )
+        p.add_argument("--workdir", default="runs", help="root folder for outputs (default: runs)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("train", help="train one experiment (all its seeds at once)")
+    experiment_args(p)
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume into a run folder even if its saved config differs",
+    )
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sweep", help="grid of tasks x variants x seeds, then the report")
+    experiment_args(p)
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("report", help="(re)write the report of a sweep folder")
+    p.add_argument("sweep_dir")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("tensorboard", help="serve TensorBoard for a run or sweep folder")
+    p.add_argument("logdir")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.set_defaults(func=_tensorboard)
+
+    p = sub.add_parser("list", help="list attention variants and tasks")
+    p.set_defaults(func=_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ablate.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"ablate: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("ablate: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from ablate.train import Diverged, Preempted
+
+        if isinstance(e, Diverged):
+            print(f"ablate: {e}", file=sys.stderr)
+            return EXIT_DIVERGED
+        if isinstance(e, Preempted):
+            print(f"ablate: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""An experiment: one task, one model, one optimiser, one training plan, read from TOML.
+
+An experiment file is data, never code. Its tables are `[task]` (a registered task `name`
+and its knobs), `[model]` (ModelConfig; vocab_size and seq_len default to the task's),
+`[optim]`, `[train]`, and for sweeps `[sweep]` (read by sweep.py). Every problem in every
+table is reported at once, each with its dotted path, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from ablate.config import ConfigError, apply_overrides, check, from_dict, load_toml, to_dict
+from ablate.model import ModelConfig
+from ablate.tasks import Task, make_task
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, then a constant or cosine schedule, and global-norm clipping."""
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.98
+
+    def __post_init__(self):
+        check(self)
+
+    def problems(self):
+        found = []
+        if not self.learning_rate > 0:
+            found.append(("learning_rate", f"must be > 0, got {self.learning_rate}"))
+        if self.warmup_steps < 0:
+            found.append(("warmup_steps", f"must be >= 0, got {self.warmup_steps}"))
+        if self.weight_decay < 0:
+            found.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
+        if self.grad_clip < 0:
+            found.append(("grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}"))
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                found.append((name, f"must be in [0, 1), got {getattr(self, name)}"))
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How long and how to train; `seeds` are trained together in one compiled program."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    seeds: tuple[int, ...] = (0,)
+    steps_per_dispatch: int = 50
+    log_every: int = 50
+    eval_every: int = 250
+    eval_batches: int = 4
+    eval_seed: int = 12345
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    heatmap_every: int = 0
+    compile_cache: bool = True
+
+    def __post_init__(self):
+        check(self)
+
+    def problems(self):
+        found = []
+        for name in ("steps", "batch_size", "steps_per_dispatch", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                found.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        for name in ("eval_every", "checkpoint_every", "heatmap_every"):
+            if getattr(self, name) < 0:
+                found.append(
+                    (name, f"must be >= 0 (0 = only at the end), got {getattr(self, name)}")
+                )
+        if self.keep_checkpoints < 1:
+            found.append(("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"))
+        if not self.seeds:
+            found.append(("seeds", "needs at least one seed"))
+        if len(set(self.seeds)) != len(self.seeds):
+            found.append(("seeds", f"has duplicates: {list(self.seeds)}"))
+        spd = self.steps_per_dispatch
+        for name in ("log_every", "eval_every", "checkpoint_every", "heatmap_every"):
+            every = getattr(self, name)
+            if spd >= 1 and every > 0 and every % spd:
+                found.append((name, f"must be a multiple of steps_per_dispatch={spd}, got {every}"))
+        if spd >= 1 and self.steps % spd:
+            found.append(
+                ("steps", f"must be a multiple of steps_per_dispatch={spd}, got {self.steps}")
+            )
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A fully resolved experiment: what `ablate train` runs and writes into the run folder."""
+
+    name: str
+    task: Task
+    model: ModelConfig
+    optim: OptimConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data of the resolved config (what config.toml/json in the run folder holds)."""
+        return {
+            "name": self.name,
+            "task": {"name": self.task.name, **to_dict(self.task.config)},
+            "model": to_dict(self.model),
+            "optim": to_dict(self.optim),
+            "train": to_dict(self.train),
+        }
+
+
+SECTIONS = ("name", "task", "model", "optim", "train", "sweep")
+
+
+def build_experiment(data: Mapping[str, Any], *, default_name: str = "run") -> Experiment:
+    """Validate plain data into an Experiment; every problem is raised together."""
+    problems: list[tuple[str, str]] = []
+    for key in data:
+        if key not in SECTIONS:
+            problems.append((key, f"unknown section; allowed: {', '.join(SECTIONS)}"))
+
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        problems.append(
+            ("name", f"{name!r} must be letters, digits, '_', '-', '.' (no path separators)")
+        )
+
+    def section(key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, Mapping):
+            problems.append((key, f"must be a table, got {value!r}"))
+            return {}
+        return dict(value)
+
+    task = None
+    task_data = section("task")
+    task_name = task_data.pop("name", None)
+    if task_name is None:
+        problems.append(("task.name", "required: the name of a registered task"))
+    else:
+        try:
+            task = make_task(task_name, task_data, path="task")
+        except ConfigError as e:
+            problems.extend(e.problems)
+
+    model_data = section("model")
+    if task is not None:
+        model_data.setdefault("vocab_size", task.vocab_size)
+        model_data.setdefault("seq_len", task.seq_len)
+    model = _build(ModelConfig, model_data, "model", problems)
+    optim = _build(OptimConfig, section("optim"), "optim", problems)
+    train = _build(TrainConfig, section("train"), "train", problems)
+
+    if task is not None and model is not None:
+        problems.extend(_compatibility_problems(task, model))
+    if problems:
+        raise ConfigError(problems)
+    return Experiment(name=name, task=task, model=model, optim=optim, train=train)
+
+
+def _build(cls, data, path, problems):
+    try:
+        return from_dict(cls, data, path)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None
+
+
+def _compatibility_problems(task: Task, model: ModelConfig) -> list[tuple[str, str]]:
+    found = []
+    if model.vocab_size < task.vocab_size:
+        found.append(
+            (
+                "model.vocab_size",
+                f"{model.vocab_size} is smaller than the task's vocabulary "
+                f"({task.vocab_size}): token ids would fall outside the embedding table",
+            )
+        )
+    if model.seq_len < task.seq_len:
+        found.append(
+            (
+                "model.seq_len",
+                f"{model.seq_len} is shorter than the task's sequences ({task.seq_len})",
+            )
+        )
+    if model.n_classes:
+        found.append(("model.n_classes", f"task {task.name!r} is scored per token: use 0"))
+    if not model.causal and task.leaks_future:
+        found.append(
+            (
+                "model.causal",
+                f"task {task.name!r} reveals each target in later inputs, so a "
+                "bidirectional model would read the answer: use causal = true",
+            )
+        )
+    return found
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Experiment, dict]:
+    """Read, override and validate an experiment file; returns (experiment, raw data)."""
+    data = apply_overrides(load_toml(path), overrides)
+    return build_experiment(data, default_name=Path(path).stem), data

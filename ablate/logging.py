@@ -1,0 +1,180 @@
+"""Run logs: TensorBoard event files (no TensorFlow needed) and metrics as JSON lines.
+
+TensorBoard is written with the `tensorboard` package alone: scalar, image and text
+summaries and the hparams plugin's protos go into one EventFileWriter per seed folder, so
+seeds overlay as runs and the HParams tab compares them. A step is never written twice
+(after a resume, steps already on disk are skipped), since readers disagree on duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class TensorBoardWriter:
+    """Scalars, images, text and hparams for one TensorBoard run folder."""
+
+    def __init__(self, logdir: str | Path, skip_through_step: int = -1):
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(str(self.logdir), flush_secs=30)
+        # Steps at or below this were written before a resume; rewriting them would duplicate.
+        self.skip_through_step = skip_through_step
+
+    def _add(self, summary: summary_pb2.Summary, step: int) -> None:
+        if step <= self.skip_through_step:
+            return
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+        self._writer.add_event(event)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """One scalar per tag (non-finite values are written too: they are what happened)."""
+        summary = summary_pb2.Summary()
+        for tag, value in values.items():
+            summary.value.extend(scalar_summary.scalar_pb(tag, float(value)).value)
+        self._add(summary, step)
+
+    def image(self, tag: str, png: bytes, width: int, height: int, step: int) -> None:
+        """A PNG image (the image plugin's string tensor [width, height, png])."""
+        tensor = TensorProto(
+            dtype=7,  # DT_STRING
+            string_val=[str(width).encode(), str(height).encode(), png],
+            tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=3)]),
+        )
+        metadata = image_metadata.create_summary_metadata(display_name=tag, description="")
+        value = summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+        self._add(summary_pb2.Summary(value=[value]), step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self._add(text_summary.text_pb(tag, text), step)
+
+    def hparams(self, hparams: Mapping[str, Any], trial_id: str) -> None:
+        """The HParams tab's session for this run (its metrics are ordinary scalar tags)."""
+        clean = {k: _hparam_value(v) for k, v in hparams.items()}
+        summary = hparams_summary.hparams_pb(clean, trial_id=trial_id)
+        event = event_pb2.Event(wall_time=time.time(), step=0, summary=summary)
+        self._writer.add_event(event)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _hparam_value(v: Any) -> bool | int | float | str:
+    if isinstance(v, bool | int | float | str):
+        return v
+    return json.dumps(v)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'d_model': 64}} -> {'model.d_model': 64}."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def patterns_png(
+    probs_HLS: np.ndarray,
+    deps_LS: np.ndarray,
+    title: str,
+    *,
+    has_pattern_H: np.ndarray | None = None,
+) -> tuple[bytes, int, int]:
+    """One row of head patterns beside the task's dependency mask, as (png, width, height)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    H = probs_HLS.shape[0]
+    fig, axes = plt.subplots(1, H + 1, figsize=(1.9 * (H + 1), 2.1), dpi=80, squeeze=False)
+    for h in range(H):
+        ax = axes[0, h]
+        if has_pattern_H is not None and not has_pattern_H[h]:
+            ax.text(0.5, 0.5, "no pattern", ha="center", va="center", fontsize=7)
+        else:
+            ax.imshow(probs_HLS[h], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"head {h}", fontsize=7)
+    axes[0, H].imshow(deps_LS, cmap="Reds", vmin=0, vmax=1)
+    axes[0, H].set_title("dependencies", fontsize=7)
+    for ax in axes[0]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    width, height = fig.canvas.get_width_height()
+    plt.close(fig)
+    return buf.getvalue(), width, height
+
+
+class MetricsFile:
+    """Metrics as JSON lines, one row per (step, seed, kind); resumable without duplicates."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut short by a kill: everything after it is rewritten
+        return rows
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows past `step` (they will be recomputed); returns the last step seen before."""
+        rows = self.rows()
+        last = max((r["step"] for r in rows), default=-1)
+        kept = [r for r in rows if r["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+        return last
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        with self.path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v)}")
+
+
+def finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None
