@@ -64,12 +64,18 @@ class TensorBoardWriter:
     def text(self, tag: str, text: str, step: int) -> None:
         self._add(text_summary.text_pb(tag, text), step)
 
-    def hparams(self, hparams: Mapping[str, Any], trial_id: str) -> None:
-        """The HParams tab's session for this run (its metrics are ordinary scalar tags)."""
+    def hparams(
+        self, hparams: Mapping[str, Any], trial_id: str, metrics: tuple[str, ...] = ()
+    ) -> None:
+        """The HParams tab's session for this run; `metrics` name scalar tags to show as columns."""
         clean = {k: _hparam_value(v) for k, v in hparams.items()}
-        summary = hparams_summary.hparams_pb(clean, trial_id=trial_id)
-        event = event_pb2.Event(wall_time=time.time(), step=0, summary=summary)
-        self._writer.add_event(event)
+        config = hparams_summary.hparams_config_pb(
+            hparams=[hparams_summary.HParam(k) for k in clean],
+            metrics=[hparams_summary.Metric(tag) for tag in metrics],
+        )
+        session = hparams_summary.hparams_pb(clean, trial_id=trial_id)
+        for summary in (config, session):
+            self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
 
     def flush(self) -> None:
         self._writer.flush()

@@ -38,6 +38,7 @@ from ablate.model import Transformer, visibility
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
 PATTERNS_FILE = "patterns_final.npz"
+HPARAM_METRICS = ("eval/accuracy", "eval/sequence_accuracy", "eval/loss", "eval/chance")
 
 
 class Diverged(RuntimeError):
@@ -144,8 +145,8 @@ class Engine:
         updates, opt = self.tx.update(grads, state.opt, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics |= {
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": _global_norm(grads),
+            "param_norm": _global_norm(params),
             "learning_rate": self.schedule(step),
         }
         return TrainState(step + 1, params, state.rest, opt), metrics
@@ -205,6 +206,10 @@ class Engine:
     def patterns(self, state: TrainState):
         """(probs (K, N, H, L, S), deps (K, L, S), weights (K, L)) of the first eval sequence."""
         return jax.device_get(self._patterns(state.params, state.rest))
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def _state_is_finite(state: TrainState) -> jax.Array:
@@ -465,7 +470,9 @@ class _Logger:
     def hparams(self, exp: Experiment) -> None:
         hp = flatten(exp.to_dict())
         for seed, writer in zip(self.seeds, self.writers):
-            writer.hparams({**hp, "seed": seed}, trial_id=f"{exp.name}/seed_{seed}")
+            writer.hparams(
+                {**hp, "seed": seed}, trial_id=f"{exp.name}/seed_{seed}", metrics=HPARAM_METRICS
+            )
 
     def flush(self):
         for w in self.writers:
