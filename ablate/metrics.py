@@ -53,7 +53,7 @@ def attention_metrics(
     plogp_BHLS = jnp.where(probs_BHLS > 0, probs_BHLS * jnp.log(jnp.maximum(probs_BHLS, 1e-30)), 0)
     entropy_BHL = -plogp_BHLS.sum(-1)
     dist_LS = jnp.abs(jnp.arange(L)[:, None] - jnp.arange(S)[None, :]).astype(jnp.float32)
-    distance_BHL = (probs_BHLS * dist_LS).sum(-1)
+    distance_BHL = (probs_BHLS * dist_LS[None, None]).sum(-1)
     n_real = jnp.maximum(real_B1L.sum((0, 2)), 1.0)
     return {
         "alignment": alignment_H,

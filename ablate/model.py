@@ -322,7 +322,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         B, L = tokens_BL.shape
         dtype = jnp.dtype(cfg.dtype)
-        x_BLD = self.token_embed(tokens_BL) + self.pos_embed[...][:L]
+        x_BLD = self.token_embed(tokens_BL) + self.pos_embed[...][None, :L]
         x_BLD = x_BLD.astype(dtype)
         visible_BLS = visibility(L, cfg.causal, valid_BL, B)
         keys = [None] * len(self.blocks)

@@ -352,7 +352,8 @@ def train(
                 if last:
                     probs, deps, weights = drawn
                     np.savez_compressed(
-                        run_dir / PATTERNS_FILE, probs=probs, deps=deps, weights=weights
+                        run_dir / PATTERNS_FILE, probs=probs, deps=deps, weights=weights,
+                        has_pattern=engine.has_pattern_NH,
                     )
                     logger.hparams(exp)
                 if last or stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0):

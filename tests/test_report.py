@@ -1,0 +1,274 @@
+"""The sweep report: statistics against hand-computed values, files, and number-driven words."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from ablate.report import summarize, write_report
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+FROZEN_QK = ["layer 0 head 0: W_q, W_k", "layer 0 head 1: W_q, W_k"]
+
+
+def _row(task, variant, seed, acc, *, chance=0.25, need="content", status="ok", **extra):
+    """One results.jsonl row shaped as ablate.sweep writes it."""
+    run = f"{task}-{variant}"
+    row = {
+        "run": run,
+        "task": task,
+        "context_need": need,
+        "variant": variant,
+        "attention": {"variant": variant},
+        "frozen": FROZEN_QK if variant == "frozen" else [],
+        "grid": {},
+        "seed": seed,
+        "status": status,
+        "error": "",
+        "chance": chance,
+        "wall_seconds": 12.5,
+        "run_dir": run,
+    }
+    if status == "ok":
+        align = None if variant in ("uniform", "none") else 0.8 if variant == "learned" else 0.3
+        row |= {
+            "accuracy": acc,
+            "sequence_accuracy": acc,
+            "loss": 1.0 - acc,
+            "alignment": [[align, None]],
+            "alignment_max": align,
+            "alignment_uniform": 0.1,
+            "alignment_max_init": 0.12,
+            "steps": 100,
+            "compile_seconds": 2.0,
+        }
+    return row | extra
+
+
+def _sweep(tmp_path, accs, *, needs=None, curves=True, patterns=True):
+    """A sweep folder from {(task, variant): [acc per seed]}, with curves and patterns."""
+    rows = [
+        _row(task, variant, seed, a, need=(needs or {}).get(task, "content"))
+        for (task, variant), values in accs.items()
+        for seed, a in enumerate(values)
+    ]
+    return _write(tmp_path, rows, curves=curves, patterns=patterns)
+
+
+def _write(tmp_path, rows, *, curves=True, patterns=True):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sweep.json").write_text(
+        json.dumps(
+            {
+                "name": "fake",
+                "experiment_file": "experiments/fake.toml",
+                "overrides": [],
+                "command": "ablate sweep experiments/fake.toml --set train.steps=100",
+                "points": [],
+            }
+        )
+    )
+    for run, group in itertools.groupby(rows, key=lambda r: r["run"]):
+        group = [r for r in group if r["status"] == "ok"]
+        run_dir = tmp_path / run
+        run_dir.mkdir(exist_ok=True)
+        if curves:
+            lines = []
+            for r, step in itertools.product(group, (0, 50, 100)):
+                frac = step / 100
+                align = r["alignment_max"]
+                lines.append(
+                    {
+                        "step": step,
+                        "seed": r["seed"],
+                        "kind": "train",
+                        "loss": 1.0,
+                        "accuracy": 0.5,
+                        "learning_rate": 1e-3,
+                        "grad_norm": 1.0,
+                        "param_norm": 3.0,
+                    }
+                )
+                lines.append(
+                    {
+                        "step": step,
+                        "seed": r["seed"],
+                        "kind": "eval",
+                        "loss": 1.0,
+                        "accuracy": r["chance"] + frac * (r["accuracy"] - r["chance"]),
+                        "sequence_accuracy": 0.1,
+                        "chance": r["chance"],
+                        "alignment": [[None if align is None else 0.1 + frac * align, None]],
+                        "uniform_alignment": 0.1,
+                        "entropy": [[1.0, None]],
+                        "distance": [[2.0, None]],
+                    }
+                )
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        if patterns and group and group[0]["variant"] == "learned":
+            rng = np.random.default_rng(0)
+            probs = rng.dirichlet(np.ones(6), size=(len(group), 1, 2, 6))
+            deps = np.eye(6, dtype=bool)[None].repeat(len(group), 0)
+            np.savez(
+                run_dir / "patterns_final.npz",
+                probs=probs,
+                deps=deps,
+                weights=np.ones((len(group), 6)),
+            )
+    return tmp_path
+
+
+def _group(summary, task):
+    return next(g for g in summary["groups"] if g["task"] == task)
+
+
+def test_dependence_is_exactly_one_when_the_variant_sits_at_chance():
+    rows = [_row("t", "learned", s, 1.0) for s in range(3)]
+    rows += [_row("t", "uniform", s, 0.25) for s in range(3)]
+    dep = _group(summarize(rows), "t")["variants"]["uniform"]["dependence"]
+    assert (dep["mean"], dep["low"], dep["high"]) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_dependence_and_interval_two_seeds_by_hand():
+    rows = [_row("t", "learned", s, a, chance=0.1) for s, a in enumerate([0.9, 1.0])]
+    rows += [_row("t", "uniform", s, a, chance=0.1) for s, a in enumerate([0.5, 0.6])]
+    v = _group(summarize(rows), "t")["variants"]
+    dep = v["uniform"]["dependence"]
+    assert dep["mean"] == pytest.approx((0.95 - 0.55) / (0.95 - 0.1))
+    # With 2 seeds a resampled mean is one of three values per variant: 9 possible ratios.
+    possible = [(a - b) / (a - 0.1) for a in (0.9, 0.95, 1.0) for b in (0.5, 0.55, 0.6)]
+    assert min(possible) <= dep["low"] < dep["mean"] < dep["high"] <= max(possible)
+    acc = v["learned"]["accuracy"]
+    assert acc["mean"] == pytest.approx(0.95)
+    assert 0.9 <= acc["low"] < 0.95 < acc["high"] <= 1.0
+
+
+def test_full_report_files_and_numbers(tmp_path):
+    accs = {
+        ("assoc", "learned"): [1.0, 0.96],
+        ("assoc", "uniform"): [0.25, 0.27],
+        ("assoc", "frozen"): [0.6, 0.7],
+        ("majority", "learned"): [0.9, 0.92],
+        ("majority", "uniform"): [0.9, 0.91],
+    }
+    sweep = _sweep(tmp_path / "s", accs, needs={"majority": "none"})
+    path = write_report(sweep)
+    text = path.read_text()
+    assert path == sweep / "REPORT.md"
+    assert "ablate sweep experiments/fake.toml --set train.steps=100" in text
+    pngs = sorted(p.name for p in (sweep / "report").glob("*.png"))
+    assert pngs == [
+        "accuracy.png",
+        "curves_assoc.png",
+        "curves_majority.png",
+        "dependence.png",
+        "patterns_assoc-learned.png",
+        "patterns_majority-learned.png",
+    ]
+    for name in pngs:
+        assert (sweep / "report" / name).read_bytes()[:8] == PNG_HEADER
+        assert f"](report/{name})" in text
+    summary = json.loads((sweep / "report" / "summary.json").read_text())
+    assoc = _group(summary, "assoc")["variants"]
+    assert assoc["learned"]["accuracy"]["mean"] == pytest.approx(0.98)
+    assert assoc["uniform"]["dependence"]["mean"] == pytest.approx((0.98 - 0.26) / (0.98 - 0.25))
+    assert assoc["frozen"]["dependence"]["mean"] == pytest.approx((0.98 - 0.65) / (0.98 - 0.25))
+    assert assoc["learned"]["dependence"] is None
+    assert assoc["learned"]["alignment_max"]["mean"] == pytest.approx(0.8)
+    assert _group(summary, "majority")["variants"]["uniform"]["verdict"] == "does not need"
+    assert "0.80 of their mass" in text and "0.12 at init" in text and "uniform: 0.10" in text
+
+
+def test_statements_follow_the_numbers(tmp_path):
+    learned = {("assoc", "learned"): [1.0, 0.98, 0.99]}
+    at_chance = _sweep(tmp_path / "a", learned | {("assoc", "uniform"): [0.25, 0.26, 0.25]})
+    matching = _sweep(tmp_path / "b", learned | {("assoc", "uniform"): [0.99, 1.0, 0.98]})
+    a = json.loads(write_report(at_chance).with_name("report").joinpath("summary.json").read_text())
+    b = json.loads((write_report(matching).parent / "report" / "summary.json").read_text())
+    text_a, text_b = a["groups"][0]["statement"], b["groups"][0]["statement"]
+    assert "almost entirely" in text_a and "does not need" not in text_a
+    assert "does not need learned context" in text_b and "almost entirely" not in text_b
+    assert text_a in (at_chance / "REPORT.md").read_text()
+
+
+def test_frozen_solving_a_content_task_names_the_frozen_parts(tmp_path):
+    accs = {("assoc", "learned"): [1.0, 1.0], ("assoc", "frozen"): [0.99, 1.0]}
+    statement = json.loads(
+        (write_report(_sweep(tmp_path, accs)).parent / "report" / "summary.json").read_text()
+    )["groups"][0]["statement"]
+    assert "W_q, W_k in 2 heads" in statement and "embeddings can steer" in statement
+    # The same accuracies on a task that needs no context are no claim about routing.
+    rows = [_row("maj", v, s, 1.0, need="none") for v in ("learned", "frozen") for s in (0, 1)]
+    assert "steer" not in summarize(rows)["groups"][0]["statement"]
+
+
+def test_learned_at_chance_makes_dependence_undefined():
+    rows = [_row("t", "learned", s, 0.25) for s in range(2)]
+    rows += [_row("t", "uniform", s, 0.25) for s in range(2)]
+    g = summarize(rows)["groups"][0]
+    assert g["variants"]["uniform"]["dependence"] is None
+    assert "did not learn the task" in g["statement"]
+
+
+def test_single_seed_and_task_without_learned(tmp_path):
+    rows = [
+        _row("t", "learned", 0, 1.0),
+        _row("t", "uniform", 0, 0.25),
+        _row("u", "uniform", 0, 0.5),
+    ]
+    summary = summarize(rows)
+    t, u = _group(summary, "t"), _group(summary, "u")
+    assert "1 seed, no interval" in t["statement"]
+    assert t["variants"]["uniform"]["dependence"]["mean"] == pytest.approx(1.0)
+    assert "no successful run with learned attention" in u["statement"]
+    # No metrics files and None alignments: still a report, saying there are no curves.
+    text = write_report(_write(tmp_path, rows, curves=False, patterns=False)).read_text()
+    assert "no metrics.jsonl" in text
+
+
+def test_failed_rows_listed_excluded_and_rerun_is_idempotent(tmp_path):
+    rows = [_row("t", "learned", s, 1.0) for s in range(2)]
+    rows += [_row("t", "uniform", 0, 0.25)]
+    # A failed row carrying a bogus accuracy proves it is kept out of the statistics.
+    rows += [
+        _row(
+            "t",
+            "uniform",
+            1,
+            0.25,
+            status="diverged",
+            accuracy=0.9,
+            error="training diverged at step 7 (seed 1): loss is not finite\ntrace",
+        )
+    ]
+    sweep = _write(tmp_path, rows)
+    first = write_report(sweep).read_text()
+    summary = json.loads((sweep / "report" / "summary.json").read_text())
+    uniform = summary["groups"][0]["variants"]["uniform"]
+    assert uniform["accuracy"]["mean"] == pytest.approx(0.25)
+    assert (uniform["seeds_ok"], uniform["seeds_total"]) == (1, 2)
+    (failed,) = summary["failed"]
+    assert (failed["run"], failed["status"], failed["seeds"], failed["failed"]) == (
+        "t-uniform",
+        "diverged",
+        [0],
+        [1],
+    )
+    assert failed["error"] == "training diverged at step 7 (seed 1): loss is not finite"
+    assert "| t-uniform | 1 | diverged | training diverged at step 7" in first
+    assert "trace" not in first
+    first_summary = (sweep / "report" / "summary.json").read_text()
+    assert write_report(sweep).read_text() == first
+    assert (sweep / "report" / "summary.json").read_text() == first_summary
+
+
+def test_grid_points_are_separate_groups():
+    rows = [
+        _row("t", v, s, a, grid={"model.n_layers": n})
+        for n, (v, a) in itertools.product((1, 2), (("learned", 1.0), ("uniform", 0.25)))
+        for s in (0, 1)
+    ]
+    labels = [g["label"] for g in summarize(rows)["groups"]]
+    assert labels == ["t (model.n_layers=1)", "t (model.n_layers=2)"]
