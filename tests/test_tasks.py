@@ -1,0 +1,298 @@
+"""Tests of the synthetic task suite: batches agree with the host solver, dependency masks are
+truthful under single-token perturbations, chance levels match measurement, sampling is
+deterministic under jit and vmap, and bad knobs are refused with their dotted paths."""
+
+import dataclasses
+import functools
+import typing
+
+import jax
+import numpy as np
+import pytest
+
+from ablate import tasks
+from ablate.config import ConfigError
+
+# Small knobs per task, unlike the defaults, so every formula is checked at two sizes; small
+# enough that single-token perturbation sweeps stay fast, with more symbols than a sequence
+# uses so that a changed token can keep the instance valid.
+SMALL = {
+    "assoc_recall": [
+        {"n_pairs": 3, "n_keys": 5, "n_values": 4},
+        {"n_pairs": 3, "n_keys": 4, "n_values": 6, "pair_tokens": "separate"},
+    ],
+    "mqar": [{"n_pairs": 3, "seq_len": 11, "n_keys": 5, "n_values": 6}],
+    "induction": [{"repeat_len": 4, "n_symbols": 6}],
+    "copy": [{"n_items": 4, "n_symbols": 3}],
+    "reverse": [{"n_items": 4, "n_symbols": 3}],
+    "sort": [{"n_items": 4, "n_symbols": 3}],
+    "selective_copy": [{"n_items": 3, "n_symbols": 3, "seq_len": 9}],
+    "majority": [{"n_items": 6, "n_symbols": 4}],
+    "memorize": [{"seq_len": 5, "n_keys": 10, "n_values": 4, "table_seed": 3}],
+}
+SMALL_CASES = [(name, params) for name, options in SMALL.items() for params in options]
+CASES = [(name, {}) for name in tasks.task_names()] + SMALL_CASES
+
+
+def case_id(case):
+    name, params = case
+    return name + ("-" + "-".join(f"{k}{v}" for k, v in params.items()) if params else "")
+
+
+cases = pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
+small_cases = pytest.mark.parametrize("case", SMALL_CASES, ids=map(case_id, SMALL_CASES))
+
+
+BATCH = 4096  # one compiled shape per case serves every test below
+
+
+@functools.cache
+def _built(name: str, params: tuple) -> tuple[tasks.Task, typing.Callable]:
+    task = tasks.make_task(name, dict(params))
+    return task, jax.jit(task.sample, static_argnums=1)
+
+
+def build(case) -> tasks.Task:
+    return _built(case[0], tuple(case[1].items()))[0]
+
+
+def sample(case, seed: int) -> tuple[np.ndarray, ...]:
+    """A batch of BATCH sequences as numpy arrays (inputs, targets, weights, deps)."""
+    batch = _built(case[0], tuple(case[1].items()))[1](jax.random.key(seed), BATCH)
+    return tuple(np.array(a) for a in batch)
+
+
+def host(batch: tasks.Batch) -> tuple[np.ndarray, ...]:
+    return tuple(np.array(a) for a in batch)
+
+
+def test_every_task_is_tested():
+    assert set(SMALL) == set(tasks.TASKS) == set(tasks.task_names())
+    assert len(tasks.TASKS) >= 9
+
+
+@cases
+def test_batch_shapes_ranges_and_reference(case):
+    task = build(case)
+    for seed in range(3):
+        inputs, targets, weights, deps = sample(case, seed)
+        length = task.seq_len
+        assert inputs.shape == targets.shape == weights.shape == (BATCH, length)
+        assert deps.shape == (BATCH, length, length)
+        assert (inputs.dtype, targets.dtype) == (np.int32, np.int32)
+        assert (weights.dtype, deps.dtype) == (np.float32, np.bool_)
+        assert inputs.min() >= 0 and inputs.max() < task.vocab_size
+        assert targets.min() >= 0 and targets.max() < task.vocab_size
+        assert set(np.unique(weights)) <= {0.0, 1.0} and weights.sum(axis=1).min() > 0
+        assert np.all(targets[weights == 0] == 0)
+        assert not deps[weights == 0].any()
+        assert deps[weights == 1].any(axis=-1).all()
+        assert not np.triu(deps, k=1).any()
+        for b in range(4):
+            assert task.is_valid(inputs[b])
+            ref_targets, ref_weights = task.reference(inputs[b])
+            np.testing.assert_array_equal(ref_weights, weights[b])
+            np.testing.assert_array_equal(ref_targets * ref_weights, targets[b])
+            # Causal targets: a prefix is solved exactly as the whole sequence was.
+            for n in (1, length // 2, length - 1):
+                assert task.is_valid(inputs[b, :n])
+                np.testing.assert_array_equal(task.reference(inputs[b, :n])[0], ref_targets[:n])
+
+
+def _changes(task, x, i):
+    """Yield (j, prefix_or_sequence) for every single-token change that keeps x valid.
+
+    Positions j <= i are changed in the prefix x[:i+1], where validity means "can be
+    completed": target i must be a function of inputs[0..i] whatever follows (this is what
+    lets teacher-forced tasks be probed at all). Positions j > i are changed in the whole
+    sequence.
+    """
+    for j in range(len(x)):
+        base = x[: i + 1] if j <= i else x
+        for v in range(task.vocab_size):
+            if v != x[j]:
+                y = base.copy()
+                y[j] = v
+                if task.is_valid(y):
+                    yield j, y
+
+
+# Dependencies no single-token change can reach while the instance stays well posed: the key
+# a query must find (changing it leaves the query unanswerable) and, in induction, the query
+# itself (the second copy must repeat the first). Nothing else may be unreachable.
+def _pinned_ok(name, x, i, j):
+    if name in ("assoc_recall", "mqar"):
+        return j < i and x[j] == x[i]
+    if name == "induction":
+        return j == i
+    return False
+
+
+@small_cases
+def test_dependency_masks_are_truthful(case):
+    name, _ = case
+    task = build(case)
+    # Majority's targets move only when the front-runner leads by one, so it needs more draws.
+    n_sequences = 200 if name == "majority" else 48
+    inputs, _, weights, deps = (a[:n_sequences] for a in sample(case, 7))
+    length = task.seq_len
+    seen = np.zeros((length, length), bool)
+    sensitive = np.zeros((length, length), bool)
+    excused = np.zeros((length, length), bool)
+    for b in range(len(inputs)):
+        x = inputs[b]
+        targets, _ = task.reference(x)
+        for i in np.flatnonzero(weights[b]):
+            reachable = np.zeros(length, bool)
+            for j, y in _changes(task, x, i):
+                new_targets, new_weights = task.reference(y)
+                changed = (new_targets[i], new_weights[i]) != (targets[i], 1.0)
+                assert deps[b, i, j] or not changed, f"target {i} moved by input {j} outside deps"
+                reachable[j] = True
+                sensitive[i, j] |= changed
+            for j in range(i + 1):  # a pin is a dependency even though no probe can move it
+                assert deps[b, i, j] or not _pinned_ok(name, x, i, j), f"pin ({i}, {j}) not in deps"
+            for j in np.flatnonzero(deps[b, i]):
+                seen[i, j] = True
+                excused[i, j] |= not reachable[j] and _pinned_ok(name, x, i, j)
+    # Every dependency seen moves its target in some sequence, or is one of the pins above.
+    proven = sensitive | excused
+    assert seen.any() and np.array_equal(proven & seen, seen), np.argwhere(seen & ~proven)
+
+
+@cases
+def test_chance_matches_best_input_free_predictor(case):
+    task = build(case)
+    # Fit the best constant per position on one batch, score it on another: an unbiased
+    # estimate of the accuracy a predictor that sees no input token reaches.
+    fit = [np.concatenate(arrays) for arrays in zip(*(sample(case, s) for s in range(4)))]
+    held = [np.concatenate(arrays) for arrays in zip(*(sample(case, s) for s in range(4, 8)))]
+    counts = np.zeros((task.seq_len, task.vocab_size))
+    rows, positions = np.nonzero(fit[2])
+    np.add.at(counts, (positions, fit[1][rows, positions]), 1.0)
+    best = counts.argmax(axis=1)
+    _, targets, weights, _ = held
+    n_scored = weights.sum()
+    accuracy = float((weights * (targets == best[None, :])).sum() / n_scored)
+    sigma = np.sqrt(task.chance * (1 - task.chance) / n_scored)
+    assert abs(accuracy - task.chance) < 4 * sigma + 1e-3, (accuracy, task.chance)
+
+
+def test_chance_values_worked_by_hand():
+    # Sort, 4 draws from 3 symbols: the min is 0 (and the max 2) with P = 1 - (2/3)^4 = 65/81;
+    # the 2nd smallest is 1 with P = (1 - 1/81 - 8/81) - (1 - 16/81 - 32/81) = 39/81, its mode
+    # (and likewise the 3rd). Mean of the modes: (65 + 39 + 39 + 65) / 4 / 81 = 52/81.
+    assert tasks.make_task("sort", {"n_items": 4, "n_symbols": 3}).chance == pytest.approx(52 / 81)
+    # Memorize, 10 keys over 4 values: a balanced table answers 3 keys with the commonest value.
+    memorize = tasks.make_task("memorize", {"n_keys": 10, "n_values": 4})
+    assert memorize.chance == pytest.approx(0.3)
+    assert np.bincount(memorize.table).tolist() == [3, 3, 2, 2]
+    recall = tasks.make_task("assoc_recall", {"n_pairs": 3, "n_keys": 5, "n_values": 4})
+    assert recall.chance == pytest.approx(0.25)
+
+
+@cases
+def test_leaks_future_is_honest(case):
+    task = build(case)
+    inputs, targets, weights, _ = (a[:64] for a in sample(case, 3))
+    scored = weights == 1
+
+    def revealed_by(offset):
+        later = np.full_like(inputs, -1)
+        later[:, :-offset] = inputs[:, offset:]
+        return np.all(later[scored] == targets[scored])
+
+    assert any(revealed_by(d) for d in range(1, task.seq_len)) == task.leaks_future
+
+
+@pytest.mark.parametrize("name", tasks.task_names())
+def test_sampling_is_deterministic_and_transformable(name):
+    case = (name, {})
+    task = build(case)
+    seeds = (11, 12, 13)
+    compiled = [sample(case, seed) for seed in seeds]
+    for a, b in zip(compiled[0], sample(case, 11), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(compiled[0][0], compiled[1][0])
+    # Not jitted: vmap runs the sampler op by op, so this checks eager execution against the
+    # compiled program as well as vmapped keys against separate calls (one compile, not two).
+    keys = jax.vmap(jax.random.key)(np.array(seeds))
+    stacked = host(jax.vmap(lambda k: task.sample(k, BATCH))(keys))
+    for s, batch in enumerate(compiled):
+        for a, b in zip(batch, stacked, strict=True):
+            np.testing.assert_array_equal(a, b[s])
+
+
+def test_memorize_table_comes_from_table_seed_not_batch_key():
+    a, b = tasks.make_task("memorize"), tasks.make_task("memorize", {"table_seed": 1})
+    np.testing.assert_array_equal(a.table, tasks.make_task("memorize").table)
+    assert not np.array_equal(a.table, b.table)
+    inputs, targets, _, _ = sample(("memorize", {}), 5)
+    np.testing.assert_array_equal(targets, a.table[inputs - a.config.n_values])
+
+
+def test_is_valid_rejects_broken_instances():
+    recall = tasks.make_task("assoc_recall", {"pair_tokens": "separate"})
+    x = sample(("assoc_recall", {"pair_tokens": "separate"}), 0)[0][0]
+    duplicate_key, query_is_value = x.copy(), x.copy()
+    duplicate_key[2], query_is_value[-1] = x[0], x[1]
+    assert recall.is_valid(x)
+    assert not recall.is_valid(duplicate_key) and not recall.is_valid(query_is_value)
+    induction = tasks.make_task("induction")
+    y = sample(("induction", {}), 0)[0][0]
+    y[-1] = y[1]
+    assert not induction.is_valid(y)
+    assert not tasks.make_task("copy").is_valid(np.zeros(16, np.int32))
+    majority = tasks.make_task("majority", {"n_items": 4, "n_symbols": 3})
+    assert majority.is_valid(np.array([1, 1, 2, 3, 0]))
+    assert not majority.is_valid(np.array([1, 1, 2, 2, 0]))  # no unique answer
+    assert not majority.is_valid(np.array([1, 1, 2, 3, 0, 0]))  # too long
+    assert not majority.is_valid(np.array([1, 1, 2, 4, 0]))  # out of vocabulary
+
+
+@pytest.mark.parametrize(
+    "name, params, path, fragment",
+    [
+        ("assoc_recall", {"n_pairs": 40}, "task.n_pairs", "must be <= 8 (n_keys allows 8"),
+        ("assoc_recall", {"pair_tokens": "both"}, "task.pair_tokens", "'joint', 'separate'"),
+        ("assoc_recall", {"n_keys": 512, "n_values": 512}, "task.n_values", "<= 65536"),
+        ("mqar", {"seq_len": 10}, "task.seq_len", "must be >= 12 (3 * n_pairs"),
+        ("mqar", {"n_values": 1}, "task.n_values", "must be >= 2"),
+        ("induction", {"repeat_len": 20}, "task.n_symbols", "must be >= 20 (repeat_len"),
+        ("copy", {"n_items": 0}, "task.n_items", "must be >= 1"),
+        ("sort", {"n_symbols": "8"}, "task.n_symbols", "expected int"),
+        ("selective_copy", {"n_items": 9}, "task.seq_len", "must be >= 18 (2 * n_items"),
+        ("majority", {"n_items": 5000}, "task.n_items", "must be <= 4095"),
+        ("memorize", {"n_values": 64}, "task.n_values", "must be <= 32 (n_keys"),
+        ("memorize", {"bogus": 1}, "task.bogus", "unknown field"),
+    ],
+)
+def test_bad_knobs_are_refused_with_their_path(name, params, path, fragment):
+    with pytest.raises(ConfigError) as info:
+        tasks.make_task(name, params)
+    assert any(p == path and fragment in m for p, m in info.value.problems), info.value.problems
+
+
+def test_unknown_task_lists_valid_names_and_paths_nest():
+    with pytest.raises(ConfigError) as info:
+        tasks.make_task("parity")
+    [(path, message)] = info.value.problems
+    assert path == "task.name" and all(name in message for name in tasks.TASKS)
+    with pytest.raises(ConfigError) as info:
+        tasks.make_task("copy", {"n_items": 0}, path="sweep.task")
+    assert info.value.problems[0][0] == "sweep.task.n_items"
+    with pytest.raises(ConfigError, match="expected a table"):
+        tasks.make_task("copy", [8, 8])
+
+
+@pytest.mark.parametrize("name", tasks.task_names())
+def test_configs_are_frozen_plain_data_with_defaults(name):
+    cls = tasks.TASKS[name]
+    assert cls.name == name and cls.context_need in ("content", "position", "none")
+    config = cls.Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.__setattr__(dataclasses.fields(config)[0].name, 1)
+    hints = typing.get_type_hints(cls.Config)
+    assert all(hints[f.name] in (int, float, bool, str) for f in dataclasses.fields(config))
+    with pytest.raises(TypeError):
+        cls(object())
