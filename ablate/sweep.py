@@ -8,10 +8,12 @@ The `[sweep]` table of an experiment file:
     variants = ["learned", "uniform", { label = "frozen_embed", attention = "frozen",
                                         freeze = ["token_embed", "pos_embed"] }]
     tasks = [{ name = "assoc_recall", n_pairs = 8 },
+             { name = "assoc_recall", label = "recall_2hop", pair_tokens = "separate" },
              { name = "majority", overrides = { "train.steps" = 500 } }]
     grid = { "model.n_layers" = [1, 2] }     # optional: more fields, each a list
 
-The rest of the file (`[model]`, `[optim]`, `[train]`) is the base every point starts
+A task entry's `label` names it in run folders and the report (default: the task name);
+`overrides` holds dotted fields for that task's points only. The rest of the file (`[model]`, `[optim]`, `[train]`) is the base every point starts
 from. Each point is validated before anything trains; rows go to `results.jsonl` (one per
 run and seed) as runs finish; a point already recorded as ok is skipped on rerun, and
 failed points are retried (their old rows replaced, never duplicated).
@@ -104,6 +106,7 @@ def expand(data: Mapping[str, Any], default_name: str = "sweep") -> tuple[str, l
             continue
         task_entry = dict(task_entry)
         task_overrides = task_entry.pop("overrides", {})
+        task_label = str(task_entry.pop("label", task_entry.get("name", "task")))
         for v_idx, v_entry in enumerate(variants):
             try:
                 label, model_over = _variant_entry(v_entry, f"sweep.variants[{v_idx}]")
@@ -114,7 +117,7 @@ def expand(data: Mapping[str, Any], default_name: str = "sweep") -> tuple[str, l
             for values in itertools.product(*(grid[k] for k in grid_keys)):
                 point_grid = dict(zip(grid_keys, values))
                 suffix = "".join(f"-{k.split('.')[-1]}{v}" for k, v in point_grid.items())
-                run_name = f"{task_entry.get('name', 'task')}-{label}{suffix}"
+                run_name = f"{task_label}-{label}{suffix}"
                 if run_name in labels:
                     problems.append(
                         (f"sweep.tasks[{t_idx}]", f"two points share the run name {run_name!r}")
@@ -132,7 +135,7 @@ def expand(data: Mapping[str, Any], default_name: str = "sweep") -> tuple[str, l
                 except ConfigError as e:
                     problems.extend((f"{p} (in point {run_name})", m) for p, m in e.problems)
                     continue
-                points.append(Point(run_name, exp.task.name, label, point_grid, exp))
+                points.append(Point(run_name, task_label, label, point_grid, exp))
     if problems:
         raise ConfigError(problems)
     return name, points

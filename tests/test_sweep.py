@@ -1,0 +1,121 @@
+"""Sweeps: table, resume without duplicates, failures recorded, experiment files valid."""
+
+import json
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+import ablate.sweep as sweep_module
+from ablate.config import ConfigError, load_toml
+from ablate.model import Transformer
+from ablate.sweep import expand, run_sweep
+
+TINY_SWEEP = """
+[sweep]
+name = "tiny"
+variants = ["learned", "uniform"]
+tasks = [{ name = "assoc_recall", n_pairs = 2, n_keys = 4, n_values = 2 },
+         { name = "majority", n_items = 5, n_symbols = 3 }]
+[model]
+d_model = 16
+n_heads = 2
+n_layers = 1
+[train]
+steps = 20
+batch_size = 8
+seeds = [0, 1]
+steps_per_dispatch = 10
+log_every = 10
+eval_every = 10
+eval_batches = 1
+checkpoint_every = 20
+compile_cache = false
+"""
+
+
+def rows(sweep_dir: Path):
+    return [json.loads(x) for x in (sweep_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_tiny_sweep_table_report_resume_and_failure(tmp_path, monkeypatch):
+    exp_file = tmp_path / "tiny.toml"
+    exp_file.write_text(TINY_SWEEP)
+    real_train = sweep_module.train
+
+    def flaky_train(exp, run_dir, **kw):
+        if exp.name == "majority-uniform":
+            raise RuntimeError("simulated crash")
+        return real_train(exp, run_dir, **kw)
+
+    monkeypatch.setattr(sweep_module, "train", flaky_train)
+    summary = run_sweep(exp_file, workdir=tmp_path, progress=False)
+    sweep_dir = tmp_path / "tiny"
+    table = rows(sweep_dir)
+    assert len(table) == 4 * 2  # 2 tasks x 2 variants x 2 seeds
+    failed = [r for r in table if r["status"] != "ok"]
+    assert {r["run"] for r in failed} == {"majority-uniform"}
+    assert "simulated crash" in failed[0]["error"]
+    ok = [r for r in table if r["status"] == "ok"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in ok)
+    assert "1 failed" in summary
+    assert (sweep_dir / "REPORT.md").is_file() and (sweep_dir / "results.csv").is_file()
+    pngs = list((sweep_dir / "report").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "majority-uniform" in (sweep_dir / "REPORT.md").read_text()
+
+    # Rerun: only the failed run is retried; nothing is duplicated.
+    monkeypatch.setattr(sweep_module, "train", real_train)
+    trained = []
+
+    def counting_train(exp, run_dir, **kw):
+        trained.append(exp.name)
+        return real_train(exp, run_dir, **kw)
+
+    monkeypatch.setattr(sweep_module, "train", counting_train)
+    run_sweep(exp_file, workdir=tmp_path, progress=False)
+    assert trained == ["majority-uniform"]
+    table = rows(sweep_dir)
+    assert len(table) == 8
+    assert all(r["status"] == "ok" for r in table)
+    keys = [(r["run"], r["seed"]) for r in table]
+    assert len(set(keys)) == len(keys)
+
+    run_sweep(exp_file, workdir=tmp_path, progress=False)
+    assert trained == ["majority-uniform"]  # a third run trains nothing
+    assert len(rows(sweep_dir)) == 8
+
+
+def test_sweep_points_are_validated_together(tmp_path):
+    data = load_toml_text(TINY_SWEEP)
+    data["sweep"]["variants"] = ["learned", "telepathy"]
+    data["sweep"]["tasks"].append({"name": "copy", "n_items": 0})
+    with pytest.raises(ConfigError) as e:
+        expand(data)
+    text = str(e.value)
+    assert "telepathy" in text and "task.n_items" in text
+
+
+def test_duplicate_run_names_are_refused():
+    data = load_toml_text(TINY_SWEEP)
+    data["sweep"]["tasks"].append({"name": "majority"})
+    with pytest.raises(ConfigError, match="share the run name"):
+        expand(data)
+
+
+def load_toml_text(text):
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+@pytest.mark.parametrize("path", sorted(Path("experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_every_experiment_file_loads_and_builds_a_model(path):
+    name, points = expand(load_toml(path), default_name=path.stem)
+    assert points
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("#")
+    assert "ablate " in path.read_text().split("\n\n")[0]  # the exact command is in the header
+    for point in points[:: max(1, len(points) // 4)]:
+        model = nnx.eval_shape(lambda p=point: Transformer(p.experiment.model, rngs=nnx.Rngs(0)))
+        assert len(model.blocks) == point.experiment.model.n_layers
