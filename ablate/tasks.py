@@ -25,6 +25,7 @@ S source positions per target, M symbols.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -127,8 +128,13 @@ def _static_batch(inputs_BL, targets_BL, weights_L: np.ndarray, deps_LL: np.ndar
     return _batch(inputs_BL, targets_BL, weights_BL, deps_BLL)
 
 
-class Task:
-    """A synthetic task: device-side sampler plus host-side reference solver and validity check."""
+class Task(abc.ABC):
+    """A task: device-side sampler plus host-side reference solver and validity check."""
+
+    #: False for tasks without a ground-truth dependency mask (real data): no alignment.
+    has_dependencies: ClassVar[bool] = True
+    #: The padding id, for tasks whose sequences are padded (None: never padded).
+    pad_id: ClassVar[int | None] = None
 
     name: ClassVar[str]
     context_need: ClassVar[str]  # "content", "position" or "none"
@@ -144,9 +150,13 @@ class Task:
             raise TypeError(f"{self.name} needs a {self.Config.__name__}, got {config!r}")
         self.config = config
 
+    @abc.abstractmethod
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         """A batch of `batch_size` sequences drawn from `key` (pure; jit and vmap safe)."""
-        raise NotImplementedError
+
+    def eval_sample(self, key: jax.Array, batch_size: int) -> Batch:
+        """A held-out batch; synthetic tasks draw it like training batches (other keys)."""
+        return self.sample(key, batch_size)
 
     def reference(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(targets, weights) of one valid sequence or prefix, computed from its inputs alone."""
@@ -172,10 +182,10 @@ class Task:
         return x
 
     def _solve(self, x: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None:
-        raise NotImplementedError
+        raise TypeError(f"{self.name} has no host-side reference solver")
 
     def _valid(self, x: np.ndarray) -> bool:
-        raise NotImplementedError
+        raise TypeError(f"{self.name} has no host-side validity rule")
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -187,14 +197,17 @@ def _register(cls: type[Task]) -> type[Task]:
 
 
 def task_names() -> list[str]:
-    """Names of the registered tasks, sorted."""
+    """Names of the registered tasks, sorted (the data-backed ones included)."""
+    # The data-backed tasks live in ablate.data, which builds on this module.
+    import ablate.data  # noqa: F401
+
     return sorted(TASKS)
 
 
 def make_task(name: str, params: Mapping[str, Any] | None = None, path: str = "task") -> Task:
     """Build task `name` from plain-data knobs; problems are reported under `path`."""
     dot = f"{path}." if path else ""
-    if name not in TASKS:
+    if name not in task_names():
         choices = ", ".join(task_names())
         raise ConfigError([(f"{dot}name", f"unknown task {name!r}; choose one of {choices}")])
     if params is not None and not isinstance(params, Mapping):
@@ -505,14 +518,17 @@ class _ItemsTask(Task):
         self.scored_L = i_L >= c.n_items
         self.deps_LL = self.scored_L[:, None] & self._dep_rule(i_L[:, None], i_L[None, :])
 
+    @abc.abstractmethod
     def _dep_rule(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Which item positions j determine the answer at position i (host, numpy)."""
 
+    @abc.abstractmethod
     def _answers(self, x_BN: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """The answers for the data items x_BN, in output order."""
 
+    @abc.abstractmethod
     def _solve_items(self, items: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The answers for one sequence's items (host, numpy)."""
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         c = self.config

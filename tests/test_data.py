@@ -1,0 +1,171 @@
+"""Data-backed tasks: local files and in-memory datasets to batches; clear errors; no network."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import jax
+import numpy as np
+import pytest
+
+from ablate.config import ConfigError
+from ablate.data import (
+    CLS,
+    PAD,
+    SEP,
+    DataError,
+    StdlibLM,
+    StdlibLMConfig,
+    TextClassification,
+    TextClassificationConfig,
+    TextLM,
+    TextLMConfig,
+)
+from ablate.experiment import build_experiment
+
+TEXTS = ["the cat sat on the mat", "a dog ran", "birds fly south", "fish swim", "owls hoot"]
+LABELS = [0, 1, 1, 0, 1]
+
+
+def write_files(tmp_path):
+    """The same five examples as jsonl, csv, parquet and txt files."""
+    ds = datasets.Dataset.from_dict({"text": TEXTS, "label": LABELS})
+    paths = {
+        "jsonl": tmp_path / "d.jsonl",
+        "csv": tmp_path / "d.csv",
+        "parquet": tmp_path / "d.parquet",
+        "txt": tmp_path / "d.txt",
+    }
+    paths["jsonl"].write_text(
+        "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(TEXTS, LABELS))
+    )
+    ds.to_csv(str(paths["csv"]), index=False)
+    ds.to_parquet(str(paths["parquet"]))
+    paths["txt"].write_text("\n".join(TEXTS) + "\n")
+    return paths
+
+
+def decode(ids):
+    return bytes(int(i) for i in ids if i < 256).decode()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "txt"])
+def test_local_files_to_lm_windows(tmp_path, kind):
+    path = write_files(tmp_path)[kind]
+    task = TextLM(TextLMConfig(source=str(path), seq_len=8, eval_fraction=0.2))
+    batch = jax.jit(task.sample, static_argnums=1)(jax.random.PRNGKey(0), 4)
+    assert batch.inputs.shape == batch.targets.shape == (4, 8)
+    # Targets are the inputs shifted by one: next-token prediction inside one window.
+    np.testing.assert_array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    assert float(batch.weights.sum()) == 32 and not bool(batch.deps.any())
+    # Documents are joined with SEP; train windows come from the first 4 documents only.
+    train_text = "".join(t + chr(0) for t in TEXTS[:4])
+    for row in np.asarray(batch.inputs):
+        text = "".join(chr(0) if i == SEP else chr(i) for i in row)
+        assert text in train_text
+    eval_batch = task.eval_sample(jax.random.PRNGKey(0), 4)
+    for row in np.asarray(eval_batch.inputs):
+        assert "".join(chr(0) if i == SEP else chr(i) for i in row) in TEXTS[4] + chr(0) + TEXTS[4]
+    assert 0 < task.chance < 1
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_local_files_to_classification_batches(tmp_path, kind):
+    path = write_files(tmp_path)[kind]
+    cfg = TextClassificationConfig(
+        source=str(path), train_split="all", eval_split="all", seq_len=12, n_classes=2
+    )
+    task = TextClassification(cfg)
+    check_classification(task, seq_len=12)
+
+
+def check_classification(task, seq_len):
+    batch = task.sample(jax.random.PRNGKey(1), 16)
+    inputs, targets, weights = map(np.asarray, (batch.inputs, batch.targets, batch.weights))
+    assert inputs.shape == (16, seq_len)
+    for x, t, w in zip(inputs, targets, weights):
+        (cls_pos,) = np.nonzero(x == CLS)[0]
+        assert w.sum() == 1 and w[cls_pos] == 1  # only the CLS position is scored
+        text = decode(x[:cls_pos])
+        match = [i for i, s in enumerate(TEXTS) if s.startswith(text)]
+        assert match, text
+        assert t[cls_pos] == task.text_vocab + LABELS[match[0]]
+        assert (x[cls_pos + 1 :] == PAD).all()
+    assert task.pad_id == PAD and task.vocab_size == task.text_vocab + 2
+    assert task.chance == pytest.approx(3 / 5)
+
+
+def test_in_memory_dataset_and_truncation():
+    ds = datasets.Dataset.from_dict({"text": TEXTS, "label": LABELS})
+    task = TextClassification(
+        TextClassificationConfig(train_split="x", eval_split="x", seq_len=6), data=ds
+    )
+    batch = task.sample(jax.random.PRNGKey(0), 8)
+    # Long texts keep their first seq_len - 1 tokens, then CLS.
+    assert (np.asarray(batch.inputs)[:, 5] == CLS).all()
+    splits = {"train": ds, "test": ds.select(range(2))}
+    task = TextClassification(TextClassificationConfig(seq_len=32), data=splits)
+    check_classification(task, seq_len=32)
+
+
+def test_sampling_is_deterministic_per_key(tmp_path):
+    task = TextLM(TextLMConfig(source=str(write_files(tmp_path)["txt"]), seq_len=6))
+    a, b = task.sample(jax.random.PRNGKey(3), 4), task.sample(jax.random.PRNGKey(3), 4)
+    c = task.sample(jax.random.PRNGKey(4), 4)
+    np.testing.assert_array_equal(a.inputs, b.inputs)
+    assert not np.array_equal(a.inputs, c.inputs)
+
+
+def test_stdlib_corpus_needs_no_download():
+    task = StdlibLM(StdlibLMConfig(seq_len=32, max_tokens=200_000))
+    assert task.n_tokens["train"] > 100_000 and task.n_tokens["eval"] > 1000
+    batch = task.sample(jax.random.PRNGKey(0), 2)
+    assert decode(batch.inputs[0]).isprintable() or "\n" in decode(batch.inputs[0])
+    exp = build_experiment({"task": {"name": "stdlib_lm", "seq_len": 32}})
+    assert exp.model.vocab_size == 260 and exp.model.seq_len == 32
+
+
+def test_missing_column_lists_available(tmp_path):
+    path = write_files(tmp_path)["jsonl"]
+    with pytest.raises(DataError, match=r"'body' not found; available: \['text', 'label'\]"):
+        TextLM(TextLMConfig(source=str(path), text_column="body"))
+
+
+def test_labels_out_of_range_and_empty_texts():
+    ds = datasets.Dataset.from_dict({"text": TEXTS, "label": [0, 1, 2, 0, 1]})
+    with pytest.raises(DataError, match=r"label 2 is outside 0..1"):
+        TextClassification(TextClassificationConfig(train_split="a", eval_split="a"), data=ds)
+    ds = datasets.Dataset.from_dict({"text": ["ok", "  "], "label": [0, 1]})
+    with pytest.raises(DataError, match="empty or missing text"):
+        TextClassification(TextClassificationConfig(train_split="a", eval_split="a"), data=ds)
+    with pytest.raises(DataError, match="every text is empty"):
+        TextLM(TextLMConfig(), data=datasets.Dataset.from_dict({"text": ["", " "]}))
+
+
+def test_model_vocab_smaller_than_tokenizer_is_refused():
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        build_experiment(
+            {"task": {"name": "stdlib_lm", "seq_len": 16}, "model": {"vocab_size": 128}}
+        )
+
+
+def test_hub_name_without_network_says_how_to_use_local_files(tmp_path):
+    code = (
+        "from ablate.data import TextLM, TextLMConfig, DataError\n"
+        "try:\n    TextLM(TextLMConfig(source='imdb'))\n"
+        "except DataError as e:\n    print('DATAERROR', e)\n"
+    )
+    env = dict(
+        os.environ,
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        JAX_PLATFORMS="cpu",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "DATAERROR" in out.stdout, out.stderr[-2000:]
+    assert "local files" in out.stdout and "imdb" in out.stdout
