@@ -81,12 +81,7 @@ def load_dataset(source: str, split: str, *, config: str = "", revision: str = "
         # Local files are one split; `{split}` in the source path names a file per split.
         files_arg = {"train": [str(p) for p in files]}
         return datasets.load_dataset(kinds.pop(), data_files=files_arg)["train"]
-    if (
-        "{split}" in source
-        or Path(source).suffix in LOCAL_SUFFIXES
-        or "/" in source
-        and Path(source.split("/")[0]).exists()
-    ):
+    if "{split}" in source or Path(source).suffix in LOCAL_SUFFIXES:
         raise DataError(f"local data {str(path)!r} not found (task.source = {source!r})")
     try:
         return datasets.load_dataset(source, config or None, split=split, revision=revision or None)
