@@ -31,6 +31,19 @@ def token_metrics(
     }
 
 
+def context_deps(deps_BLS: jax.Array, weights_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The dependency mask without each position itself, and the rows that keep any.
+
+    A target may depend on its own input token (the query key in recall), but attending to
+    oneself is not finding context: alignment counts only the other positions, over the
+    scored rows that have some (a task like `memorize` has none: its alignment is NaN).
+    """
+    L, S = deps_BLS.shape[1:]
+    context_BLS = deps_BLS & ~jnp.eye(L, S, dtype=bool)[None]
+    rows_BL = weights_BL * context_BLS.any(-1)
+    return context_BLS, rows_BL
+
+
 def attention_metrics(
     probs_BHLS: jax.Array,
     deps_BLS: jax.Array,
@@ -39,15 +52,17 @@ def attention_metrics(
 ) -> dict[str, jax.Array]:
     """Per-head alignment with the dependency mask, entropy and mean attention distance.
 
-    alignment_H: sum_j A_ij M_ij averaged over scored positions i (DESIGN.md);
-    entropy_H and distance_H: averaged over every real (non-padding) query position.
+    alignment_H: sum_j A_ij M_ij over context positions j != i (see `context_deps`),
+    averaged over scored positions i; entropy_H and distance_H: averaged over every real
+    (non-padding) query position.
     """
     probs_BHLS = probs_BHLS.astype(jnp.float32)
-    deps_B1LS = deps_BLS[:, None].astype(jnp.float32)
-    w_B1L = weights_BL[:, None].astype(jnp.float32)
-    alignment_H = ((probs_BHLS * deps_B1LS).sum(-1) * w_B1L).sum((0, 2)) / jnp.maximum(
-        w_B1L.sum((0, 2)), 1.0
-    )
+    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL)
+    deps_B1LS = context_BLS[:, None].astype(jnp.float32)
+    w_B1L = rows_BL[:, None].astype(jnp.float32)
+    n_rows = w_B1L.sum((0, 2))
+    alignment_H = ((probs_BHLS * deps_B1LS).sum(-1) * w_B1L).sum((0, 2)) / jnp.maximum(n_rows, 1)
+    alignment_H = jnp.where(n_rows > 0, alignment_H, jnp.nan)
     B, _, L, S = probs_BHLS.shape
     real_B1L = jnp.ones((B, 1, L)) if valid_BL is None else valid_BL[:, None].astype(jnp.float32)
     plogp_BHLS = jnp.where(probs_BHLS > 0, probs_BHLS * jnp.log(jnp.maximum(probs_BHLS, 1e-30)), 0)
@@ -64,9 +79,11 @@ def attention_metrics(
 
 def uniform_alignment(deps_BLS: jax.Array, visible_BLS: jax.Array, weights_BL: jax.Array):
     """The alignment uniform attention would get: mean of |M_i within V(i)| / |V(i)|."""
+    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL)
     visible = visible_BLS.astype(jnp.float32)
-    share_BL = (deps_BLS * visible).sum(-1) / jnp.maximum(visible.sum(-1), 1.0)
-    return (share_BL * weights_BL).sum() / jnp.maximum(weights_BL.sum(), 1.0)
+    share_BL = (context_BLS * visible).sum(-1) / jnp.maximum(visible.sum(-1), 1.0)
+    n_rows = rows_BL.sum()
+    return jnp.where(n_rows > 0, (share_BL * rows_BL).sum() / jnp.maximum(n_rows, 1.0), jnp.nan)
 
 
 def context_dependence(acc_learned: float, acc_variant: float, chance: float) -> float:

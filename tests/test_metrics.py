@@ -1,0 +1,54 @@
+"""Alignment, entropy, distance and context dependence against hand-computed values."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ablate.metrics import attention_metrics, context_dependence, uniform_alignment
+from ablate.model import visibility
+
+
+def test_alignment_counts_context_positions_only():
+    # One sequence of length 3, one scored row (i = 2) depending on j = 0 and on itself.
+    deps = jnp.zeros((1, 3, 3), bool).at[0, 2, 0].set(True).at[0, 2, 2].set(True)
+    weights = jnp.zeros((1, 3)).at[0, 2].set(1.0)
+    probs = jnp.stack(
+        [
+            jnp.eye(3),  # head 0: only itself
+            jnp.array([[1, 0, 0], [1, 0, 0], [0.7, 0.1, 0.2]]),  # head 1: 0.7 on j = 0
+        ]
+    )[None]
+    out = attention_metrics(probs, deps, weights)
+    np.testing.assert_allclose(out["alignment"], [0.0, 0.7], atol=1e-6)
+    # Entropy of head 1 averaged over the 3 rows: rows 0 and 1 are one-hot.
+    h = -(0.7 * np.log(0.7) + 0.1 * np.log(0.1) + 0.2 * np.log(0.2)) / 3
+    np.testing.assert_allclose(out["entropy"], [0.0, h], rtol=1e-5)
+    # Distance of head 1: row 1 looks 1 back, row 2 looks 0.7 * 2 + 0.1 * 1 back.
+    np.testing.assert_allclose(out["distance"], [0.0, (1 + 1.5) / 3], rtol=1e-5)
+
+
+def test_uniform_alignment_matches_uniform_pattern():
+    L = 5
+    deps = jnp.zeros((2, L, L), bool).at[:, 4, 1].set(True).at[:, 3, 0].set(True)
+    weights = jnp.zeros((2, L)).at[:, 3:].set(1.0)
+    visible = visibility(L, True, None, 2)
+    probs = (visible / visible.sum(-1, keepdims=True))[:, None]
+    from_pattern = attention_metrics(probs, deps, weights)["alignment"][0]
+    expected = (1 / 4 + 1 / 5) / 2
+    np.testing.assert_allclose(uniform_alignment(deps, visible, weights), expected, rtol=1e-6)
+    np.testing.assert_allclose(from_pattern, expected, rtol=1e-6)
+
+
+def test_alignment_is_nan_without_context_dependencies():
+    deps = jnp.eye(4, dtype=bool)[None]  # memorize: each target depends on itself only
+    weights = jnp.ones((1, 4))
+    out = attention_metrics(jnp.eye(4)[None, None], deps, weights)
+    assert np.isnan(out["alignment"]).all()
+    assert np.isnan(uniform_alignment(deps, visibility(4, True, None, 1), weights))
+
+
+def test_context_dependence_formula():
+    assert context_dependence(1.0, 0.25, 0.25) == 1.0
+    assert context_dependence(0.9, 0.9, 0.1) == 0.0
+    assert context_dependence(0.95, 0.55, 0.1) == pytest.approx(0.4 / 0.85)
+    assert np.isnan(context_dependence(0.1, 0.1, 0.1))
