@@ -419,69 +419,100 @@ class InductionConfig(_Knobs):
 
     repeat_len: int = 8
     n_symbols: int = 16
+    max_gap: int = 8
 
     def problems(self) -> list[tuple[str, str]]:
-        found = _bounds(self, repeat_len=(2, (MAX_SEQ_LEN - 1) // 2), n_symbols=(2, MAX_SYMBOLS))
+        found = _bounds(
+            self,
+            repeat_len=(2, (MAX_SEQ_LEN - 1) // 2),
+            n_symbols=(2, MAX_SYMBOLS),
+            max_gap=(0, MAX_SEQ_LEN - 1 - 2 * self.repeat_len),
+        )
         why = "repeat_len: the repeated tokens are distinct, so each occurs once before"
         return found + _at_least("n_symbols", self.n_symbols, self.repeat_len, why)
 
 
 @_register
 class Induction(Task):
-    """BOS r1..rT r1..rT: in the second copy, predict the token that followed this one before.
+    """BOS r1..rT, g fillers, r1..rT, fillers: in the second copy, predict what followed before.
 
-    Ids: 0 BOS, symbols [1, 1 + n_symbols); r is drawn without repetition so the previous
-    occurrence of every token is unique. Scored: the second-copy tokens r1..r(T-1), target
-    r(t+1). deps: the first-copy position holding r(t+1) and the current position. The next
-    input is the target itself (teacher forcing), so leaks_future is True.
+    Ids: 0 BOS, 1 FILL, symbols [2, 2 + n_symbols); r is drawn without repetition so the
+    previous occurrence of every token is unique. The gap g is uniform in [0, max_gap] per
+    sequence and the rest of the fixed length is filled at the end, so the distance back to
+    the previous occurrence varies: it must be found by content. With max_gap = 0 the
+    distance is always T - 1 and fixed positional routing suffices, so that configuration is
+    labelled `position`. Scored: the second-copy tokens r1..r(T-1), target r(t+1). deps: the
+    first-copy position holding r(t+1) and the current position. The next input is the target
+    itself (teacher forcing), so leaks_future is True.
     """
 
     name = "induction"
     context_need = "content"
     leaks_future = True
     Config = InductionConfig
-    BOS = 0
+    BOS, FILL = 0, 1
 
     def __init__(self, config: InductionConfig | None = None):
         super().__init__(config)
         c = self.config
-        self.vocab_size = 1 + c.n_symbols
-        self.seq_len = 1 + 2 * c.repeat_len
+        self.vocab_size = 2 + c.n_symbols
+        self.seq_len = 1 + 2 * c.repeat_len + c.max_gap
         self.chance = 1.0 / c.n_symbols
-        i_L = np.arange(self.seq_len)
-        self.scored_L = (i_L > c.repeat_len) & (i_L < 2 * c.repeat_len)
-        source_L = np.where(self.scored_L, i_L - c.repeat_len + 1, -1)
-        self.deps_LL = self.scored_L[:, None] & (
-            (i_L[None, :] == source_L[:, None]) | (i_L[None, :] == i_L[:, None])
-        )
-        self.source_L = np.maximum(source_L, 0)
+        if c.max_gap == 0:
+            self.context_need = "position"
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
-        c = self.config
-        (bits_BM,) = _random_bits(key, batch_size, c.n_symbols)
-        r_BT = 1 + _distinct(bits_BM, c.repeat_len)
-        bos_B1 = jnp.full((batch_size, 1), self.BOS, jnp.int32)
-        inputs_BL = jnp.concatenate([bos_B1, r_BT, r_BT], axis=1)
-        source_BL = jnp.broadcast_to(jnp.asarray(self.source_L)[None, :], inputs_BL.shape)
-        targets_BL = jnp.where(
-            self.scored_L[None, :], jnp.take_along_axis(inputs_BL, source_BL, axis=1), 0
+        c, T, L = self.config, self.config.repeat_len, self.seq_len
+        bits_BM, gap_bits_B1 = _random_bits(key, batch_size, c.n_symbols, 1)
+        r_BT = 2 + _distinct(bits_BM, T)
+        gap_B1 = _below(gap_bits_B1, c.max_gap + 1)
+        i_1L = jnp.arange(L)[None, :]
+        t_BL = i_1L - (T + 1 + gap_B1)  # index into the second copy
+        first_1L = (i_1L >= 1) & (i_1L <= T)
+        second_BL = (t_BL >= 0) & (t_BL < T)
+        r_at_BL = jnp.take_along_axis(
+            r_BT, jnp.clip(jnp.where(first_1L, i_1L - 1, t_BL), 0, T - 1), 1
         )
-        return _static_batch(inputs_BL, targets_BL, self.scored_L, self.deps_LL)
+        inputs_BL = jnp.where(
+            i_1L == 0, self.BOS, jnp.where(first_1L | second_BL, r_at_BL, self.FILL)
+        )
+        scored_BL = second_BL & (t_BL < T - 1)
+        next_BL = jnp.take_along_axis(r_BT, jnp.clip(t_BL + 1, 0, T - 1), 1)
+        targets_BL = jnp.where(scored_BL, next_BL, 0)
+        source_BL = jnp.where(scored_BL, t_BL + 2, -1)
+        j_11L = jnp.arange(L)[None, None, :]
+        deps_BLL = scored_BL[:, :, None] & (
+            (j_11L == source_BL[:, :, None]) | (j_11L == jnp.arange(L)[None, :, None])
+        )
+        return _batch(inputs_BL, targets_BL, scored_BL, deps_BLL)
+
+    def _second_start(self, x) -> int | None:
+        """Where the second copy starts (None if it has not started within x)."""
+        after = np.flatnonzero(x[self.config.repeat_len + 1 :] != self.FILL)
+        return None if len(after) == 0 else self.config.repeat_len + 1 + int(after[0])
 
     def _solve(self, x, targets, weights):
-        first = x[1 : self.config.repeat_len + 1]
-        for i in np.flatnonzero(self.scored_L[: len(x)]):
+        T = self.config.repeat_len
+        first, start = x[1 : T + 1], self._second_start(x)
+        if start is None:
+            return
+        for i in range(start, min(start + T - 1, len(x))):
             (match,) = np.flatnonzero(first == x[i])
             targets[i], weights[i] = x[match + 2], 1.0
 
     def _valid(self, x):
-        t = self.config.repeat_len
-        first, second = x[1 : t + 1], x[t + 1 :]
-        return (
-            x[0] == self.BOS
-            and bool(np.all(first != self.BOS))
-            and len(np.unique(first)) == len(first)
-            and bool(np.array_equal(second, first[: len(second)]))
+        T = self.config.repeat_len
+        first = x[1 : T + 1]
+        if x[0] != self.BOS or np.any(first < 2) or len(np.unique(first)) != len(first):
+            return False
+        start = self._second_start(x)
+        if start is None:  # only fillers so far: valid while the gap can still grow
+            return len(x) - (T + 1) <= self.config.max_gap
+        if start - (T + 1) > self.config.max_gap:
+            return False
+        second, tail = x[start : start + T], x[start + T :]
+        return bool(np.array_equal(second, first[: len(second)])) and bool(
+            np.all(tail == self.FILL)
         )
 
 
