@@ -110,7 +110,15 @@ def load_toml_text(text):
 
 
 @pytest.mark.parametrize("path", sorted(Path("experiments").glob("*.toml")), ids=lambda p: p.name)
-def test_every_experiment_file_loads_and_builds_a_model(path):
+def test_every_experiment_file_loads_and_builds_a_model(path, monkeypatch):
+    if "NEEDS NETWORK" in path.read_text():
+        # Tests never reach the network: a tiny in-memory dataset stands in for the hub one.
+        import datasets
+
+        import ablate.data
+
+        fake = datasets.Dataset.from_dict({"text": ["good", "bad"] * 4, "label": [1, 0] * 4})
+        monkeypatch.setattr(ablate.data, "load_dataset", lambda *a, **k: fake)
     name, points = expand(load_toml(path), default_name=path.stem)
     assert points
     header = path.read_text().splitlines()[0]
