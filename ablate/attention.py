@@ -114,9 +114,13 @@ class Learned(Mixer):
     def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         # The fused kernel never materialises the pattern; `pattern` is used when asked for.
         q_BLHK, k_BSHK = self._qk(x_BLD)
-        return jax.nn.dot_product_attention(
+        out_BLHK = jax.nn.dot_product_attention(
             q_BLHK, k_BSHK, v_BLHK.astype(q_BLHK.dtype), mask=visible_BLS[:, None]
         )
+        # A row that sees nothing (a padded query) is zero, as in the pattern path; the
+        # kernel would return the mean of all values there.
+        sees_BL11 = visible_BLS.any(-1)[:, :, None, None]
+        return out_BLHK * sees_BL11.astype(out_BLHK.dtype)
 
 
 class FrozenQK(Learned):
@@ -163,10 +167,9 @@ class Gaussian(Mixer):
 
     def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
         super().__init__(n_heads, settings, rngs)
+        # The attention layer hands each group the offsets of its own heads (by head index).
         offsets = settings.gaussian_offsets or default_gaussian_offsets(n_heads, settings.causal)
-        if len(offsets) < n_heads:
-            offsets = tuple(offsets[h % len(offsets)] for h in range(n_heads))
-        self.offsets = tuple(int(o) for o in offsets[:n_heads])
+        self.offsets = tuple(int(offsets[h % len(offsets)]) for h in range(n_heads))
         self.sigma = float(settings.gaussian_sigma)
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:

@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ablate.attention import Frozen, Mixer, MixerSettings, make_mixer, variant_problem
+from ablate.attention import (
+    Frozen,
+    Mixer,
+    MixerSettings,
+    default_gaussian_offsets,
+    make_mixer,
+    variant_problem,
+)
 from ablate.config import check, in_range
 
 LayerSpec = str | tuple[str, ...]
@@ -57,6 +64,13 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self):
+        # Lists given directly (not via from_dict) become tuples, so the config stays hashable.
+        spec = self.attention
+        if not isinstance(spec, str):
+            spec = tuple(e if isinstance(e, str) else tuple(e) for e in spec)
+            object.__setattr__(self, "attention", spec)
+        for name in ("gaussian_offsets", "freeze"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         check(self)
 
     @property
@@ -175,8 +189,18 @@ class Attention(nnx.Module):
             groups.append((start, n))
             start += n
         self.head_groups = tuple(groups)
+        offsets = settings.gaussian_offsets or default_gaussian_offsets(H, settings.causal)
+        offsets_H = tuple(offsets[h % len(offsets)] for h in range(H))
         self.mixers = nnx.List(
-            [make_mixer(head_variants[s], n, settings, rngs) for s, n in self.head_groups]
+            [
+                make_mixer(
+                    head_variants[s],
+                    n,
+                    dataclasses.replace(settings, gaussian_offsets=offsets_H[s : s + n]),
+                    rngs,
+                )
+                for s, n in self.head_groups
+            ]
         )
 
     @property
@@ -225,11 +249,11 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Two-layer GELU MLP."""
+    """Two-layer GELU MLP computing in `dtype` (its parameters stay float32)."""
 
-    def __init__(self, d_model: int, d_mlp: int, rngs: nnx.Rngs):
-        self.up = nnx.Linear(d_model, d_mlp, rngs=rngs)
-        self.down = nnx.Linear(d_mlp, d_model, rngs=rngs)
+    def __init__(self, d_model: int, d_mlp: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.up = nnx.Linear(d_model, d_mlp, dtype=dtype, rngs=rngs)
+        self.down = nnx.Linear(d_mlp, d_model, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         return self.down(jax.nn.gelu(self.up(x_BLD)))
@@ -248,10 +272,12 @@ class Block(nnx.Module):
             gaussian_sigma=cfg.gaussian_sigma,
             gaussian_offsets=cfg.gaussian_offsets,
         )
-        self.norm_attn = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        # Compute in cfg.dtype, parameters in float32 (flax keeps the norm statistics in f32).
+        dtype = jnp.dtype(cfg.dtype)
+        self.norm_attn = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         self.attention = Attention(head_variants, settings, rngs)
-        self.norm_mlp = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_width, rngs)
+        self.norm_mlp = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_width, rngs, dtype=dtype)
         self.dropout = cfg.dropout
 
     def __call__(self, x_BLD, visible_BLS, *, dropout_key=None, **attention_kwargs):
@@ -288,9 +314,9 @@ def visibility(L: int, causal: bool, valid_BL: jax.Array | None, batch_size: int
     visible_LS = jnp.tril(jnp.ones((L, L), bool)) if causal else jnp.ones((L, L), bool)
     if valid_BL is None:
         return jnp.broadcast_to(visible_LS, (batch_size, L, L))
-    # Every row keeps its own position, so no row is empty (padded rows are never scored).
-    visible_BLS = visible_LS[None] & valid_BL[:, None, :]
-    return visible_BLS | jnp.eye(L, dtype=bool)[None]
+    # A padded query sees nothing: its row is empty (all-zero pattern, never scored), so
+    # padding is exactly the set of positions no query sees.
+    return visible_LS[None] & valid_BL[:, None, :] & valid_BL[:, :, None]
 
 
 class Transformer(nnx.Module):
@@ -304,7 +330,11 @@ class Transformer(nnx.Module):
         )
         self.blocks = nnx.List([Block(v, cfg, rngs) for v in cfg.head_variants()])
         self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-        self.head = nnx.Linear(cfg.d_model, cfg.n_classes or cfg.vocab_size, rngs=rngs)
+        # The head multiplies in cfg.dtype (a float32 output would make its backward pass
+        # multiply float32 cotangents); the logits are cast to float32 for the loss.
+        self.head = nnx.Linear(
+            cfg.d_model, cfg.n_classes or cfg.vocab_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs
+        )
         for part in cfg.freeze:
             freeze(self, part)
 
