@@ -59,6 +59,12 @@ def _tensorboard(args) -> int:
     return EXIT_OK
 
 
+def _probe(args) -> int:
+    from ablate.probe import run
+
+    return run(args)
+
+
 def _list(args) -> int:
     from ablate.attention import MIXERS
     from ablate.tasks import TASKS
@@ -125,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("logdir")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.set_defaults(func=_tensorboard)
+
+    p = sub.add_parser(
+        "probe", help="ablate heads of a trained run: drop per head, importance, pruning curve"
+    )
+    p.add_argument("run_dir", help="a run folder made by `ablate train` or `ablate sweep`")
+    p.add_argument(
+        "--kinds",
+        default="zero,mean,uniform,random,mean_pattern,resample",
+        help="comma-separated ablation kinds (default: all)",
+    )
+    p.add_argument(
+        "--heads",
+        help="ablations, comma-separated: L:H one head, L:* a whole layer, L:H+L:H a set "
+        "(default: every head, one at a time)",
+    )
+    p.add_argument("--seeds", help="comma-separated seeds (default: all trained)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/probe)")
+    p.add_argument("--chunk", type=int, help="ablations evaluated side by side (default: all)")
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("list", help="list attention variants and tasks")
     p.set_defaults(func=_list)

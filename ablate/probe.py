@@ -1,0 +1,534 @@
+"""Post-hoc head ablation: does a trained model rely on learned context, and in which heads?
+
+`probe_run` loads a run's latest checkpoint and evaluates it on the engine's held-out batches
+with heads ablated through the model's `HeadAblation` hook, i.e. before the output projection,
+where heads are still separate. Kinds of ablation:
+
+  zero          the head's output is zeroed (a gate of 0; no bias or other weight is touched)
+  mean          the head's output is replaced by its per-position mean over reference batches
+  uniform       the head's pattern is uniform over the visible positions (the `uniform` mixer)
+  random        the head's pattern is a fixed random one (the `random_fixed` mixer, scale 1)
+  mean_pattern  the head's pattern is its mean over reference batches (Hassid et al. 2022)
+  resample      the head's pattern is the one it forms on a different input
+
+Pattern kinds do not apply to heads without a pattern (`fourier`): their results are NaN.
+Every ablation of every kind, and the pruning prefixes, is one row of stacked edit arrays;
+one compiled call evaluates all rows (vmapped) for all seeds (vmapped). Head importance is
+Michel et al. (2019): |d loss / d gate| at gate = 1, averaged over the eval batches; the
+pruning curve removes heads (gate 0) from the least important up, and in a random order.
+
+Axis letters as in model.py (K is the head dim there), plus A ablation rows, R replacement
+sources (`SOURCES`), E eval batches, P pruning prefixes; as in train.py, a leading K on
+host-side arrays (`gate_KANH`, `importance_KNH`) is the seed axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ablate.attention import MIXERS, MixerSettings
+from ablate.checkpoint import Checkpointer, abstract_like
+from ablate.config import ConfigError
+from ablate.experiment import Experiment, build_experiment
+from ablate.logging import TensorBoardWriter
+from ablate.metrics import token_metrics
+from ablate.model import HeadAblation, visibility
+from ablate.train import CONFIG_FILE, Engine, TrainState
+
+KINDS = ("zero", "mean", "uniform", "random", "mean_pattern", "resample")
+PATTERN_KINDS = frozenset({"uniform", "random", "mean_pattern", "resample"})
+#: What the non-zero kinds mix in: "mean" replaces a head's output, the others its pattern.
+SOURCES = ("mean", "uniform", "random", "mean_pattern", "resample")
+METRICS = ("accuracy", "loss", "sequence_accuracy")
+# Folded into the eval key: the reference batches are a stream the eval batches never use.
+REFERENCE_STREAM = 0x52454600
+RANDOM_SEED = 0
+TB_RECORD = "probe_written.json"
+
+Group = tuple[tuple[int, int], ...]
+
+
+def read_experiment(run_dir: str | Path) -> Experiment:
+    """The resolved experiment of a run folder, refusing a folder that holds no checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        what = "does not exist" if not run_dir.exists() else f"has no {CONFIG_FILE}"
+        raise ConfigError([("run_dir", f"{run_dir} {what}: not a run folder of `ablate train`")])
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        raise ConfigError([("run_dir", f"{ckpt_dir} holds no checkpoint: train the run first")])
+    return build_experiment(json.loads((run_dir / CONFIG_FILE).read_text()))
+
+
+def load_run(run_dir: str | Path) -> tuple[Experiment, TrainState, int]:
+    """(experiment, latest good training state of every seed, its step) of a run folder."""
+    exp = read_experiment(run_dir)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=exp.train.keep_checkpoints)
+    try:
+        restored = ckpt.restore_latest(abstract_like(jax.eval_shape(Engine(exp).init)))
+    finally:
+        ckpt.close()
+    if restored is None:
+        msg = f"{ckpt.directory} holds no readable checkpoint (bad steps were set aside)"
+        raise ConfigError([("run_dir", msg)])
+    step, state, _ = restored
+    return exp, state, step
+
+
+def parse_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
+    """Validated kind names from "zero,mean" or a sequence."""
+    names = [k.strip() for k in kinds.split(",")] if isinstance(kinds, str) else list(kinds)
+    bad = [k for k in names if k not in KINDS]
+    if bad or not names:
+        msg = f"{bad or names!r} not allowed; choose from {', '.join(KINDS)}"
+        raise ConfigError([("kinds", msg)])
+    return tuple(dict.fromkeys(names))
+
+
+def parse_heads(heads: str | Sequence, n_layers: int, n_heads: int) -> list[Group]:
+    """Ablations from "0:1,1:*,0:0+1:1" (comma: separate ablations, +: one set, *: all heads).
+
+    A sequence works too: each item a (layer, head) pair or a sequence of pairs (one set).
+    """
+    if isinstance(heads, str):
+        items: list = [g.split("+") for g in heads.split(",") if g.strip()]
+    else:
+        items = [[g] if isinstance(g[0], int | np.integer) else list(g) for g in heads]
+    groups = []
+    for item in items:
+        group = []
+        for pair in item:
+            try:
+                layer, head = pair.strip().split(":") if isinstance(pair, str) else pair
+                layer, chosen = int(layer), range(n_heads) if head == "*" else [int(head)]
+            except ValueError:
+                msg = f"{pair!r} is not LAYER:HEAD (e.g. 0:1, 1:* or 0:0+1:1)"
+                raise ConfigError([("heads", msg)]) from None
+            if not 0 <= layer < n_layers:
+                msg = f"layer {layer} does not exist; the model has layers 0..{n_layers - 1}"
+                raise ConfigError([("heads", msg)])
+            for h in chosen:
+                if not 0 <= h < n_heads:
+                    msg = f"head {h} of layer {layer} does not exist; layers have heads 0.."
+                    raise ConfigError([("heads", f"{msg}{n_heads - 1}")])
+                group.append((layer, h))
+        groups.append(tuple(dict.fromkeys(group)))
+    if not groups:
+        raise ConfigError([("heads", "names no head")])
+    return groups
+
+
+def group_name(group: Group) -> str:
+    """The name of a set of heads, e.g. "0:1+1:0"."""
+    return "+".join(f"{n}:{h}" for n, h in group)
+
+
+class Prober:
+    """Compiled ablated evaluation and gate gradients of one trained model, all seeds at once.
+
+    An edit (one row) is `gate_NH`, which scales each head's output, and `mix_RNH`, how much
+    of each replacement source in `SOURCES` a head takes instead of its own output/pattern.
+    `params`/`rest` carry the seed axis K, as in a `TrainState`.
+    """
+
+    def __init__(self, exp: Experiment, params: Any, rest: Any, chunk: int | None = None):
+        self.exp, self.params, self.rest, self.chunk = exp, params, rest, chunk
+        engine = Engine(exp)
+        self.graphdef, self.has_pattern_NH = engine.graphdef, engine.has_pattern_NH
+        cfg = exp.model
+        self.N, self.H, self.L, self.head_dim = (
+            cfg.n_layers,
+            cfg.n_heads,
+            exp.task.seq_len,
+            cfg.head_dim,
+        )
+        self.n_seeds = jax.tree.leaves(params)[0].shape[0]
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.settings = MixerSettings(cfg.d_model, cfg.head_dim, cfg.seq_len, cfg.causal)
+        eval_key = jax.random.PRNGKey(exp.train.eval_seed)
+        reference_key = jax.random.fold_in(eval_key, REFERENCE_STREAM)
+        # Made once by a small program of their own and passed in: inside the big programs
+        # the sampler and the random pattern would be compiled again (seconds on a CPU).
+        E = exp.train.eval_batches
+        self.eval_batches, self.reference_inputs, self.fixed_patterns = jax.jit(
+            lambda: (
+                _batches(exp, eval_key, E),
+                _batches(exp, reference_key, E)[0],
+                self._fixed_patterns(),
+            )
+        )()
+        self._evaluate = jax.jit(jax.vmap(self._evaluate_one, in_axes=(0,) * 4 + (None,) * 3))
+        self._gradients = jax.jit(jax.vmap(self._gradients_one, in_axes=(0, 0, None)))
+
+    def _fixed_patterns(self) -> jax.Array:
+        """Uniform and random patterns (2, N, 1, H, L, S), from the variant registry itself."""
+        # Both mixers ignore x's values, and without padding every sequence sees the same.
+        x_1LD = jnp.zeros((1, self.L, self.settings.d_model), self.dtype)
+        visible_1LS = visibility(self.L, self.settings.causal, None, 1)
+        uniform = MIXERS["uniform"](self.H, self.settings, nnx.Rngs(0)).pattern(x_1LD, visible_1LS)
+        randoms = [
+            MIXERS["random_fixed"](self.H, self.settings, nnx.Rngs(RANDOM_SEED + n))
+            for n in range(self.N)
+        ]
+        random_N1HLS = jnp.stack([m.pattern(x_1LD, visible_1LS) for m in randoms])
+        return jnp.stack([jnp.broadcast_to(uniform, random_N1HLS.shape), random_N1HLS])
+
+    def _ablations(self, gate_NH, mix_RNH, patterns_RNBHLS, outputs_NBLHK):
+        """One HeadAblation per layer; a source given as None is never mixed in."""
+        N, H, L, K = self.N, self.H, self.L, self.head_dim
+        pattern_mix_NH = mix_RNH[1:].sum(0)
+        if patterns_RNBHLS is None:
+            fill_NBHLS = jnp.zeros((N, 1, H, L, L), self.dtype)
+        else:
+            share_RNH = mix_RNH[1:] / jnp.maximum(pattern_mix_NH, 1e-30)[None]
+            fill_NBHLS = jnp.einsum("RNH,RNBHLS->NBHLS", share_RNH, patterns_RNBHLS)
+        if outputs_NBLHK is None:
+            outputs_NBLHK = jnp.zeros((N, 1, L, H, K), self.dtype)
+        # A zero mix adds 0 * fill to 1 * own: an edit that ablates nothing changes no bit.
+        return tuple(
+            HeadAblation(
+                gate_NH[n], pattern_mix_NH[n], fill_NBHLS[n], mix_RNH[0, n], outputs_NBLHK[n]
+            )
+            for n in range(N)
+        )
+
+    def _evaluate_one(self, params, rest, gate_ANH, mix_ARNH, batches, reference_EBL, fixed):
+        model = nnx.merge(self.graphdef, params, rest)
+
+        def reference(inputs_BL):
+            out = model(inputs_BL, return_patterns=True, return_head_outputs=True)
+            per_head = (out.patterns, out.head_outputs)
+            return tuple(jnp.stack([x.mean(0) for x in xs]) for xs in per_head)
+
+        mean_pattern_NHLS, mean_output_NLHK = (
+            x.mean(0) for x in jax.lax.map(reference, reference_EBL)
+        )
+        B = reference_EBL.shape[1]
+        shape = (self.N, B, self.H, self.L, self.L)
+        mean_pattern = jnp.broadcast_to(mean_pattern_NHLS[:, None], shape)
+        mean_output = jnp.broadcast_to(
+            mean_output_NLHK[:, None], (self.N, B, self.L, self.H, self.head_dim)
+        )
+        uniform, random = (jnp.broadcast_to(x, shape) for x in fixed)
+
+        def one(batch_and_reference):
+            (inputs, targets, weights), reference_BL = batch_and_reference
+            resampled = jnp.stack(model(reference_BL, return_patterns=True).patterns)
+            patterns = jnp.stack([uniform, random, mean_pattern, resampled])
+
+            def edited(edit):
+                ablations = self._ablations(*edit, patterns, mean_output)
+                return token_metrics(model(inputs, ablations=ablations).logits, targets, weights)
+
+            if self.chunk:
+                return jax.lax.map(edited, (gate_ANH, mix_ARNH), batch_size=self.chunk)
+            return jax.vmap(edited)((gate_ANH, mix_ARNH))
+
+        per_batch = jax.lax.map(one, (batches, reference_EBL))
+        return jax.tree.map(lambda x: x.mean(0), per_batch)
+
+    def _gradients_one(self, params, rest, batches) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(self.graphdef, params, rest)
+        no_mix_RNH = jnp.zeros((len(SOURCES), self.N, self.H))
+
+        def one(batch):
+            inputs, targets, weights = batch
+
+            def loss(gate_NH):
+                ablations = self._ablations(gate_NH, no_mix_RNH, None, None)
+                logits = model(inputs, ablations=ablations).logits
+                return token_metrics(logits, targets, weights)["loss"]
+
+            return jax.grad(loss)(jnp.ones((self.N, self.H)))
+
+        grads_ENH = jax.lax.map(one, batches)
+        return grads_ENH.mean(0), jnp.abs(grads_ENH).mean(0)
+
+    def evaluate(self, gate_KANH, mix_KARNH) -> dict[str, np.ndarray]:
+        """Metrics (K, A) of every edit row, in one compiled call."""
+        gate, mix = (jnp.asarray(x, jnp.float32) for x in (gate_KANH, mix_KARNH))
+        data = (self.eval_batches, self.reference_inputs, self.fixed_patterns)
+        return jax.device_get(self._evaluate(self.params, self.rest, gate, mix, *data))
+
+    def edits(self, kinds: Sequence[str], masks_ANH) -> tuple[np.ndarray, np.ndarray]:
+        """(gate_KANH, mix_KARNH) ablating the heads of row a (masks ANH or KANH) by kinds[a]."""
+        masks = np.asarray(masks_ANH, np.float32)
+        masks = np.broadcast_to(masks, (self.n_seeds, *masks.shape[-3:]))
+        gate = np.where(np.asarray(kinds)[None, :, None, None] == "zero", 1.0 - masks, 1.0)
+        mix = np.zeros((*masks.shape[:2], len(SOURCES), *masks.shape[2:]), np.float32)
+        for a, kind in enumerate(kinds):
+            if kind != "zero":
+                mix[:, a, SOURCES.index(kind)] = masks[:, a]
+        return gate, mix
+
+    def ablate(self, kind: str, masks_ANH) -> dict[str, np.ndarray]:
+        """Metrics (K, A) with the heads of each mask row (ANH, or KANH per seed) ablated."""
+        return self.evaluate(*self.edits([kind] * np.shape(masks_ANH)[-3], masks_ANH))
+
+    def gate_gradients(self) -> tuple[np.ndarray, np.ndarray]:
+        """(d loss / d gate, Michel importance E|d loss / d gate|), both (K, N, H)."""
+        return jax.device_get(self._gradients(self.params, self.rest, self.eval_batches))
+
+
+def _batches(exp: Experiment, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(inputs, targets, weights), each (n, B, ...), drawn exactly as the engine's eval does."""
+
+    def one(i):
+        batch = exp.task.sample(jax.random.fold_in(key, i), exp.train.batch_size)
+        return batch.inputs, batch.targets, batch.weights
+
+    return jax.lax.map(one, jnp.arange(n))
+
+
+def _masks(groups: Sequence[Group], N: int, H: int) -> np.ndarray:
+    masks_ANH = np.zeros((len(groups), N, H), np.float32)
+    for a, group in enumerate(groups):
+        masks_ANH[a][tuple(zip(*group))] = 1.0
+    return masks_ANH
+
+
+def _prefix_masks(order: np.ndarray, N: int, H: int) -> np.ndarray:
+    """(N*H + 1, N, H): row p ablates the first p heads of `order` (flat head indices)."""
+    rank = np.argsort(order)
+    return (rank[None, :] < np.arange(N * H + 1)[:, None]).astype(np.float32).reshape(-1, N, H)
+
+
+def probe_run(
+    run_dir: str | Path,
+    kinds: str | Sequence[str] = KINDS,
+    heads: str | Sequence | None = None,
+    seeds: Sequence[int] | None = None,
+    out_dir: str | Path | None = None,
+    tensorboard: bool = True,
+    chunk: int | None = None,
+) -> dict[str, Any]:
+    """Ablate heads of a trained run; write the table, plots and images; return the results.
+
+    `heads` as `parse_heads` reads it (default: every head alone). `chunk` caps how many
+    rows run side by side (memory), still in one compiled call. Outputs go to `out_dir`
+    (default RUN_DIR/probe) and, as images at the checkpoint's step, to TensorBoard.
+    """
+    kinds = parse_kinds(kinds)
+    exp = read_experiment(run_dir)
+    N, H = exp.model.n_layers, exp.model.n_heads
+    groups = [((n, h),) for n in range(N) for h in range(H)]
+    groups = groups if heads is None else parse_heads(heads, N, H)
+    trained = list(exp.train.seeds)
+    seeds = trained if seeds is None else [int(s) for s in seeds]
+    if missing := [s for s in seeds if s not in trained]:
+        raise ConfigError([("seeds", f"{missing} not trained in this run; it has seeds {trained}")])
+    _, state, step = load_run(run_dir)
+    idx = np.asarray([trained.index(s) for s in seeds])
+    params, rest = (jax.tree.map(lambda x: x[idx], s) for s in (state.params, state.rest))
+    prober = Prober(exp, params, rest, chunk=chunk)
+
+    gradient_KNH, importance_KNH = prober.gate_gradients()
+    orders = {
+        "importance": [np.argsort(imp.ravel(), kind="stable") for imp in importance_KNH],
+        "random": [np.random.default_rng(s).permutation(N * H) for s in seeds],
+    }
+    K, G, P = len(seeds), len(groups), N * H + 1
+    # One call: row 0 ablates nothing (the baseline), then each group under each kind, then
+    # the pruning prefixes of both orders.
+    rows_kinds = ["zero"] + [kind for kind in kinds for _ in groups] + ["zero"] * 2 * P
+    shared_ANH = np.concatenate(
+        [np.zeros((1, N, H), np.float32)] + [_masks(groups, N, H)] * len(kinds)
+    )
+    prune_KANH = np.stack(
+        [np.concatenate([_prefix_masks(o[k], N, H) for o in orders.values()]) for k in range(K)]
+    )
+    masks_KANH = np.concatenate(
+        [np.broadcast_to(shared_ANH, (K, *shared_ANH.shape)), prune_KANH], 1
+    )
+    measured = prober.evaluate(*prober.edits(rows_kinds, masks_KANH))
+    baseline = {m: measured[m][:, 0].tolist() for m in METRICS}
+    pruning_K2P = measured["accuracy"][:, -2 * P :]
+
+    rows, drop = [], {}
+    for i, kind in enumerate(kinds):
+        drop[kind] = np.full((K, N, H), np.nan)
+        for g, group in enumerate(groups):
+            applies = kind not in PATTERN_KINDS or all(prober.has_pattern_NH[x] for x in group)
+            for k, seed in enumerate(seeds):
+                value = {
+                    m: float(measured[m][k, 1 + i * G + g]) if applies else math.nan
+                    for m in METRICS
+                }
+                value["accuracy_drop"] = baseline["accuracy"][k] - value["accuracy"]
+                value["loss_increase"] = value["loss"] - baseline["loss"][k]
+                rows.append({"kind": kind, "seed": seed, "heads": group_name(group), **value})
+                if len(group) == 1:
+                    drop[kind][k][group[0]] = value["accuracy_drop"]
+
+    names = np.asarray([f"{n}:{h}" for n in range(N) for h in range(H)])
+    result = {
+        "run_dir": str(run_dir),
+        "step": int(step),
+        "seeds": seeds,
+        "chance": float(exp.task.chance),
+        "kinds": list(kinds),
+        "baseline": baseline,
+        "drop": {kind: d.tolist() for kind, d in drop.items()},
+        "gradient": gradient_KNH.tolist(),
+        "importance": importance_KNH.tolist(),
+        "pruning": {
+            "importance_order": [names[o].tolist() for o in orders["importance"]],
+            "accuracy_importance_order": pruning_K2P[:, :P].tolist(),
+            "random_order": [names[o].tolist() for o in orders["random"]],
+            "accuracy_random_order": pruning_K2P[:, P:].tolist(),
+        },
+        "rows": rows,
+    }
+    out_dir = Path(run_dir) / "probe" if out_dir is None else Path(out_dir)
+    result["files"] = _write_outputs(result, drop, pruning_K2P, out_dir)
+    if tensorboard:
+        _write_tensorboard(Path(run_dir), result, drop, pruning_K2P)
+    return result
+
+
+def _nan_to_none(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, list | dict):
+        pairs = x.items() if isinstance(x, dict) else enumerate(x)
+        out = {k: _nan_to_none(v) for k, v in pairs}
+        return out if isinstance(x, dict) else list(out.values())
+    return x
+
+
+def _write_outputs(result: dict, drop: dict, pruning_K2P: np.ndarray, out_dir: Path) -> list[str]:
+    """probe.json (NaN as null), probe.csv (one row per kind, seed, ablation) and the PNGs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("drop_*.png"):  # a previous probe's kinds would contradict the table
+        stale.unlink()
+    files = [out_dir / "probe.json", out_dir / "probe.csv", out_dir / "pruning.png"]
+    files[0].write_text(json.dumps(_nan_to_none(result), indent=1))
+    with files[1].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    files[2].write_bytes(_pruning_png(pruning_K2P, result["seeds"], result["chance"])[0])
+    titles = [f"seed {s}" for s in result["seeds"]]
+    for kind, drop_KNH in drop.items():
+        if len(titles) > 1:
+            drop_KNH = np.concatenate([drop_KNH, drop_KNH.mean(0, keepdims=True)])
+        files.append(out_dir / f"drop_{kind}.png")
+        files[-1].write_bytes(
+            _heatmap_png(drop_KNH, titles + ["mean"] * (len(titles) > 1), kind)[0]
+        )
+    return [str(f) for f in files]
+
+
+def _write_tensorboard(run_dir: Path, result: dict, drop: dict, pruning_K2P: np.ndarray) -> None:
+    """Per seed, one image per tag at the checkpoint's step, never the same (step, tag) twice."""
+    step = result["step"]
+    for k, seed in enumerate(result["seeds"]):
+        logdir = run_dir / f"seed_{seed}"
+        # Readers disagree on a step written twice (NOTES.md): a rerun skips what is there.
+        record = logdir / TB_RECORD
+        written = json.loads(record.read_text()) if record.is_file() else []
+        todo = [t for t in [*drop, "pruning"] if [step, f"probe/{t}"] not in written]
+        if not todo:
+            continue
+        writer = TensorBoardWriter(logdir, skip_through_step=-1)
+        for tag in todo:
+            if tag == "pruning":
+                png = _pruning_png(pruning_K2P[k : k + 1], [seed], result["chance"])
+            else:
+                png = _heatmap_png(drop[tag][k : k + 1], [f"seed {seed}"], tag)
+            writer.image(f"probe/{tag}", *png, step)
+            written.append([step, f"probe/{tag}"])
+        writer.close()
+        record.write_text(json.dumps(written))
+
+
+def _png(draw) -> tuple[bytes, int, int]:
+    """(png, width, height) of the figure `draw(plt)` returns (matplotlib loaded on demand)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = draw(plt)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    width, height = fig.canvas.get_width_height()
+    plt.close(fig)
+    return buf.getvalue(), width, height
+
+
+def _heatmap_png(drop_KNH: np.ndarray, titles: list[str], kind: str) -> tuple[bytes, int, int]:
+    """Accuracy drop per layer (rows) and head (columns), one panel per seed (or the mean)."""
+    K, N, H = drop_KNH.shape
+    finite = np.abs(drop_KNH[np.isfinite(drop_KNH)])
+    vmax = max(float(finite.max()) if finite.size else 0.0, 1e-3)
+
+    def draw(plt):
+        size = (1.0 * H * K + 2.2, 0.7 * N + 1.8)
+        fig, axes = plt.subplots(1, K, figsize=size, dpi=90, squeeze=False, layout="constrained")
+        for ax, drop_NH, title in zip(axes[0], drop_KNH, titles):
+            image = ax.imshow(drop_NH, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+            for (n, h), v in np.ndenumerate(drop_NH):
+                text = "n/a" if np.isnan(v) else f"{v:.2f}"
+                color = "white" if abs(v) > 0.6 * vmax else "black"  # NaN compares False
+                ax.text(h, n, text, ha="center", va="center", fontsize=7, color=color)
+            ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(H), yticks=range(N))
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="accuracy drop")
+        fig.suptitle(f"{kind} ablation: accuracy drop per head", fontsize=9)
+        return fig
+
+    return _png(draw)
+
+
+def _pruning_png(pruning_K2P: np.ndarray, seeds, chance: float) -> tuple[bytes, int, int]:
+    """Accuracy as heads are removed, least important first, beside a random order."""
+    P = pruning_K2P.shape[1] // 2
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90, layout="constrained")
+        for k, seed in enumerate(seeds):
+            (line,) = ax.plot(pruning_K2P[k, :P], "-o", ms=3, label=f"by importance, seed {seed}")
+            ax.plot(pruning_K2P[k, P:], "--", color=line.get_color(), label=f"random, seed {seed}")
+        ax.axhline(chance, color="gray", lw=0.8, ls=":", label="chance")
+        ax.set(xlabel="heads removed", ylabel="accuracy", title="pruning (Michel et al. 2019)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+        return fig
+
+    return _png(draw)
+
+
+def run(args: argparse.Namespace) -> int:
+    """CLI handler: probe, then print the baseline, importance and the largest drops."""
+    try:
+        seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        msg = f"{args.seeds!r} is not a comma-separated list of integers"
+        raise ConfigError([("seeds", msg)]) from None
+    result = probe_run(args.run_dir, args.kinds, args.heads, seeds, args.out, chunk=args.chunk)
+    print(f"probe of {args.run_dir} at step {result['step']} (chance {result['chance']:.3f})")
+    for k, seed in enumerate(result["seeds"]):
+        order = result["pruning"]["importance_order"][k]
+        accuracy = result["baseline"]["accuracy"][k]
+        print(
+            f"  seed {seed}: accuracy {accuracy:.3f}; heads by importance {', '.join(order[::-1])}"
+        )
+    for kind in result["kinds"]:
+        rows = [r for r in result["rows"] if r["kind"] == kind and np.isfinite(r["accuracy_drop"])]
+        top = sorted(rows, key=lambda r: -r["accuracy_drop"])[:3]
+        shown = ", ".join(f"{r['heads']} {r['accuracy_drop']:+.3f}" for r in top) or "n/a"
+        print(f"  {kind:12s} largest accuracy drops: {shown}")
+    print(f"table and plots: {Path(result['files'][0]).parent}")
+    return 0

@@ -1,0 +1,252 @@
+"""Post-hoc head ablation: exactness, equivalences, gate gradients, behaviour, outputs, errors.
+
+One small assoc_recall model is trained once (module fixture) and probed by every test.
+"""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ablate import probe
+from ablate.cli import main
+from ablate.config import ConfigError
+from ablate.metrics import token_metrics
+from ablate.train import CONFIG_FILE, FINAL_FILE, Engine, train
+from tests.test_train import tiny
+
+# Measured: eval accuracy 0.95 at step 150 and 1.0 at step 200 (one-hop recall, 4 values).
+TRAINED = {
+    "task.n_pairs": 4,
+    "task.n_keys": 16,
+    "task.n_values": 4,
+    "train.steps": 200,
+    "train.batch_size": 32,
+    "train.steps_per_dispatch": 50,
+    "train.log_every": 50,
+    "train.checkpoint_every": 200,
+    "train.eval_batches": 2,
+}
+N, H = 2, 2
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("probe") / "run"
+    train(tiny(**TRAINED), path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def probed(run_dir):
+    """Every kind on every single head, importance and pruning: one probe of the run."""
+    return probe.probe_run(run_dir)
+
+
+@pytest.fixture(scope="module")
+def prober(run_dir):
+    exp, state, _ = probe.load_run(run_dir)
+    return probe.Prober(exp, state.params, state.rest)
+
+
+def single(layer, head):
+    mask_1NH = np.zeros((1, N, H), np.float32)
+    mask_1NH[0, layer, head] = 1.0
+    return mask_1NH
+
+
+def rows_of(probed, kind):
+    return {r["heads"]: r for r in probed["rows"] if r["kind"] == kind}
+
+
+def test_ablating_nothing_reproduces_the_unablated_metric(run_dir, probed, prober):
+    final = json.loads((run_dir / FINAL_FILE).read_text())["final"]
+    # The training engine's own held-out evaluation is the reference.
+    assert probed["baseline"]["accuracy"][0] == final["accuracy"][0]
+    assert probed["baseline"]["loss"][0] == pytest.approx(final["loss"][0], rel=1e-6)
+    nothing_1NH = np.zeros((1, N, H), np.float32)
+    for kind in probe.KINDS:
+        m = prober.ablate(kind, nothing_1NH)
+        assert m["accuracy"][0, 0] == final["accuracy"][0], kind
+        assert m["loss"][0, 0] == pytest.approx(final["loss"][0], rel=1e-6), kind
+    # A real ablation does move the metric (the comparisons above are not vacuous).
+    assert prober.ablate("zero", single(0, 0))["loss"][0, 0] > final["loss"][0] + 0.1
+
+
+def silenced(run_dir, layers):
+    """Per layer, eval loss/accuracy of the plain model (no ablation hook) with its W_o zeroed."""
+    exp, state, _ = probe.load_run(run_dir)
+    engine = Engine(exp)
+
+    def trained():
+        first = [jax.tree.map(lambda x: x[0], s) for s in (state.params, state.rest)]
+        return nnx.merge(engine.graphdef, *first)
+
+    graphdef = nnx.graphdef(trained())
+
+    @jax.jit
+    def evaluate(weights, i):
+        key = jax.random.fold_in(jax.random.PRNGKey(exp.train.eval_seed), i)
+        batch = exp.task.sample(key, exp.train.batch_size)
+        logits = nnx.merge(graphdef, weights)(batch.inputs).logits
+        return token_metrics(logits, batch.targets, batch.weights)
+
+    found = []
+    for layer in layers:
+        model = trained()
+        w_o = model.blocks[layer].attention.w_o
+        w_o[...] = np.zeros(w_o.shape, np.float32)
+        per_batch = [evaluate(nnx.state(model), i) for i in range(exp.train.eval_batches)]
+        found.append({k: float(np.mean([m[k] for m in per_batch])) for k in ("loss", "accuracy")})
+    return found
+
+
+def test_zero_on_every_head_of_a_layer_equals_a_silent_attention_sublayer(run_dir, probed, prober):
+    drops = []
+    for layer, expected in enumerate(silenced(run_dir, range(N))):
+        layer_1NH = np.zeros((1, N, H), np.float32)
+        layer_1NH[0, layer] = 1.0
+        m = prober.ablate("zero", layer_1NH)
+        assert m["loss"][0, 0] == pytest.approx(expected["loss"], rel=1e-5, abs=1e-6)
+        assert m["accuracy"][0, 0] == pytest.approx(expected["accuracy"], abs=1e-6)
+        drops.append(probed["baseline"]["loss"][0] - expected["loss"])
+    assert min(drops) < -0.5  # silencing layer 0 really breaks recall
+
+
+def test_vmapped_single_head_ablations_equal_one_at_a_time(probed, prober):
+    scored = 2 * 32  # eval_batches x batch_size scored tokens: one flipped argmax at most
+    for kind in probe.KINDS:
+        together = rows_of(probed, kind)
+        losses = []
+        for layer in range(N):
+            for head in range(H):
+                alone = prober.ablate(kind, single(layer, head))
+                row = together[f"{layer}:{head}"]
+                assert alone["loss"][0, 0] == pytest.approx(row["loss"], rel=1e-5), (kind, layer)
+                assert abs(alone["accuracy"][0, 0] - row["accuracy"]) <= 1.0 / scored + 1e-7
+                losses.append(row["loss"])
+        # Heads differ, so a mix-up of rows would show.
+        assert np.ptp(losses) > 1e-3, kind
+
+
+def test_gate_gradient_importance_matches_finite_differences(probed, prober):
+    gradient_NH = np.asarray(probed["gradient"][0])
+    eps = 1e-2
+    no_mix = np.zeros((1, 1, len(probe.SOURCES), N, H), np.float32)
+    fd_NH = np.zeros((N, H))
+    for layer in range(N):
+        for head in range(H):
+            losses = []
+            for sign in (1, -1):
+                gate = np.ones((1, 1, N, H), np.float32)
+                gate[0, 0, layer, head] += sign * eps
+                losses.append(prober.evaluate(gate, no_mix)["loss"][0, 0])
+            fd_NH[layer, head] = (losses[0] - losses[1]) / (2 * eps)
+    np.testing.assert_allclose(gradient_NH, fd_NH, rtol=3e-2, atol=2e-4)
+    assert np.abs(gradient_NH).max() > 1e-2
+    importance_NH = np.asarray(probed["importance"][0])
+    assert np.all(importance_NH >= np.abs(gradient_NH) - 1e-7)  # E|g| >= |E g|
+
+
+def test_most_important_head_hurts_more_than_the_least_important(probed):
+    assert probed["baseline"]["accuracy"][0] > 0.9  # the model did learn the task
+    importance_NH = np.asarray(probed["importance"][0])
+    most = np.unravel_index(importance_NH.argmax(), importance_NH.shape)
+    least = np.unravel_index(importance_NH.argmin(), importance_NH.shape)
+    zero = rows_of(probed, "zero")
+    drop_most = zero[f"{most[0]}:{most[1]}"]["accuracy_drop"]
+    drop_least = zero[f"{least[0]}:{least[1]}"]["accuracy_drop"]
+    assert drop_most > drop_least + 0.1
+    # The pruning curve starts at the baseline, and removing the least important head is cheap.
+    curve = probed["pruning"]["accuracy_importance_order"][0]
+    assert len(curve) == N * H + 1 and curve[0] == probed["baseline"]["accuracy"][0]
+    assert curve[1] >= curve[0] - 0.05
+    assert probed["pruning"]["importance_order"][0][0] == f"{least[0]}:{least[1]}"
+
+
+def test_outputs_table_plots_and_tensorboard_images(run_dir, probed):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run_dir / "probe"
+    saved = json.loads((out / "probe.json").read_text())
+    assert saved["baseline"] == probed["baseline"]
+    assert np.asarray(saved["drop"]["zero"]).shape == (1, N, H)
+    with (out / "probe.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(probe.KINDS) * N * H
+    assert {r["kind"] for r in table} == set(probe.KINDS)
+    for name in ["pruning.png"] + [f"drop_{k}.png" for k in probe.KINDS]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+    # Writing again (a rerun) must not put a second image at the same step.
+    drop = {k: np.asarray(v, dtype=float) for k, v in probed["drop"].items()}
+    pruning = np.concatenate(
+        [
+            np.asarray(probed["pruning"][k])
+            for k in ("accuracy_importance_order", "accuracy_random_order")
+        ],
+        axis=1,
+    )
+    probe._write_tensorboard(run_dir, probed, drop, pruning)
+    events = EventAccumulator(str(run_dir / "seed_0"), size_guidance={"tensors": 0})
+    events.Reload()
+    for tag in [f"probe/{k}" for k in probe.KINDS] + ["probe/pruning"]:
+        assert [e.step for e in events.Tensors(tag)] == [probed["step"]], tag
+
+
+def test_bad_heads_kinds_seeds_and_folders_get_clear_errors(run_dir, tmp_path, capsys):
+    cases = {
+        "5:0": "layer 5 does not exist; the model has layers 0..1",
+        "0:7": "head 7 of layer 0 does not exist; layers have heads 0..1",
+        "0-1": "is not LAYER:HEAD",
+    }
+    for heads, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            probe.probe_run(run_dir, heads=heads)
+    with pytest.raises(ConfigError, match="'blur'.*choose from zero, mean"):
+        probe.probe_run(run_dir, kinds="zero,blur")
+    with pytest.raises(ConfigError, match=r"\[3\] not trained in this run; it has seeds \[0\]"):
+        probe.probe_run(run_dir, seeds=[3])
+
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / CONFIG_FILE).write_text((run_dir / CONFIG_FILE).read_text())
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        probe.load_run(empty)
+    with pytest.raises(ConfigError, match="does not exist"):
+        probe.load_run(tmp_path / "nowhere")
+
+    # Through the real CLI: the same error, exit code 2, nothing compiled.
+    assert main(["probe", str(run_dir), "--heads", "2:0"]) == 2
+    assert "layer 2 does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_heads_without_a_pattern_and_several_seeds(tmp_path):
+    # A fourier head (no pattern) beside learned ones, two seeds trained together.
+    over = {
+        "model.causal": False,
+        "model.attention": [["fourier", "learned"], "learned"],
+        "train.seeds": [0, 1],
+        "train.steps": 50,
+        "train.steps_per_dispatch": 50,
+        "train.log_every": 50,
+        "train.checkpoint_every": 50,
+    }
+    train(tiny(**over), tmp_path / "run", progress=False)
+    both = probe.probe_run(tmp_path / "run", kinds="zero,uniform,resample")
+    drop = {k: np.asarray(v, dtype=float) for k, v in both["drop"].items()}
+    assert drop["uniform"].shape == (2, N, H)
+    assert np.isnan(drop["uniform"][:, 0, 0]).all() and np.isnan(drop["resample"][:, 0, 0]).all()
+    assert np.isfinite(drop["uniform"][:, 0, 1]).all() and np.isfinite(drop["zero"]).all()
+    saved = json.loads((tmp_path / "run" / "probe" / "probe.json").read_text())
+    assert saved["drop"]["uniform"][0][0][0] is None  # NaN is written as null (valid JSON)
+
+    # Seed 1 probed alone matches seed 1 probed beside seed 0.
+    alone = probe.probe_run(tmp_path / "run", kinds="zero", seeds=[1], out_dir=tmp_path / "one")
+    assert alone["baseline"]["loss"][0] == pytest.approx(both["baseline"]["loss"][1], rel=1e-5)
+    np.testing.assert_allclose(alone["importance"][0], both["importance"][1], rtol=1e-4, atol=1e-7)
+    assert not np.allclose(both["importance"][0], both["importance"][1])
