@@ -415,6 +415,8 @@ def _markdown(summary: dict, meta: dict, plots: dict) -> str:
         lines += [
             f"![patterns of {run}]({p})\n" for run, p in plots["patterns"].get(g["label"], [])
         ]
+        for text, images in plots["probes"].get(g["label"], []):
+            lines += [text, ""] + [f"![probe]({img})" for img in images] + [""]
     lines += ["## Failed runs", ""]
     if summary["failed"]:
         lines += ["| run | seeds | status | error |", "|---|---|---|---|"]
@@ -433,6 +435,37 @@ def _markdown(summary: dict, meta: dict, plots: dict) -> str:
             f"{_seconds(r['wall_seconds'])} | {_seconds(r['compile_seconds'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _probe_text(probe: dict[str, Any], variant: str) -> str:
+    """Plain words for a run's post-hoc head ablation (probe.json), from its numbers."""
+    base = float(np.mean(probe["baseline"]["accuracy"]))
+    imp_NH = np.nanmean(np.asarray(probe["importance"], dtype=float), axis=0)
+    N, H = imp_NH.shape
+    most = np.unravel_index(np.nanargmax(imp_NH), imp_NH.shape)
+    least = np.unravel_index(np.nanargmin(imp_NH), imp_NH.shape)
+    parts = [f"Post-hoc head ablation of `{variant}` (accuracy {base:.2f}, {N}x{H} heads):"]
+    if "zero" in probe["drop"]:
+        drop_NH = np.nanmean(np.asarray(probe["drop"]["zero"], dtype=float), axis=0)
+        parts.append(
+            f"the most important head by gate gradient, {most[0]}:{most[1]}, drops accuracy by "
+            f"{drop_NH[most]:.2f} when zeroed alone, the least important ({least[0]}:{least[1]}) "
+            f"by {drop_NH[least]:.2f}; the largest single-head drop is {np.nanmax(drop_NH):.2f}."
+        )
+    if "mean_pattern" in probe["drop"]:
+        mp = np.asarray(probe["drop"]["mean_pattern"], dtype=float)
+        if np.isfinite(mp).any():
+            parts.append(
+                "Replacing one head's pattern by its mean over a reference batch (Hassid et al.) "
+                f"costs at most {np.nanmax(np.nanmean(mp, axis=0)):.2f}."
+            )
+    curve = np.mean(np.asarray(probe["pruning"]["accuracy_importance_order"], dtype=float), 0)
+    kept = int(np.argmax(curve < base - 0.05)) - 1 if (curve < base - 0.05).any() else N * H
+    parts.append(
+        f"Removing heads least-important first, {max(kept, 0)} of {N * H} can go before accuracy "
+        "falls by more than 0.05."
+    )
+    return " ".join(parts)
 
 
 def _clean(x: Any) -> Any:
@@ -460,7 +493,7 @@ def write_report(sweep_dir: str | Path) -> Path:
         old.unlink()
     labels = list(dict.fromkeys(k for g in summary["groups"] for k in g["variants"]))
     colors = {k: f"C{i % 10}" for i, k in enumerate(labels)}
-    plots: dict[str, dict] = {"curves": {}, "patterns": {}}
+    plots: dict[str, dict] = {"curves": {}, "patterns": {}, "probes": {}}
     _bars(summary["groups"], "accuracy", out / "accuracy.png", "eval accuracy", colors)
     _bars(summary["groups"], "dependence", out / "dependence.png", "context dependence", colors)
     for g in summary["groups"]:
@@ -471,6 +504,15 @@ def write_report(sweep_dir: str | Path) -> Path:
             npz, png = sweep_dir / e["run_dir"] / PATTERNS_FILE, f"patterns_{_slug(e['run'])}.png"
             if npz.is_file() and _pattern_plot(npz, out / png, f"{e['run']} (first seed)"):
                 plots["patterns"].setdefault(g["label"], []).append((e["run"], f"report/{png}"))
+            probe_json = sweep_dir / e["run_dir"] / "probe" / "probe.json"
+            if probe_json.is_file():
+                probe = json.loads(probe_json.read_text())
+                images = [
+                    f"{e['run_dir']}/probe/{name}"
+                    for name in ("drop_zero.png", "pruning.png")
+                    if (probe_json.parent / name).is_file()
+                ]
+                plots["probes"].setdefault(g["label"], []).append((_probe_text(probe, k), images))
         if curves:
             name = f"curves_{_slug(g['label'])}.png"
             _curve_plot(g, curves, out / name, colors)

@@ -11,6 +11,7 @@ The `[sweep]` table of an experiment file:
              { name = "assoc_recall", label = "recall_2hop", pair_tokens = "separate" },
              { name = "majority", overrides = { "train.steps" = 500 } }]
     grid = { "model.n_layers" = [1, 2] }     # optional: more fields, each a list
+    probe = ["learned"]                      # optional: post-hoc head ablation of these variants
 
 A task entry's `label` names it in run folders and the report (default: the task name);
 `overrides` holds dotted fields for that task's points only. The rest of the file (`[model]`, `[optim]`, `[train]`) is the base every point starts
@@ -50,6 +51,7 @@ class Point:
     variant: str
     grid: dict[str, Any]
     experiment: Experiment
+    probe: bool = False
 
 
 def _variant_entry(entry: Any, path: str) -> tuple[str, dict[str, Any]]:
@@ -81,7 +83,7 @@ def expand(data: Mapping[str, Any], default_name: str = "sweep") -> tuple[str, l
     """The sweep's name and every point, all validated (every problem raised at once)."""
     sweep = dict(data.get("sweep", {}))
     problems: list[tuple[str, str]] = []
-    allowed = {"name", "variants", "tasks", "grid"}
+    allowed = {"name", "variants", "tasks", "grid", "probe"}
     for key in sweep:
         if key not in allowed:
             problems.append(
@@ -93,6 +95,11 @@ def expand(data: Mapping[str, Any], default_name: str = "sweep") -> tuple[str, l
     base = {k: v for k, v in data.items() if k != "sweep"}
     tasks = sweep.get("tasks") or [base.get("task", {})]
     variants = sweep.get("variants") or [base.get("model", {}).get("attention", "learned")]
+    probe = sweep.get("probe", False)
+    probe = ["learned"] if probe is True else ([] if probe is False else probe)
+    if not isinstance(probe, list) or not all(isinstance(v, str) for v in probe):
+        problems.append(("sweep.probe", "must be true, false or a list of variant labels"))
+        probe = []
     grid = sweep.get("grid", {})
     if not isinstance(grid, Mapping) or not all(isinstance(v, list) for v in grid.values()):
         problems.append(("sweep.grid", "must be a table of field = [values, ...]"))
@@ -135,7 +142,9 @@ def expand(data: Mapping[str, Any], default_name: str = "sweep") -> tuple[str, l
                 except ConfigError as e:
                     problems.extend((f"{p} (in point {run_name})", m) for p, m in e.problems)
                     continue
-                points.append(Point(run_name, task_label, label, point_grid, exp))
+                points.append(
+                    Point(run_name, task_label, label, point_grid, exp, probe=label in probe)
+                )
     if problems:
         raise ConfigError(problems)
     return name, points
@@ -255,6 +264,20 @@ def _failed_rows(point: Point, status: str, error: str, wall: float) -> list[dic
     ]
 
 
+PROBE_KINDS = ("zero", "mean_pattern")
+
+
+def _probe(run_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Post-hoc head ablation of a finished run; a probe failure is noted, not fatal."""
+    from ablate.probe import probe_run
+
+    try:
+        probe_run(run_dir, kinds=PROBE_KINDS)
+    except Exception as e:  # noqa: BLE001 - the run itself is fine; say what the probe hit
+        return [{**r, "error": f"probe failed: {type(e).__name__}: {e}"} for r in rows]
+    return rows
+
+
 def _init_alignment(run_dir: Path) -> dict[int, float]:
     """Best head alignment at step 0 per seed, read from the run's metrics file."""
     out = {}
@@ -317,6 +340,8 @@ def run_sweep(
         try:
             result = train(point.experiment, run_dir, progress=progress)
             rows = _rows_for(point, result, run_dir, _init_alignment(run_dir))
+            if point.probe:
+                rows = _probe(run_dir, rows)
         except Diverged as e:
             rows = _failed_rows(point, "diverged", str(e), time.perf_counter() - t0)
         except (KeyboardInterrupt, SystemExit):

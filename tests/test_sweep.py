@@ -15,6 +15,7 @@ TINY_SWEEP = """
 [sweep]
 name = "tiny"
 variants = ["learned", "uniform"]
+probe = ["learned"]
 tasks = [{ name = "assoc_recall", n_pairs = 2, n_keys = 4, n_values = 2 },
          { name = "majority", n_items = 5, n_symbols = 3 }]
 [model]
@@ -62,7 +63,12 @@ def test_tiny_sweep_table_report_resume_and_failure(tmp_path, monkeypatch):
     assert (sweep_dir / "REPORT.md").is_file() and (sweep_dir / "results.csv").is_file()
     pngs = list((sweep_dir / "report").glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert "majority-uniform" in (sweep_dir / "REPORT.md").read_text()
+    report = (sweep_dir / "REPORT.md").read_text()
+    assert "majority-uniform" in report
+    # Learned runs were probed post hoc, and the report says what the probe found.
+    assert (sweep_dir / "assoc_recall-learned" / "probe" / "probe.json").is_file()
+    assert not (sweep_dir / "assoc_recall-uniform" / "probe").exists()
+    assert "Post-hoc head ablation of `learned`" in report
 
     # Rerun: only the failed run is retried; nothing is duplicated.
     monkeypatch.setattr(sweep_module, "train", real_train)
