@@ -205,62 +205,56 @@ class ResultsTable:
         tmp.replace(self.path.with_name("results.csv"))
 
 
-def _rows_for(point: Point, result, run_dir: Path, init_alignment) -> list[dict[str, Any]]:
+def _point_fields(point: Point, seed: int) -> dict[str, Any]:
+    """What every row of a point says about its configuration."""
     exp = point.experiment
+    return {
+        "run": point.run_name,
+        "task": point.task,
+        "context_need": exp.task.context_need,
+        "variant": point.variant,
+        "attention": to_dict(exp.model.attention),
+        "frozen": frozen_parts(exp.model),
+        "grid": point.grid,
+        "seed": seed,
+        "chance": exp.task.chance,
+        "run_dir": point.run_name,
+    }
+
+
+def _finite_or_none(x: Any) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def _rows_for(point: Point, result, init_alignment: dict) -> list[dict[str, Any]]:
     rows = []
     for k, seed in enumerate(result.seeds):
         alignment = np.asarray(result.final["alignment"][k], dtype=float)
         finite = alignment[np.isfinite(alignment)]
         rows.append(
             {
-                "run": point.run_name,
-                "task": point.task,
-                "context_need": exp.task.context_need,
-                "variant": point.variant,
-                "attention": to_dict(exp.model.attention),
-                "frozen": frozen_parts(exp.model),
-                "grid": point.grid,
-                "seed": seed,
+                **_point_fields(point, seed),
                 "status": "ok",
                 "error": "",
                 "accuracy": result.final["accuracy"][k],
                 "sequence_accuracy": result.final["sequence_accuracy"][k],
                 "loss": result.final["loss"][k],
-                "chance": result.chance,
-                "alignment": [
-                    [None if not np.isfinite(a) else a for a in row] for row in alignment
-                ],
+                "alignment": [[_finite_or_none(a) for a in row] for row in alignment],
                 "alignment_max": float(finite.max()) if finite.size else None,
-                "alignment_uniform": result.final["uniform_alignment"][k],
+                "alignment_uniform": _finite_or_none(result.final["uniform_alignment"][k]),
                 "alignment_max_init": init_alignment.get(seed),
                 "steps": result.steps,
                 "wall_seconds": result.wall_seconds,
                 "compile_seconds": result.compile_seconds,
-                "run_dir": str(run_dir.name),
             }
         )
     return rows
 
 
 def _failed_rows(point: Point, status: str, error: str, wall: float) -> list[dict[str, Any]]:
-    exp = point.experiment
     return [
-        {
-            "run": point.run_name,
-            "task": point.task,
-            "context_need": exp.task.context_need,
-            "variant": point.variant,
-            "attention": to_dict(exp.model.attention),
-            "frozen": frozen_parts(exp.model),
-            "grid": point.grid,
-            "seed": seed,
-            "status": status,
-            "error": error,
-            "chance": exp.task.chance,
-            "wall_seconds": wall,
-            "run_dir": point.run_name,
-        }
-        for seed in exp.train.seeds
+        {**_point_fields(point, seed), "status": status, "error": error, "wall_seconds": wall}
+        for seed in point.experiment.train.seeds
     ]
 
 
@@ -339,7 +333,7 @@ def run_sweep(
         t0 = time.perf_counter()
         try:
             result = train(point.experiment, run_dir, progress=progress)
-            rows = _rows_for(point, result, run_dir, _init_alignment(run_dir))
+            rows = _rows_for(point, result, _init_alignment(run_dir))
             if point.probe:
                 rows = _probe(run_dir, rows)
         except Diverged as e:
