@@ -151,17 +151,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, help="ablations evaluated side by side (default: all)")
     p.set_defaults(func=_probe)
 
+    # `ablate bench ...` is handed to ablate.bench before parsing (see main): listed here for help.
+    sub.add_parser(
+        "bench",
+        help="measure steps/s, tokens/s, compile time, FLOP/s and MFU on this device "
+        "(ablate bench --help for its flags)",
+    )
+
     p = sub.add_parser("list", help="list attention variants and tasks")
     p.set_defaults(func=_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # The benchmark parses its own flags; importing it (jax) only here keeps --help fast.
+        def command():
+            from ablate.bench import main as bench_main
+
+            return bench_main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+
+        def command():
+            return args.func(args)
+
     from ablate.config import ConfigError
 
     try:
-        return args.func(args)
+        return command()
     except ConfigError as e:
         print(f"ablate: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -169,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         print("ablate: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from ablate.data import DataError
         from ablate.train import Diverged, Preempted
 
-        if isinstance(e, Diverged):
-            print(f"ablate: {e}", file=sys.stderr)
-            return EXIT_DIVERGED
-        if isinstance(e, Preempted):
-            print(f"ablate: {e}", file=sys.stderr)
-            return EXIT_PREEMPTED
+        codes = {Diverged: EXIT_DIVERGED, Preempted: EXIT_PREEMPTED, DataError: EXIT_DATA}
+        for kind, code in codes.items():
+            if isinstance(e, kind):
+                print(f"ablate: {e}", file=sys.stderr)
+                return code
         raise
 
 

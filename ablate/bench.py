@@ -1,0 +1,721 @@
+"""`ablate bench`: how fast the training engine runs on the device JAX sees, and why.
+
+Measured in one process, the compared things taking turns in interleaved rounds, each
+reported by its best round (other processes only ever slow a measurement down, so the
+fastest round is the least disturbed; every round is kept in the JSON), so that ratios hold
+on a shared, noisy machine even when absolute times do not:
+
+- the device's practical peak: a large matmul in the compute dtype (fp32 on CPU, bf16 on
+  accelerators), interleaved with the models so that MFU compares like with like;
+- the engine on the quick model (context_quick.toml's shape): 1 vs 50 steps per dispatch,
+  K vmapped seeds vs K sequential runs of the same compiled program;
+- per model shape (quick; medium: d_model 256, 4 layers, length 256, batch 32; gpt2_small:
+  d 768, 12 layers, 12 heads, length 1024, vocab 50304, only on accelerators unless
+  `--large`), and per attention variant at one shape: step time, tokens/s, compile time,
+  model FLOP/s, MFU against the measured peak, memory;
+- in fresh subprocesses: compile time with an empty persistent compilation cache, then with
+  the cache the first one filled; and steps/s at one step per dispatch with and without
+  GLIBC_TUNABLES (which only works when set before the process starts; see below).
+
+Model FLOPs per trained token (what MFU counts): the standard 6 per matmul weight, plus the
+attention matmuls (PaLM's appendix B and nanoGPT count 12 * n_layers * L * d_model for them),
+split per variant. Embeddings, biases, norms, softmax, activations and the optimiser are not
+counted, nor is rematerialisation:
+
+    6 * N_trained + 4 * N_frozen + sum over layers and heads of c_variant * L * K
+
+N is the number of matmul weights: per layer W_v and W_o (d*d each), the MLP (2*d*F), W_q
+and W_k (d*K each per head) for `learned` and `frozen` heads, and the head (d*V). A trained
+weight costs 2 FLOPs per token forward, 2 for the input gradient and 2 for its own gradient;
+a frozen one (`frozen` heads' W_q, W_k; a `layer.N` in model.freeze) skips its own gradient.
+L is the trained sequence length and K the head dim. The dense kernels compute the full
+L x L scores and mask them, so causal masking is not halved. Per head and token, c_variant:
+  learned, frozen: 12 (Q K^T and P V: 2 L K forward each, 4 L K backward each);
+  synthesizer: 6 (P V forward, gradients of V and of the trained P);
+  uniform, random_fixed, gaussian, none: 4 (P V forward and the gradient of V; the pattern
+  is a constant, so it gets no gradient); fourier: 0 (an FFT, O(L log L), not a matmul).
+Per step: that times batch_size * L * seeds. `xla_flops` in the output is XLA's own count
+of the compiled step (shown for one step per dispatch), a cross-check that includes the
+elementwise work.
+
+glibc's malloc can hand XLA's large buffers back to the OS after every call, which costs
+page faults at one step per dispatch; setting, before Python starts,
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296
+keeps them. It cannot be switched on from inside a running process, so the bench measures
+it in two subprocesses (steps/s and minor page faults per step) rather than setting it.
+With jax 0.10.2 on the quick model (2-core CPU, 2026-11) the default already took ~0 faults
+per step and the setting changed nothing measurable, so ablate does not set it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ablate.config import ConfigError
+from ablate.experiment import Experiment, build_experiment
+from ablate.model import ModelConfig
+
+RUN_STEPS = 400  # context_quick.toml's run length, for the seeds comparison with compile
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+
+#: FLOPs per head, per token and per position attended (times L * K), forward + backward.
+ATTENTION_FLOPS = {"learned": 12, "frozen": 12, "synthesizer": 6, "uniform": 4, "random_fixed": 4,
+                   "gaussian": 4, "none": 4, "fourier": 0}  # fmt: skip
+HAS_QK = ("learned", "frozen")
+FROZEN_QK = ("frozen",)
+
+#: name -> (task, model, batch size). `quick` is context_quick.toml's model on its mqar task.
+SHAPES: dict[str, tuple[dict, dict, int]] = {
+    "quick": ({"name": "mqar"}, {"d_model": 64, "n_heads": 4, "n_layers": 2}, 32),
+    "medium": (
+        {"name": "mqar", "seq_len": 256, "n_pairs": 16, "n_keys": 64, "n_values": 64},
+        {"d_model": 256, "n_heads": 4, "n_layers": 4},
+        32,
+    ),
+    "gpt2_small": (
+        {"name": "memorize", "seq_len": 1024, "n_keys": 8192, "n_values": 8192},
+        {"d_model": 768, "n_heads": 12, "n_layers": 12, "vocab_size": 50304},
+        16,
+    ),
+    # --quick only: a smoke test of every code path in seconds.
+    "tiny": ({"name": "mqar", "seq_len": 32}, {"d_model": 32, "n_heads": 2, "n_layers": 1}, 8),
+}
+CAUSAL_VARIANTS = ("learned", "frozen", "synthesizer", "uniform", "random_fixed", "gaussian",
+                   "none")  # fmt: skip
+QUICK_SWEEP_VARIANTS = ("learned", "frozen", "uniform", "random_fixed", "none")
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token, by the formula in the module docstring."""
+    d, F, K = cfg.d_model, cfg.mlp_width, cfg.head_dim
+    frozen_layers = {int(p.removeprefix("layer.")) for p in cfg.freeze if p.startswith("layer.")}
+    flops = 6.0 * d * (cfg.n_classes or cfg.vocab_size)
+    for layer, variants in enumerate(cfg.head_variants()):
+        per_weight = 4 if layer in frozen_layers else 6
+        flops += per_weight * (2 * d * d + 2 * d * F)
+        for name in variants:
+            if name not in ATTENTION_FLOPS:
+                raise KeyError(f"no FLOP count for attention variant {name!r}: add it to bench")
+            if name in HAS_QK:
+                flops += (4 if name in FROZEN_QK else per_weight) * 2 * d * K
+            mix = ATTENTION_FLOPS[name]
+            if name == "synthesizer" and layer in frozen_layers:
+                mix = 4  # a frozen pattern gets no gradient
+            flops += mix * seq_len * K
+    return flops
+
+
+def train_flops_per_step(exp: Experiment) -> float:
+    """Model FLOPs of one training step of every seed of `exp`."""
+    L, B = exp.task.seq_len, exp.train.batch_size
+    return model_flops_per_token(exp.model, L) * B * L * len(exp.train.seeds)
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+class MatmulRunner:
+    """An n x n x n matmul in `dtype`: the practical peak FLOP/s of the device."""
+
+    def __init__(self, n: int, dtype: str):
+        ka, kb = jax.random.split(jax.random.PRNGKey(0))
+        self.a = jax.random.normal(ka, (n, n), dtype)
+        self.b = jax.random.normal(kb, (n, n), dtype)
+        self.matmul = jax.jit(jnp.matmul)
+        self.steps_per_dispatch, self.flops_per_step = 1, 2.0 * n**3
+        _seconds(self.dispatch)  # compiles
+        self.run_seconds = _seconds(self.dispatch)
+
+    def dispatch(self):
+        return self.matmul(self.a, self.b)
+
+
+class EngineRunner:
+    """One compiled experiment: `dispatch` runs steps_per_dispatch steps of every seed."""
+
+    def __init__(self, exp: Experiment):
+        from ablate.train import Engine
+
+        self.exp = exp
+        self.engine = Engine(exp)
+        t0 = time.perf_counter()
+        self.state = jax.block_until_ready(self.engine.init())
+        self.init_seconds = time.perf_counter() - t0
+        first_seconds = _seconds(self.dispatch)  # compiles, then runs
+        self.compile_seconds = self.engine.compile_seconds
+        self.run_seconds = first_seconds - self.compile_seconds
+        self.steps_per_dispatch = exp.train.steps_per_dispatch
+        self.flops_per_step = train_flops_per_step(exp)
+        self.tokens_per_step = exp.train.batch_size * exp.task.seq_len * len(exp.train.seeds)
+
+    def dispatch(self):
+        self.state, _ = self.engine.train_chunk(self.state)
+        return self.state
+
+    def facts(self) -> dict[str, Any]:
+        """Compile time, FLOP and memory facts of the compiled chunk."""
+        compiled = self.engine.compiled_chunk
+        xla_flops = None
+        if self.steps_per_dispatch == 1:
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list | tuple) else cost
+            xla_flops = float(cost.get("flops", 0)) or None
+        memory = compiled.memory_analysis()
+        compiled_bytes = None
+        if memory is not None:
+            compiled_bytes = (
+                memory.argument_size_in_bytes
+                + memory.temp_size_in_bytes
+                + memory.output_size_in_bytes
+                - memory.alias_size_in_bytes
+            )
+        stats = jax.devices()[0].memory_stats() or {}
+        return {
+            "compile_seconds": self.compile_seconds,
+            "init_seconds": self.init_seconds,
+            "model_flops_per_step": self.flops_per_step,
+            "xla_flops_per_step": xla_flops,
+            "compiled_memory_bytes": compiled_bytes,
+            "device_peak_bytes": stats.get("peak_bytes_in_use"),
+        }
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
+def interleave(runners: list, rounds: int, seconds: float) -> list[list[float]]:
+    """Seconds per step of each runner in each round; in a round each runs ~`seconds` in turn."""
+    per_dispatch = []
+    for r in runners:
+        estimate = r.run_seconds
+        if estimate < seconds:  # cheap: a first run includes warm-up, so time it again
+            estimate = min(_seconds(r.dispatch) for _ in range(2))
+        per_dispatch.append(max(estimate, 1e-6))
+    samples = [[] for _ in runners]
+    for _ in range(rounds):
+        for i, r in enumerate(runners):
+            n = max(1, round(seconds / per_dispatch[i]))
+            t0 = time.perf_counter()
+            out = None
+            for _ in range(n):
+                out = r.dispatch()
+            jax.block_until_ready(out)
+            per_dispatch[i] = (time.perf_counter() - t0) / n
+            samples[i].append(per_dispatch[i] / r.steps_per_dispatch)
+    return samples
+
+
+def experiment(
+    shape: str, *, variant: str, seeds: int, spd: int, dtype: str, batch: int | None = None
+) -> Experiment:
+    """The benchmark experiment of `shape` with the given variant, seeds and dispatch size."""
+    task, model, shape_batch = SHAPES[shape]
+    return build_experiment(
+        {
+            "name": f"bench-{shape}",
+            "task": dict(task),
+            "model": {**model, "attention": variant, "dtype": dtype},
+            "optim": {"warmup_steps": 10},
+            "train": {
+                "steps": spd * 1000,
+                "batch_size": batch or shape_batch,
+                "seeds": list(range(seeds)),
+                "steps_per_dispatch": spd,
+                "log_every": spd,
+                "eval_every": 0,
+                "checkpoint_every": 0,
+                "compile_cache": False,
+            },
+        }
+    )
+
+
+def row(r: EngineRunner, samples: list[float], peak: float) -> dict[str, Any]:
+    """One line of the results table (all seeds together; the best round); MFU against `peak`."""
+    exp = r.exp
+    step_seconds = min(samples)
+    flops_per_second = r.flops_per_step / step_seconds
+    return {
+        "config": exp.name.removeprefix("bench-"),
+        "variant": exp.model.head_variants()[0][0],
+        "seeds": len(exp.train.seeds),
+        "steps_per_dispatch": r.steps_per_dispatch,
+        "dtype": exp.model.dtype,
+        "batch_size": exp.train.batch_size,
+        "seq_len": exp.task.seq_len,
+        "d_model": exp.model.d_model,
+        "n_layers": exp.model.n_layers,
+        "step_seconds": step_seconds,
+        "step_seconds_rounds": samples,
+        "steps_per_second": 1 / step_seconds,
+        "tokens_per_second": r.tokens_per_step / step_seconds,
+        "flops_per_second": flops_per_second,
+        "mfu": flops_per_second / peak,
+        "peak_flops_per_second": peak,
+        **r.facts(),
+    }
+
+
+# ------------------------------------------------------------------------------ subprocesses
+
+
+def _probe_worker(cache_dir: str, shape: str) -> None:
+    """(A fresh process.) Build and compile with the persistent cache in `cache_dir`, print the
+    times as one JSON line, then for every number of seconds read from stdin, run one burst
+    of single-step dispatches and print its seconds per step."""
+    from ablate.train import enable_compile_cache
+
+    enable_compile_cache(cache_dir)
+    t0 = time.perf_counter()
+    r = EngineRunner(experiment(shape, variant="learned", seeds=1, spd=1, dtype="float32"))
+    ready = time.perf_counter() - t0
+    facts = {"compile_seconds": r.compile_seconds, "init_seconds": r.init_seconds}
+    print(json.dumps({**facts, "ready_seconds": ready}), flush=True)
+    per_step = min(_seconds(r.dispatch) for _ in range(2))
+    for line in sys.stdin:
+        n = max(1, round(float(line) / per_step))
+        faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        for _ in range(n):
+            state = r.dispatch()
+        jax.block_until_ready(state)
+        per_step = (time.perf_counter() - t0) / n
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+        print(json.dumps({"step_seconds": per_step, "page_faults": faults}), flush=True)
+
+
+class _Worker:
+    """A `_probe_worker` process on this process's platform, with or without GLIBC_TUNABLES."""
+
+    def __init__(self, cache_dir: str, shape: str, tunables: bool):
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        env.pop("GLIBC_TUNABLES", None)
+        if tunables:
+            env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+        if jax.default_backend() == "cpu":
+            env.setdefault("JAX_PLATFORMS", "cpu")
+        code = "import sys; from ablate.bench import _probe_worker; _probe_worker(*sys.argv[1:])"
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, cache_dir, shape],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+        )
+        self.ready = self._read()  # returns once it has compiled (and filled the cache)
+        self.step_seconds: list[float] = []
+        self.page_faults: list[float] = []
+
+    def _read(self) -> dict[str, float]:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.stderr.seek(0)
+            raise RuntimeError(f"bench probe process failed:\n{self.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def burst(self, seconds: float) -> None:
+        self.process.stdin.write(f"{seconds}\n")
+        self.process.stdin.flush()
+        burst = self._read()
+        self.step_seconds.append(burst["step_seconds"])
+        self.page_faults.append(burst["page_faults"])
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+        self.stderr.close()
+
+
+def probes(shape: str, rounds: int, seconds: float) -> dict[str, Any]:
+    """Compile in a fresh process with an empty cache, then in two more that find it filled;
+    then time single-step dispatches in those two, taking turns, one with GLIBC_TUNABLES."""
+    with tempfile.TemporaryDirectory(prefix="ablate-bench-cache-") as cache:
+        cold = _Worker(cache, shape, tunables=False)
+        cached = _Worker(cache, shape, tunables=False)
+        tuned = _Worker(cache, shape, tunables=True)
+        try:
+            for _ in range(rounds):
+                for worker in (cached, tuned):
+                    worker.burst(seconds)
+        finally:
+            for worker in (cold, cached, tuned):
+                worker.close()
+    default, tunables = min(cached.step_seconds), min(tuned.step_seconds)
+    c, w = cold.ready, cached.ready
+    return {
+        "compile": {
+            "shape": shape,
+            "cold_compile_seconds": c["compile_seconds"],
+            "cached_compile_seconds": w["compile_seconds"],
+            "cold_init_seconds": c["init_seconds"],
+            "cached_init_seconds": w["init_seconds"],
+            "cold_ready_seconds": c["ready_seconds"],
+            "cached_ready_seconds": w["ready_seconds"],
+            "speedup": c["compile_seconds"] / w["compile_seconds"],
+        },
+        "malloc": {
+            "shape": shape,
+            "steps_per_dispatch": 1,
+            "glibc_tunables": GLIBC_TUNABLES,
+            "default_steps_per_second": 1 / default,
+            "tunables_steps_per_second": 1 / tunables,
+            "speedup": default / tunables,
+            "default_page_faults_per_step": statistics.median(cached.page_faults),
+            "tunables_page_faults_per_step": statistics.median(tuned.page_faults),
+            "rounds": rounds,
+        },
+    }
+
+
+# ------------------------------------------------------------------------------ the bench
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one bench run (derived from the flags and the device)."""
+
+    dtype: str
+    matmul_n: int
+    engine_shape: str
+    scan_spd: int
+    seeds: int
+    shapes: tuple[str, ...]
+    shape_spd: int
+    shape_seeds: int
+    variant_shape: str
+    variant_batch: int
+    variants: tuple[str, ...]
+    rounds: int
+    shape_rounds: int
+    seconds: float
+    quick: bool = False
+    skipped: tuple[str, ...] = ()
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Default sizes for this device: a few minutes on a 2-core CPU, larger on accelerators."""
+    accelerator = jax.default_backend() != "cpu"
+    dtype = args.dtype or ("bfloat16" if accelerator else "float32")
+    if args.variants == "all":
+        variants = CAUSAL_VARIANTS
+    elif args.variants:
+        variants = tuple(args.variants.split(","))
+    else:  # on a CPU, the variants of context_quick.toml (each costs a compile)
+        variants = CAUSAL_VARIANTS if accelerator else QUICK_SWEEP_VARIANTS
+    if args.quick:
+        return Plan(
+            dtype=dtype,
+            matmul_n=256,
+            engine_shape="tiny",
+            scan_spd=10,
+            seeds=2,
+            shapes=("tiny",),
+            shape_spd=10,
+            shape_seeds=1,
+            variant_shape="tiny",
+            variant_batch=8,
+            variants=variants if args.variants else ("learned", "uniform"),
+            rounds=2,
+            shape_rounds=2,
+            seconds=0.2,
+            quick=True,
+        )
+    shapes = args.shapes.split(",") if args.shapes else ["quick", "medium", "gpt2_small"]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or args.seeds < 1:
+        problem = f"--seeds must be >= 1, got {args.seeds}"
+        if unknown:
+            problem = f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}"
+        raise ConfigError([("bench", problem)])
+    skipped = ()
+    if "gpt2_small" in shapes and not (accelerator or args.large):
+        shapes.remove("gpt2_small")
+        skipped = ("gpt2_small: skipped on a CPU (--large runs it)",)
+    return Plan(
+        dtype=dtype,
+        matmul_n=8192 if accelerator else 2048,
+        engine_shape="quick",
+        scan_spd=50,
+        seeds=args.seeds,
+        shapes=tuple(shapes),
+        shape_spd=10 if accelerator else 1,
+        shape_seeds=4 if accelerator else 1,
+        variant_shape="medium",
+        variant_batch=32 if accelerator else 8,
+        variants=variants,
+        skipped=skipped,
+        rounds=5,
+        shape_rounds=3,
+        seconds=0.5,
+    )
+
+
+def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) -> dict[str, Any]:
+    """Run every measurement of `plan`; returns (and writes to `out` as it goes) the results."""
+    t_start = time.perf_counter()
+    device = jax.devices()[0]
+    result: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "machine": {
+            "backend": jax.default_backend(),
+            "device": device.device_kind,
+            "device_count": jax.device_count(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        },
+        "plan": dataclasses.asdict(plan),
+        "skipped": list(plan.skipped),
+    }
+
+    def save():
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2))
+
+    def say(message: str):
+        log(f"[{time.perf_counter() - t_start:4.0f} s] {message}")
+
+    cache: dict[tuple, EngineRunner] = {}
+
+    def runner(shape, variant="learned", seeds=1, spd=1, batch=None) -> EngineRunner:
+        key = (shape, variant, seeds, spd, batch or SHAPES[shape][2])
+        if key not in cache:
+            exp = experiment(
+                shape, variant=variant, seeds=seeds, spd=spd, dtype=plan.dtype, batch=batch
+            )
+            cache[key] = EngineRunner(exp)
+        return cache[key]
+
+    def measure(runners: list[EngineRunner], rounds: int) -> list[dict[str, Any]]:
+        mm, *samples = interleave([matmul, *runners], rounds, plan.seconds)
+        peak = matmul.flops_per_step / min(mm)
+        return [row(r, s, peak) for r, s in zip(runners, samples)]
+
+    say(f"device: {device.device_kind} ({jax.default_backend()}), dtype {plan.dtype}")
+    result["engine"] = {}
+    if probe:  # first, while this process holds little device memory
+        say("compile-cache and malloc probes in subprocesses")
+        result["engine"] = probes(plan.engine_shape, plan.rounds, plan.seconds)
+        save()
+
+    say(f"peak matmul; the engine on the {plan.engine_shape} model")
+    matmul = MatmulRunner(plan.matmul_n, plan.dtype)
+    shape, K = plan.engine_shape, plan.seeds
+    one, scan = runner(shape), runner(shape, spd=plan.scan_spd)
+    vmap = runner(shape, seeds=K, spd=plan.scan_spd)
+    rows = measure([one, scan, vmap], plan.rounds)
+    result["peak_matmul"] = {
+        "n": plan.matmul_n,
+        "dtype": plan.dtype,
+        "flops_per_second": rows[0]["peak_flops_per_second"],
+    }
+    t_one, t_scan, t_vmap = (r["step_seconds"] for r in rows)
+    result["engine"]["dispatch"] = {
+        "shape": shape,
+        "steps_per_dispatch": [1, plan.scan_spd],
+        "steps_per_second": [1 / t_one, 1 / t_scan],
+        "tokens_per_second": [rows[0]["tokens_per_second"], rows[1]["tokens_per_second"]],
+        "speedup": t_one / t_scan,
+        "overhead_seconds_per_dispatch": t_one - t_scan,
+    }
+    result["engine"]["seeds"] = {
+        "shape": shape,
+        "seeds": K,
+        "vmapped_seed_steps_per_second": K / t_vmap,
+        "sequential_seed_steps_per_second": 1 / t_scan,
+        "speedup": K * t_scan / t_vmap,
+        "compile_seconds_one_seed": scan.compile_seconds,
+        "compile_seconds_vmapped": vmap.compile_seconds,
+        # K runs of RUN_STEPS steps, each compiling its own program (as a new Engine does)
+        # vs one vmapped run.
+        "speedup_with_compile": (K * (scan.compile_seconds + RUN_STEPS * t_scan))
+        / (vmap.compile_seconds + RUN_STEPS * t_vmap),
+        "run_steps": RUN_STEPS,
+    }
+    result["configs"] = rows
+    save()
+
+    for name in plan.shapes:
+        if name == shape:
+            continue
+        say(f"shape {name}")
+        runners = [runner(name, spd=plan.shape_spd)]
+        if plan.shape_seeds > 1 and name != "gpt2_small":
+            runners.append(runner(name, seeds=plan.shape_seeds, spd=plan.shape_spd))
+        rows = measure(runners, plan.shape_rounds)
+        result["configs"] += rows
+        if len(rows) == 2:
+            k = rows[1]["seeds"]
+            speedup = k * rows[0]["step_seconds"] / rows[1]["step_seconds"]
+            result["engine"][f"seeds_{name}"] = {"seeds": k, "speedup": speedup}
+        save()
+        for key in [key for key in cache if key[0] == "gpt2_small"]:
+            del cache[key]  # frees its device memory
+
+    say(f"attention variants at the {plan.variant_shape} shape, batch {plan.variant_batch}")
+    runners = [
+        runner(plan.variant_shape, v, spd=plan.shape_spd, batch=plan.variant_batch)
+        for v in plan.variants
+    ]
+    result["variants"] = measure(runners, plan.shape_rounds)
+    result["wall_seconds"] = time.perf_counter() - t_start
+    say("done")
+    save()
+    return result
+
+
+# ------------------------------------------------------------------------------ printing
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{prefix}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    head = ["config", "variant", "K", "steps/disp", "dtype", "step ms", "tokens/s", "compile s",
+            "FLOP/step", "FLOP/s", "MFU", "XLA/model", "compiled mem", "device peak"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        xla = r["xla_flops_per_step"]
+        cells = [
+            r["config"],
+            r["variant"],
+            str(r["seeds"]),
+            str(r["steps_per_dispatch"]),
+            r["dtype"],
+            f"{1e3 * r['step_seconds']:.3g}",
+            _si(r["tokens_per_second"]),
+            f"{r['compile_seconds']:.1f}",
+            _si(r["model_flops_per_step"]),
+            _si(r["flops_per_second"]),
+            f"{100 * r['mfu']:.0f}%",
+            "n/a" if xla is None else f"{xla / r['model_flops_per_step']:.2f}",
+            _si(r["compiled_memory_bytes"], "B"),
+            _si(r["device_peak_bytes"], "B"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The whole result in words and tables."""
+    m, peak = result["machine"], result["peak_matmul"]
+    eng = result["engine"]
+    d, s = eng["dispatch"], eng["seeds"]
+    out = [
+        f"ablate bench, {result['date']}: {m['device']} ({m['backend']}, {m['cpu_count']} CPUs), "
+        f"jax {m['jax']}, GLIBC_TUNABLES={m['glibc_tunables'] or 'unset'}",
+        f"peak: {peak['n']}^3 matmul in {peak['dtype']}: {_si(peak['flops_per_second'])}FLOP/s",
+        f"dispatch ({d['shape']}): {d['steps_per_second'][0]:.0f} steps/s at 1 step/dispatch, "
+        f"{d['steps_per_second'][1]:.0f} at {d['steps_per_dispatch'][1]}: x{d['speedup']:.1f}",
+        f"seeds ({s['shape']}): {s['seeds']} vmapped {s['vmapped_seed_steps_per_second']:.0f} "
+        f"seed-steps/s vs sequential {s['sequential_seed_steps_per_second']:.0f}: "
+        f"x{s['speedup']:.1f}; compile {s['compile_seconds_vmapped']:.1f} s vs "
+        f"{s['compile_seconds_one_seed']:.1f} s per run, so {s['run_steps']}-step runs "
+        f"compiled each: x{s['speedup_with_compile']:.1f}",
+    ]
+    for key, value in eng.items():
+        if key.startswith("seeds_"):
+            out.append(f"seeds ({key[6:]}): {value['seeds']} vmapped vs sequential: "
+                       f"x{value['speedup']:.1f}")  # fmt: skip
+    if "compile" in eng:
+        c, mal = eng["compile"], eng["malloc"]
+        out += [
+            f"compile ({c['shape']}, fresh process): {c['cold_compile_seconds']:.2f} s with an "
+            f"empty cache, {c['cached_compile_seconds']:.2f} s cached (x{c['speedup']:.1f}); "
+            f"build+init+first step {c['cold_ready_seconds']:.1f} s vs "
+            f"{c['cached_ready_seconds']:.1f} s",
+            f"malloc ({mal['shape']}, 1 step/dispatch): {mal['default_steps_per_second']:.0f} "
+            f"steps/s default, {mal['tunables_steps_per_second']:.0f} with GLIBC_TUNABLES "
+            f"(x{mal['speedup']:.2f}, best of {mal['rounds']} turns each); minor page faults "
+            f"per step {mal['default_page_faults_per_step']:.0f} vs "
+            f"{mal['tunables_page_faults_per_step']:.0f}",
+        ]
+    out += [
+        "",
+        "Best of interleaved rounds; MFU against the matmul peak measured in the same rounds.",
+        "Model shapes:",
+        table(result["configs"]),
+    ]
+    out += ["", "Attention variants at equal shape:", table(result["variants"])]
+    out += [f"skipped: {why}" for why in result["skipped"]]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `ablate bench`."""
+    parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (~20 s)")
+    parser.add_argument(
+        "--shapes",
+        help="comma-separated from quick,medium,gpt2_small (default: all the device allows)",
+    )
+    parser.add_argument("--large", action="store_true", help="run gpt2_small on a CPU too")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="default: bf16 on accelerators"
+    )
+    parser.add_argument(
+        "--variants",
+        help="comma-separated, or 'all' (default: all causal ones on accelerators; on a CPU "
+        f"{','.join(QUICK_SWEEP_VARIANTS)})",
+    )
+    parser.add_argument("--seeds", type=int, default=8, help="K for vmapped vs sequential (8)")
+    parser.add_argument(
+        "--no-probes", action="store_true", help="skip the compile-cache and malloc subprocesses"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ablate bench`: measure, print the summary, write JSON if asked."""
+    plan = make_plan(args)
+    result = bench(plan, args.out, probe=not args.no_probes, log=lambda s: print(s, flush=True))
+    print(summary(result))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ablate-bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

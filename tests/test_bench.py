@@ -1,0 +1,177 @@
+"""The benchmark: FLOP counts against hand counts, the --quick run end to end, bf16 compute."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ablate.attention import MIXERS
+from ablate.bench import ATTENTION_FLOPS, main, model_flops_per_token, train_flops_per_step
+from ablate.experiment import build_experiment
+from ablate.model import ModelConfig, Transformer
+from ablate.train import Engine
+
+# d_model 8, 2 heads of K = 4, 1 layer, MLP width 32, vocab 10, length 4. Matmul weights:
+# W_v, W_o 8*8 each = 128; W_q, W_k (when the heads have them) 128; MLP 2*8*32 = 512; head 8*10
+# = 80. Attention per head and token: c * L * K = c * 16, for 2 heads.
+HAND_COUNTS = {
+    "learned": 6 * (128 + 128 + 512 + 80) + 12 * 16 * 2,  # 5472
+    "uniform": 6 * (128 + 512 + 80) + 4 * 16 * 2,  # 4448: no Q/K, P V without a pattern grad
+    "frozen": 6 * (128 + 512 + 80) + 4 * 128 + 12 * 16 * 2,  # 5216: W_q, W_k get no gradient
+    "synthesizer": 6 * (128 + 512 + 80) + 6 * 16 * 2,  # 4512: the trained pattern's gradient
+    (("learned", "uniform"),): 6 * (128 + 64 + 512 + 80) + (12 + 4) * 16,  # 4960: per head
+}
+
+
+def tiny_config(attention, **over) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=10, seq_len=4, d_model=8, n_heads=2, n_layers=1, d_mlp=32,
+        attention=attention, **over,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("attention", list(HAND_COUNTS), ids=str)
+def test_flops_per_token_match_a_hand_count(attention):
+    assert model_flops_per_token(tiny_config(attention), seq_len=4) == HAND_COUNTS[attention]
+
+
+def test_every_registered_variant_has_a_flop_count():
+    assert set(ATTENTION_FLOPS) == set(MIXERS)
+
+
+def test_flops_per_step_scale_with_tokens_seeds_and_frozen_layers():
+    exp = build_experiment(
+        {
+            "task": {"name": "mqar", "seq_len": 16},
+            "model": {"d_model": 8, "n_heads": 2, "n_layers": 1, "d_mlp": 32},
+            "train": {"batch_size": 3, "seeds": [0, 1], "steps": 10, "steps_per_dispatch": 10,
+                      "log_every": 10, "eval_every": 0, "checkpoint_every": 0},
+        }
+    )  # fmt: skip
+    V = exp.task.vocab_size
+    per_token = 6 * (256 + 512 + 8 * V) + 12 * 16 * 4 * 2
+    assert train_flops_per_step(exp) == per_token * 3 * 16 * 2
+    # A frozen layer's weights skip their own gradient: 4 FLOPs per weight instead of 6.
+    frozen = model_flops_per_token(tiny_config("learned", freeze=("layer.0",)), seq_len=4)
+    assert frozen == HAND_COUNTS["learned"] - 2 * (128 + 128 + 512)
+
+
+def test_quick_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    # learned only: its runner is the engine phase's, so the variants table costs no compile
+    assert main(["--quick", "--no-probes", "--variants", "learned", "--out", str(out)]) == 0
+    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert {"date", "machine", "plan", "peak_matmul", "engine", "configs", "variants"} <= set(
+        result
+    )
+    cpu = jax.default_backend() == "cpu"  # scripts/gpu_check.sh runs this file on a GPU too
+    assert result["machine"]["backend"] == jax.default_backend()
+    assert result["peak_matmul"]["flops_per_second"] > 1e8
+    assert result["engine"]["dispatch"]["steps_per_dispatch"] == [1, 10]
+    assert result["engine"]["seeds"]["seeds"] == 2
+    rows = result["configs"] + result["variants"]
+    assert [r["seeds"] for r in result["configs"]] == [1, 1, 2]
+    for r in rows:
+        assert r["step_seconds"] > 0 and math.isfinite(r["tokens_per_second"])
+        assert 0 < r["mfu"] < 2 and r["compile_seconds"] > 0
+        assert r["compiled_memory_bytes"] > 0
+        # The CPU backend exposes no memory stats; GPUs do.
+        assert (r["device_peak_bytes"] is None) if cpu else (r["device_peak_bytes"] > 0)
+    # Two seeds cost twice the FLOPs of one; the formula stays near XLA's own count (which
+    # also counts the elementwise work, relatively large at this tiny size).
+    one, _, two = result["configs"]
+    assert two["model_flops_per_step"] == 2 * one["model_flops_per_step"]
+    if cpu:
+        assert 1.0 <= one["xla_flops_per_step"] / one["model_flops_per_step"] < 1.3
+    assert [r["variant"] for r in result["variants"]] == ["learned"]
+    printed = capsys.readouterr().out
+    assert "| tiny | learned | 2 |" in printed and "MFU" in printed
+
+
+@pytest.mark.slow
+def test_quick_bench_probes_compile_cache_and_malloc_in_subprocesses(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    subprocess.run(
+        [sys.executable, "-m", "ablate.bench", "--quick", "--out", str(out)], env=env, check=True
+    )
+    engine = json.loads(out.read_text())["engine"]
+    compile_, malloc = engine["compile"], engine["malloc"]
+    assert compile_["cold_compile_seconds"] > 0 and compile_["cached_compile_seconds"] > 0
+    assert malloc["default_steps_per_second"] > 0 and malloc["tunables_steps_per_second"] > 0
+
+
+def dot_dtypes(fn, *args) -> Counter:
+    """(lhs dtype, rhs dtype) of every dot_general in the traced fn, nested jaxprs included."""
+    found = Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found[tuple(str(v.aval.dtype) for v in eqn.invars)] += 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bfloat16_model_computes_in_bfloat16_with_float32_params(dtype):
+    cfg = ModelConfig(vocab_size=11, seq_len=8, d_model=16, n_heads=2, n_layers=2, dtype=dtype)
+    # Shapes and dtypes only: nothing is compiled.
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    tokens_BL = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+    def forward(params, tokens_BL):
+        return nnx.merge(graphdef, params, rest)(tokens_BL, return_head_outputs=True)
+
+    def loss(params, tokens_BL):
+        return forward(params, tokens_BL).logits.mean()
+
+    dots = dot_dtypes(jax.value_and_grad(loss), params, tokens_BL)
+    both_f32 = dots[("float32", "float32")]
+    both_bf16 = dots[("bfloat16", "bfloat16")]
+    if dtype == "float32":
+        assert both_bf16 == 0 and both_f32 > 0
+    else:
+        # Every projection, the MLP and the head, forward and backward, multiply in bf16; the
+        # only float32 operands left are jax's own attention scores (kept in f32 on purpose).
+        assert both_f32 == 0
+        assert both_bf16 >= 2 * 3 * (4 + 2) + 3  # 2 layers x (fwd, 2 grads) x (q,k,v,o,up,down)
+    out = jax.eval_shape(forward, params, tokens_BL)
+    assert out.logits.dtype == jnp.float32
+    assert out.head_outputs[0].dtype == jnp.dtype(dtype)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+
+
+def test_bfloat16_training_keeps_float32_params_and_finite_loss():
+    exp = build_experiment(
+        {
+            "task": {"name": "mqar"},
+            "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "dtype": "bfloat16"},
+            "train": {"batch_size": 8, "steps": 4, "steps_per_dispatch": 4, "log_every": 4,
+                      "eval_every": 0, "checkpoint_every": 0},
+        }
+    )  # fmt: skip
+    engine = Engine(exp)
+    state = engine.init()
+    before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    state, metrics = engine.train_chunk(state)
+    loss = np.asarray(metrics["loss"])
+    assert loss.shape == (1, 4) and np.isfinite(loss).all()
+    after = jax.tree.leaves(state.params)
+    assert {x.dtype for x in after} == {jnp.dtype("float32")}
+    assert any(not np.array_equal(b, np.asarray(a)) for b, a in zip(before, after))
