@@ -2,8 +2,15 @@
 
 Orbax checksums only its shard index: a flipped byte in a finished checkpoint restores
 without error (NOTES.md). Every step folder therefore gets `ablate-manifest.json` (sha256 of
-every file) written after orbax finishes; a step whose files do not match is set aside
-(renamed `<step>.corrupt-<n>`, never deleted) and the previous good step is used.
+every file) written after orbax finishes; a step whose files do not match, or that has no
+manifest because the process died between the two, is set aside (renamed
+`<step>.corrupt-<n>` with the reason in `ABLATE_CORRUPT.txt`, never deleted) and the
+previous good step is used.
+
+Old steps are pruned by us, not by orbax's `max_to_keep`, and only after the new step's
+manifest is written: a kill at any moment of a save leaves the previous good step in place.
+Leftover `<step>.orbax-checkpoint-tmp` folders of a killed save are removed by
+`remove_unfinished` when the run is resumed (under the run folder's lock).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +28,19 @@ import jax
 import orbax.checkpoint as ocp
 
 MANIFEST = "ablate-manifest.json"
+CORRUPT_NOTE = "ABLATE_CORRUPT.txt"
+# Exactly what orbax names an unfinished save (path/step.py), and our own half-deleted steps.
+_ORBAX_TMP = re.compile(r"^\d+\.orbax-checkpoint-tmp(-\d+)?$")
+_DELETING = re.compile(r"^\d+\.deleting$")
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or restored."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint that does not fit the state it is restored into."""
 
 
 def _digest(path: Path) -> str:
@@ -47,17 +64,39 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory).absolute()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        # What was removed or set aside, and why, for the caller to show.
+        self.problems: list[str] = []
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot use checkpoint folder {self.directory}: {e}") from e
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
+            max_to_keep=None, create=True, enable_async_checkpointing=False
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
 
+    def remove_unfinished(self) -> None:
+        """Delete the temp folders of killed saves and deletions (orbax's and our own only)."""
+        # Only under the run folder's lock: a live save's temp folder looks the same.
+        for entry in self.directory.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                if _ORBAX_TMP.match(entry.name):
+                    shutil.rmtree(entry)
+                    self.problems.append(f"removed the unfinished save {entry}")
+                elif _DELETING.match(entry.name):
+                    shutil.rmtree(entry)
+
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Write `state` and `meta` at `step` (synchronously), then the checksum manifest."""
+        """Write `state` and `meta` at `step` (synchronously), its manifest, then prune."""
+        step_dir = self.directory / str(step)
         try:
+            if step_dir.exists():
+                # Never overwrite: whatever is there (a step set aside later, or one from an
+                # earlier attempt) keeps its bytes under another name.
+                self.set_aside(step, "a new checkpoint of the same step was saved")
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -66,15 +105,34 @@ class Checkpointer:
                 force=True,
             )
             self.manager.wait_until_finished()
-            step_dir = self.directory / str(step)
+            digests = _files(step_dir)
             manifest = step_dir / MANIFEST
             tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(json.dumps(_files(step_dir), indent=0))
+            with tmp.open("w") as f:
+                f.write(json.dumps(digests, indent=0))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, manifest)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise ValueError for I/O errors
             raise CheckpointError(
-                f"could not write checkpoint step {step} in {self.directory}: {e}"
+                f"could not write checkpoint step {step} in {self.directory} "
+                f"(the previous checkpoints are untouched): {type(e).__name__}: {e}"
             ) from e
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete all but the newest `keep` steps that have a manifest."""
+        complete = [s for s in self.steps() if (self.directory / str(s) / MANIFEST).is_file()]
+        for step in complete[: -self.keep]:
+            doomed = self.directory / f"{step}.deleting"
+            try:
+                # A rename is atomic: a kill mid-delete leaves a `.deleting` folder, which
+                # orbax does not list and the next open removes, never a half step.
+                (self.directory / str(step)).rename(doomed)
+                shutil.rmtree(doomed)
+            except OSError as e:
+                log.warning("could not delete old checkpoint step %d: %s", step, e)
+        self.manager.reload()
 
     def steps(self) -> list[int]:
         """Finished steps, oldest first (unfinished orbax temp folders are not listed)."""
@@ -86,11 +144,16 @@ class Checkpointer:
         step_dir = self.directory / str(step)
         manifest = step_dir / MANIFEST
         if not manifest.is_file():
-            return f"{step_dir} has no {MANIFEST} (save interrupted, or not written by ablate)"
+            return (
+                f"{step_dir} has no {MANIFEST}: the save was interrupted before it was "
+                "verified (or the folder was not written by ablate)"
+            )
         try:
             expected = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             return f"{manifest} is unreadable: {e}"
+        if not isinstance(expected, dict) or not expected:
+            return f"{manifest} is not a manifest (expected a table of file checksums)"
         actual = _files(step_dir)
         missing = sorted(set(expected) - set(actual))
         changed = sorted(k for k in expected if k in actual and actual[k] != expected[k])
@@ -107,13 +170,20 @@ class Checkpointer:
         while (dst := self.directory / f"{step}.corrupt-{n}").exists():
             n += 1
         src.rename(dst)
-        (dst / "ABLATE_CORRUPT.txt").write_text(reason + "\n")
-        log.warning("checkpoint step %d set aside as %s: %s", step, dst, reason)
+        if dst.is_dir():
+            (dst / CORRUPT_NOTE).write_text(reason + "\n")
+        message = f"checkpoint step {step} set aside as {dst}: {reason}"
+        self.problems.append(message)
+        log.warning("%s", message)
         self.manager.reload()
         return dst
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """(step, state, meta) of the newest good checkpoint, setting bad ones aside; or None."""
+        """(step, state, meta) of the newest good checkpoint, setting bad ones aside; or None.
+
+        A step whose files match its manifest but do not fit `abstract_state` is not corrupt:
+        the model changed. That raises CheckpointError instead of discarding the run.
+        """
         for step in reversed(self.steps()):
             problem = self.verify(step)
             if problem is None:
@@ -125,9 +195,13 @@ class Checkpointer:
                             meta=ocp.args.JsonRestore(),
                         ),
                     )
-                    return step, restored["state"], dict(restored["meta"])
-                except Exception as e:  # noqa: BLE001 - any restore failure means "bad step"
-                    problem = f"restore failed: {type(e).__name__}: {e}"
+                except Exception as e:  # noqa: BLE001 - orbax raises many types here
+                    raise CheckpointMismatch(
+                        f"checkpoint {self.directory / str(step)} is intact (its checksums "
+                        f"match) but does not fit this model: {type(e).__name__}: {e}. "
+                        "Was the model config changed? Use a new run folder."
+                    ) from e
+                return step, restored["state"], dict(restored["meta"])
             self.set_aside(step, problem)
         return None
 

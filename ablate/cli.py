@@ -1,20 +1,21 @@
 """The `ablate` command: parses arguments and calls the library; nothing else lives here.
 
 Exit codes: 0 done, 1 unexpected error, 2 bad config or arguments, 3 bad data,
-4 training diverged (NaN/Inf), 75 stopped by SIGTERM after saving (rerun to resume).
+4 training diverged (NaN/Inf), 74 the run folder cannot be written (disk full, not a
+folder, in use by another process), 75 stopped by SIGTERM after saving (rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 75
+EXIT_IO = 74
 
 
 def _train(args) -> int:
-    from ablate.experiment import load_experiment
+    from ablate.experiment import load_experiment, safe_join
     from ablate.train import train
 
     exp, _ = load_experiment(args.experiment, args.set)
@@ -76,17 +77,6 @@ def _list(args) -> int:
     for name, cls in TASKS.items():
         print(f"  {name:16s} [{cls.context_need}] {(cls.__doc__ or '').strip().splitlines()[0]}")
     return EXIT_OK
-
-
-def safe_join(root: str | Path, name: str) -> Path:
-    """root/name, refusing names that would leave root (absolute paths, '..')."""
-    from ablate.config import ConfigError
-
-    root_path = Path(root).resolve()
-    candidate = (root_path / name).resolve()
-    if Path(name).is_absolute() or root_path not in candidate.parents:
-        raise ConfigError([("name", f"{name!r} would leave the run root {root_path}")])
-    return candidate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,11 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         print("ablate: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from ablate.checkpoint import CheckpointError
         from ablate.data import DataError
         from ablate.train import Diverged, Preempted
 
-        codes = {Diverged: EXIT_DIVERGED, Preempted: EXIT_PREEMPTED, DataError: EXIT_DATA}
-        for kind, code in codes.items():
+        codes = [
+            (DataError, EXIT_DATA),
+            (Diverged, EXIT_DIVERGED),
+            (Preempted, EXIT_PREEMPTED),
+            ((CheckpointError, OSError), EXIT_IO),
+        ]
+        for kind, code in codes:
             if isinstance(e, kind):
                 print(f"ablate: {e}", file=sys.stderr)
                 return code

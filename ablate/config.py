@@ -12,6 +12,7 @@ A dataclass states its own value rules in a `problems()` method returning
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -154,6 +155,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
             except ConfigError as e:
                 problems.extend(e.problems)
     if problems:
+        problems.extend(_value_problems(cls, fields, kwargs, dot))
         raise ConfigError(problems)
     missing = [
         n
@@ -168,6 +170,32 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as e:
         raise e.prefixed(path) from None
+
+
+def _value_problems(cls, fields, kwargs, dot: str) -> list[tuple[str, str]]:
+    """`cls.problems()` for the fields that did convert, the others at their defaults.
+
+    So a bad value is reported together with an unknown key or a type error elsewhere in the
+    same table, not only once those are fixed.
+    """
+    if not hasattr(cls, "problems"):
+        return []
+    obj = object.__new__(cls)
+    for name, f in fields.items():
+        if name in kwargs:
+            value = kwargs[name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            return []  # a required field is missing: its rules cannot be checked yet
+        object.__setattr__(obj, name, value)
+    try:
+        found = obj.problems()
+    except Exception:  # noqa: BLE001 - a rule may assume a field this table got wrong
+        return []
+    return [(f"{dot}{p}", m) for p, m in found if re.split(r"[.\[]", p)[0] in kwargs]
 
 
 def to_dict(obj: Any) -> Any:
@@ -190,6 +218,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         with path.open("rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
+        # tomllib names only the position (e.g. of a duplicate key): show that line too.
+        where = re.search(r"at line (\d+)", str(e))
+        lines = path.read_text(errors="replace").splitlines()
+        if where and 0 < int(where.group(1)) <= len(lines):
+            e = f"{e}: {lines[int(where.group(1)) - 1].strip()!r}"
         raise ConfigError([("", f"{path} is not valid TOML: {e}")]) from None
 
 

@@ -159,6 +159,10 @@ def build_experiment(data: Mapping[str, Any], *, default_name: str = "run") -> E
     if task is not None:
         model_data.setdefault("vocab_size", task.vocab_size)
         model_data.setdefault("seq_len", task.seq_len)
+    else:
+        # Stand-ins, so the model's own problems are reported now, not after the task's.
+        model_data.setdefault("vocab_size", 1)
+        model_data.setdefault("seq_len", 1)
     model = _build(ModelConfig, model_data, "model", problems)
     optim = _build(OptimConfig, section("optim"), "optim", problems)
     train = _build(TrainConfig, section("train"), "train", problems)
@@ -212,3 +216,12 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Ex
     """Read, override and validate an experiment file; returns (experiment, raw data)."""
     data = apply_overrides(load_toml(path), overrides)
     return build_experiment(data, default_name=Path(path).stem), data
+
+
+def safe_join(root: str | Path, name: str) -> Path:
+    """root/name, refusing names that would leave root (absolute paths, '..')."""
+    root_path = Path(root).resolve()
+    candidate = (root_path / name).resolve()
+    if Path(name).is_absolute() or root_path not in candidate.parents:
+        raise ConfigError([("name", f"{name!r} would leave the run root {root_path}")])
+    return candidate

@@ -2,8 +2,11 @@
 
 TensorBoard is written with the `tensorboard` package alone: scalar, image and text
 summaries and the hparams plugin's protos go into one EventFileWriter per seed folder, so
-seeds overlay as runs and the HParams tab compares them. A step is never written twice
-(after a resume, steps already on disk are skipped), since readers disagree on duplicates.
+seeds overlay as runs and the HParams tab compares them. A step is never written twice,
+since readers disagree on duplicates: before a resume, `truncate_events` cuts every event
+file back to the checkpoint the run resumes from (as `MetricsFile.truncate_after` does for
+the JSON lines), whatever each file managed to hold when the process died, and the resumed
+run writes the later steps into a fresh file.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import struct
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +25,7 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
@@ -34,7 +40,8 @@ class TensorBoardWriter:
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._writer = EventFileWriter(str(self.logdir), flush_secs=30)
-        # Steps at or below this were written before a resume; rewriting them would duplicate.
+        # Steps at or below this are not written (for callers that keep old events instead
+        # of truncating them with `truncate_events`).
         self.skip_through_step = skip_through_step
 
     def _add(self, summary: summary_pb2.Summary, step: int) -> None:
@@ -82,6 +89,78 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+_EVENT_FILE_MARK = "tfevents"  # what TensorBoard's readers look for in a file name
+_REWRITE = "ablate-rewrite.tmp"  # no mark: readers never see a half-rewritten file
+
+
+def _read_records(path: Path) -> tuple[list[bytes], bool]:
+    """The intact records of a TFRecord file, and whether the file ended cleanly.
+
+    A process killed mid-write leaves a cut or garbled last record; reading stops there.
+    """
+    data = path.read_bytes()
+    records, pos = [], 0
+    while pos + 12 <= len(data):
+        header = data[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
+        end = pos + 12 + length + 4
+        if header_crc != masked_crc32c(header) or end > len(data):
+            return records, False
+        payload = data[pos + 12 : pos + 12 + length]
+        (payload_crc,) = struct.unpack("<I", data[end - 4 : end])
+        if payload_crc != masked_crc32c(payload):
+            return records, False
+        records.append(payload)
+        pos = end
+    return records, pos == len(data)
+
+
+def _write_records(path: Path, records: list[bytes]) -> None:
+    with path.open("wb") as f:
+        for payload in records:
+            header = struct.pack("<Q", len(payload))
+            f.write(header + struct.pack("<I", masked_crc32c(header)))
+            f.write(payload + struct.pack("<I", masked_crc32c(payload)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_hparams(event: event_pb2.Event) -> bool:
+    return any(v.metadata.plugin_data.plugin_name == "hparams" for v in event.summary.value)
+
+
+def truncate_events(logdir: str | Path, step: int, *, drop_hparams: bool = False) -> int:
+    """Drop summaries past `step` (and hparams sessions if asked) from every event file.
+
+    Each file is rewritten beside itself and swapped in with an atomic rename, so a kill
+    during truncation leaves every file either old or new; running it again finishes the job.
+    Returns the number of events dropped.
+    """
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        return 0
+    (logdir / _REWRITE).unlink(missing_ok=True)
+    dropped = 0
+    for path in sorted(logdir.iterdir()):
+        if _EVENT_FILE_MARK not in path.name or not path.is_file():
+            continue
+        records, clean = _read_records(path)
+        kept = []
+        for payload in records:
+            event = event_pb2.Event.FromString(payload)
+            has_summary = event.HasField("summary")
+            if has_summary and (event.step > step or (drop_hparams and _is_hparams(event))):
+                dropped += 1
+            else:
+                kept.append(payload)
+        if len(kept) < len(records) or not clean:
+            tmp = logdir / _REWRITE
+            _write_records(tmp, kept)
+            os.replace(tmp, path)
+    return dropped
 
 
 def _hparam_value(v: Any) -> bool | int | float | str:
@@ -168,10 +247,20 @@ class MetricsFile:
         return last
 
     def append(self, rows: list[dict[str, Any]]) -> None:
+        # One write per call: a kill leaves at most one cut line, at the end.
+        text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
         with self.path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=_json_default) + "\n")
+            f.write(text)
             f.flush()
+
+    def sync(self) -> None:
+        """Force the rows written so far to disk (called before each checkpoint)."""
+        if self.path.is_file():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _json_default(v: Any) -> Any:

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from ablate.config import ConfigError, apply_overrides, load_toml, to_dict
-from ablate.experiment import NAME_RE, Experiment, build_experiment
+from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
 from ablate.model import frozen_parts
-from ablate.train import Diverged, train
+from ablate.train import Diverged, Preempted, train
 
 RESULTS_FILE = "results.jsonl"
 SWEEP_FILE = "sweep.json"
@@ -297,7 +297,7 @@ def run_sweep(
     """Run every point not yet done, then write the report; returns a short summary."""
     data = apply_overrides(load_toml(experiment_file), overrides)
     name, points = expand(data, default_name=Path(experiment_file).stem)
-    sweep_dir = Path(workdir) / name
+    sweep_dir = safe_join(workdir, name)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_FILE).write_text(
         json.dumps(
@@ -329,16 +329,17 @@ def run_sweep(
     failures = 0
     for point in todo:
         bar.set_postfix_str(point.run_name)
-        run_dir = sweep_dir / point.run_name
         t0 = time.perf_counter()
         try:
+            run_dir = safe_join(sweep_dir, point.run_name)
             result = train(point.experiment, run_dir, progress=progress)
             rows = _rows_for(point, result, _init_alignment(run_dir))
             if point.probe:
                 rows = _probe(run_dir, rows)
         except Diverged as e:
             rows = _failed_rows(point, "diverged", str(e), time.perf_counter() - t0)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, Preempted):
+            # Preempted: the run saved its state; the sweep stops and a rerun resumes it.
             raise
         except Exception as e:  # noqa: BLE001 - one point's failure must not stop the sweep
             tb = traceback.format_exc(limit=3)

@@ -8,15 +8,28 @@ metrics). `train` is the host loop around them: run folder, logs, checkpoints, r
 The model is split once (`nnx.split(model, nnx.Param, ...)`): gradients and the optimiser
 see only `nnx.Param`; `Fixed`/`Frozen` state rides along in `rest`, never updated.
 Per-step randomness is `fold_in(key, step)`, so a resumed run sees the same batches.
+
+Faults `train` survives (each proved by tests/test_reliability.py): a kill at any moment
+(resume from the newest checkpoint that passes its checksums; logs and TensorBoard are cut
+back to it, and the metrics of a half-logged window ride in the checkpoint, so the resumed
+run logs exactly what an uninterrupted one would); SIGTERM (save at the next dispatch
+boundary, `Preempted`); NaN/Inf (`Diverged` with the first bad step, before anything of
+that step is saved); token ids the model cannot take (`DataError`, checked on the host
+before compiling and counted on the device every step); a full disk (`CheckpointError` or
+`OSError`, older checkpoints untouched); two processes on one run folder (a lock).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import io
 import json
 import math
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,17 +41,28 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ablate.checkpoint import Checkpointer, abstract_like
+from ablate.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from ablate.config import ConfigError
+from ablate.data import DataError  # one class for every bad-data error (exit 3)
 from ablate.experiment import Experiment, OptimConfig
-from ablate.logging import MetricsFile, TensorBoardWriter, flatten, patterns_png
+from ablate.logging import (
+    MetricsFile,
+    TensorBoardWriter,
+    flatten,
+    patterns_png,
+    truncate_events,
+)
 from ablate.metrics import attention_metrics, token_metrics, uniform_alignment
 from ablate.model import Transformer, visibility
 
 CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
 PATTERNS_FILE = "patterns_final.npz"
+LOCK_FILE = ".ablate.lock"
 HPARAM_METRICS = ("eval/accuracy", "eval/sequence_accuracy", "eval/loss", "eval/chance")
+# Counted on the device every step, checked on the host, never logged.
+INVALID_TOKENS = "invalid_tokens"
+LOCK_WAIT_SECONDS = 60.0
 
 
 class Diverged(RuntimeError):
@@ -52,9 +76,19 @@ class Diverged(RuntimeError):
 class Preempted(RuntimeError):
     """SIGTERM received: the state was saved at `step` and the run can be resumed."""
 
-    def __init__(self, step: int):
-        self.step = step
-        super().__init__(f"stopped by SIGTERM; saved a checkpoint at step {step}; rerun to resume")
+    def __init__(self, step: int | None, saved: bool = True):
+        self.step, self.saved = step, saved
+        if saved:
+            what = f"saved a checkpoint at step {step}"
+        elif step:
+            what = f"before training resumed (the checkpoint of step {step} is unchanged)"
+        else:
+            what = "before training started (nothing to save)"
+        super().__init__(f"stopped by SIGTERM; {what}; rerun the same command to resume")
+
+
+class RunFolderBusy(OSError):
+    """Another process holds the run folder's lock."""
 
 
 class TrainState(NamedTuple):
@@ -137,7 +171,7 @@ class Engine:
 
         def loss_fn(params):
             model = nnx.merge(self.graphdef, params, state.rest)
-            out = model(batch.inputs, dropout_key=dropout_key)
+            out = model(batch.inputs, valid_BL=self._valid(batch), dropout_key=dropout_key)
             metrics = token_metrics(out.logits, batch.targets, batch.weights)
             return metrics["loss"], metrics
 
@@ -148,8 +182,18 @@ class Engine:
             "grad_norm": _global_norm(grads),
             "param_norm": _global_norm(params),
             "learning_rate": self.schedule(step),
+            INVALID_TOKENS: self._count_invalid(batch),
         }
         return TrainState(step + 1, params, state.rest, opt), metrics
+
+    def _count_invalid(self, batch) -> jax.Array:
+        # An embedding lookup past the table gives NaN and a label past the head gives a NaN
+        # loss (NOTES.md): count them so the host can name the cause instead of "diverged".
+        vocab = self.exp.model.vocab_size
+        n_out = self.exp.model.n_classes or vocab
+        bad_inputs = (batch.inputs < 0) | (batch.inputs >= vocab)
+        bad_targets = ((batch.targets < 0) | (batch.targets >= n_out)) & (batch.weights > 0)
+        return bad_inputs.sum() + bad_targets.sum()
 
     def _chunk_one(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         return jax.lax.scan(
@@ -157,20 +201,30 @@ class Engine:
         )
 
     def _eval_batch(self, i: int):
-        return self.task.sample(jax.random.fold_in(self.eval_key, i), self.exp.train.batch_size)
+        # Held-out: real-data tasks draw from their eval split, synthetic ones from other keys.
+        key = jax.random.fold_in(self.eval_key, i)
+        return self.task.eval_sample(key, self.exp.train.batch_size)
+
+    def _valid(self, batch) -> jax.Array | None:
+        """valid_BL for padded tasks (attention masks padding out), else None."""
+        pad_id = self.task.pad_id
+        return None if pad_id is None else batch.inputs != pad_id
 
     def _evaluate_one(self, params, rest) -> dict:
         model = nnx.merge(self.graphdef, params, rest)
 
         def one(i):
             batch = self._eval_batch(i)
-            out = model(batch.inputs, return_patterns=True)
+            valid_BL = self._valid(batch)
+            out = model(batch.inputs, valid_BL=valid_BL, return_patterns=True)
             m = token_metrics(out.logits, batch.targets, batch.weights)
-            heads = [attention_metrics(p, batch.deps, batch.weights) for p in out.patterns]
+            heads = [
+                attention_metrics(p, batch.deps, batch.weights, valid_BL) for p in out.patterns
+            ]
             for name in ("alignment", "entropy", "distance"):
                 m[name] = jnp.stack([h[name] for h in heads])  # (N, H)
             B, L = batch.inputs.shape
-            visible = visibility(L, self.exp.model.causal, None, B)
+            visible = visibility(L, self.exp.model.causal, valid_BL, B)
             m["uniform_alignment"] = uniform_alignment(batch.deps, visible, batch.weights)
             return m
 
@@ -180,7 +234,12 @@ class Engine:
     def _patterns_one(self, params, rest):
         model = nnx.merge(self.graphdef, params, rest)
         batch = self._eval_batch(0)
-        out = model(batch.inputs[:1], return_patterns=True)
+        valid_BL = self._valid(batch)
+        out = model(
+            batch.inputs[:1],
+            valid_BL=None if valid_BL is None else valid_BL[:1],
+            return_patterns=True,
+        )
         return jnp.stack([p[0] for p in out.patterns]), batch.deps[0], batch.weights[0]
 
     # --- host-facing, all seeds at once ---
@@ -188,12 +247,40 @@ class Engine:
     def init(self) -> TrainState:
         return jax.jit(jax.vmap(self._init_one))(self.keys_K)
 
-    def train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
-        """`steps_per_dispatch` steps for every seed; metrics shaped (K, steps)."""
+    def abstract_state(self) -> TrainState:
+        """Shapes and dtypes of `init()`'s state, without computing it (the restore target)."""
+        return abstract_like(jax.eval_shape(self.init))
+
+    def check_data(self) -> None:
+        """Raise DataError if a seed's first training batch or the first eval batch is unusable."""
+        B = self.exp.train.batch_size
+        first_train = jax.jit(
+            jax.vmap(lambda k: self.task.sample(jax.random.fold_in(jax.random.fold_in(k, 1), 0), B))
+        )(self.keys_K)
+        batches = [
+            (f"training batch 1 of seed {s}", jax.tree.map(lambda x, k=k: x[k], first_train))
+            for k, s in enumerate(self.exp.train.seeds)
+        ]
+        batches.append(("eval batch 1", jax.jit(self._eval_batch, static_argnums=0)(0)))
+        problems = []
+        for where, batch in batches:
+            problems += batch_problems(jax.device_get(batch), self.exp, where)
+        if problems:
+            raise DataError(
+                f"task {self.task.name!r} gives batches this model cannot take:\n  "
+                + "\n  ".join(problems)
+            )
+
+    def compile(self, state: TrainState) -> None:
+        """Compile `train_chunk` for `state` (done once; a no-op afterwards)."""
         if self.compiled_chunk is None:
             t0 = time.perf_counter()
             self.compiled_chunk = self._chunk.lower(state, self.keys_K).compile()
             self.compile_seconds = time.perf_counter() - t0
+
+    def train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
+        """`steps_per_dispatch` steps for every seed; metrics shaped (K, steps)."""
+        self.compile(state)
         return self.compiled_chunk(state, self.keys_K)
 
     def evaluate(self, state: TrainState) -> dict[str, np.ndarray]:
@@ -206,6 +293,54 @@ class Engine:
     def patterns(self, state: TrainState):
         """(probs (K, N, H, L, S), deps (K, L, S), weights (K, L)) of the first eval sequence."""
         return jax.device_get(self._patterns(state.params, state.rest))
+
+
+def batch_problems(batch, exp: Experiment, where: str) -> list[str]:
+    """What makes a host-side batch unusable for `exp.model`, each with its first location."""
+    model = exp.model
+    n_out = model.n_classes or model.vocab_size
+    inputs, targets, weights = (np.asarray(x) for x in (batch.inputs, batch.targets, batch.weights))
+    found = []
+    if inputs.ndim != 2 or not np.issubdtype(inputs.dtype, np.integer):
+        return [
+            f"{where}: inputs must be integer token ids shaped (batch, length), got "
+            f"{inputs.dtype}{list(inputs.shape)}"
+        ]
+    if inputs.shape[1] > model.seq_len:
+        found.append(
+            f"{where}: sequences of length {inputs.shape[1]} exceed model.seq_len = "
+            f"{model.seq_len} (the position table has {model.seq_len} rows)"
+        )
+
+    def first_bad(mask, values, name, allowed):
+        if mask.any():
+            b, i = (int(x) for x in np.argwhere(mask)[0])
+            found.append(
+                f"{where}: {int(mask.sum())} {name} outside {allowed}; first: "
+                f"{values[b, i]:g} at sequence {b}, position {i}"
+            )
+
+    first_bad(
+        (inputs < 0) | (inputs >= model.vocab_size),
+        inputs,
+        "token ids",
+        f"[0, model.vocab_size = {model.vocab_size})",
+    )
+    scored = weights > 0
+    if targets.shape != inputs.shape or weights.shape != inputs.shape:
+        found.append(
+            f"{where}: targets {list(targets.shape)} and weights "
+            f"{list(weights.shape)} must be shaped like inputs {list(inputs.shape)}"
+        )
+    else:
+        first_bad(
+            scored & ((targets < 0) | (targets >= n_out)),
+            targets,
+            "labels",
+            f"[0, {n_out}) at scored positions",
+        )
+        first_bad(~np.isfinite(weights) | (weights < 0), weights, "weights", "[0, inf)")
+    return found
 
 
 def _global_norm(tree) -> jax.Array:
@@ -236,7 +371,13 @@ class RunResult:
 
 
 class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between dispatches (main thread only)."""
+    """Turns SIGTERM into a flag the loop checks between dispatches (main thread only).
+
+    Installed before anything compiles, so a SIGTERM during compilation, restore or a save
+    is noticed at the next boundary; later SIGTERMs change nothing. Once one arrived, the
+    process ignores SIGTERM after `train` returns: it is on its way out with the
+    preemption exit code, and the default action would turn that into a kill.
+    """
 
     def __init__(self):
         self.raised = False
@@ -253,16 +394,70 @@ class _SigtermFlag:
         self.raised = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is None:
+            return
+        # After a SIGTERM, ignore further ones rather than restore the default: Python resets
+        # its own handlers at shutdown (not SIG_IGN), and a late SIGTERM would then turn the
+        # clean preemption exit into a kill.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if self.raised else self._previous)
 
 
-def check_run_config(run_dir: Path, config: dict, allow_change: bool) -> None:
-    """Refuse to resume a run folder whose saved config differs (unless allowed)."""
+class _RunLock:
+    """An exclusive lock on the run folder, so two processes never write one run."""
+
+    def __init__(self, run_dir: Path, sigterm: _SigtermFlag):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = (run_dir / LOCK_FILE).open("a+")
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create or open the run folder {run_dir}: {e}") from e
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        told = False
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                self._file.seek(0)
+                holder = self._file.read().strip() or "unknown"
+                # A preempted process may still be saving while its replacement starts.
+                if sigterm.raised:
+                    self._file.close()
+                    raise Preempted(None, saved=False) from None
+                if time.monotonic() > deadline:
+                    self._file.close()
+                    raise RunFolderBusy(
+                        f"run folder {run_dir} is in use by another ablate process "
+                        f"(pid {holder}); waited {LOCK_WAIT_SECONDS:.0f}s"
+                    ) from None
+                if not told:
+                    _note(f"waiting for process {holder} to release {run_dir}")
+                    told = True
+                time.sleep(0.5)
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+def check_run_config(run_dir: Path, config: dict, allow_change: bool) -> list[str]:
+    """Refuse to resume a run folder whose saved config differs (unless allowed).
+
+    Returns the differences ("field: old -> new"), empty when there are none.
+    """
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        return
-    saved = flatten(json.loads(path.read_text()))
+        return []
+    try:
+        saved = flatten(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            [("", f"{path} is unreadable ({e}); refusing to resume into {run_dir}")]
+        ) from None
     new = flatten(json.loads(json.dumps(config)))
     diff = [
         f"{k}: {saved.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
@@ -280,6 +475,7 @@ def check_run_config(run_dir: Path, config: dict, allow_change: bool) -> None:
                 )
             ]
         )
+    return diff
 
 
 def train(
@@ -294,82 +490,79 @@ def train(
 
     `stop_after` ends the loop early at that step (with a checkpoint), as a preemption would.
     """
+    run_dir = Path(run_dir)
+    with _SigtermFlag() as sigterm:
+        lock = _RunLock(run_dir, sigterm)
+        try:
+            return _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_after)
+        finally:
+            lock.release()
+
+
+def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_after) -> RunResult:
     t_start = time.perf_counter()
     tc = exp.train
-    run_dir = Path(run_dir)
     config = exp.to_dict()
-    check_run_config(run_dir, config, allow_config_change)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / CONFIG_FILE, config)
+    changed = check_run_config(run_dir, config, allow_config_change)
     if tc.compile_cache:
         enable_compile_cache()
 
     engine = Engine(exp)
-    state = engine.init()
+    engine.check_data()
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract_like(state))
-    start = 0
-    if restored is not None:
-        start, state, _ = restored
-    if start >= tc.steps and (run_dir / FINAL_FILE).is_file():
-        ckpt.close()
-        return RunResult(**json.loads((run_dir / FINAL_FILE).read_text()))
-    metrics_file = MetricsFile(run_dir / "metrics.jsonl")
-    last_logged = metrics_file.truncate_after(start)
-    writers = [
-        TensorBoardWriter(run_dir / f"seed_{s}", skip_through_step=last_logged) for s in tc.seeds
-    ]
-    chance = float(exp.task.chance)
-    logger = _Logger(engine, writers, metrics_file, chance)
-
-    if start == 0:
-        logger.evaluation(state, 0)
-        logger.heatmaps(state, 0, "init")
-
-    bar = _progress(progress, tc.steps, start, exp.name)
-    step, pending, t_window = start, [], time.perf_counter()
-    final = engine.evaluate(state) if start >= tc.steps else {}
+    logger = None
     try:
-        with _SigtermFlag() as sigterm:
-            while step < tc.steps:
-                state, chunk_metrics = engine.train_chunk(state)
-                pending.append(chunk_metrics)
-                step += tc.steps_per_dispatch
-                last = step == tc.steps
-                stopping = sigterm.raised or (stop_after is not None and step >= stop_after)
-                if step % tc.log_every == 0 or last or stopping:
-                    rate = len(pending) * tc.steps_per_dispatch / (time.perf_counter() - t_window)
-                    shown = logger.training(pending, step, rate, engine.compile_seconds)
-                    pending, t_window = [], time.perf_counter()
-                    bar.update(step - bar.n)
-                    bar.set_postfix(shown)
-                # Everything logged for a step is written before that step's checkpoint, so a
-                # resume from it never writes the step twice.
-                if last or (tc.eval_every and step % tc.eval_every == 0):
-                    final = logger.evaluation(state, step)
-                if last or (tc.heatmap_every and step % tc.heatmap_every == 0):
-                    drawn = logger.heatmaps(state, step, "trained")
-                if last:
-                    probs, deps, weights = drawn
-                    np.savez_compressed(
-                        run_dir / PATTERNS_FILE, probs=probs, deps=deps, weights=weights,
-                        has_pattern=engine.has_pattern_NH,
-                    )
-                    logger.hparams(exp)
-                if last or stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                    if pending:
-                        logger.training(pending, step, float("nan"), engine.compile_seconds)
-                        pending = []
-                    _check_params(state, step, tc.seeds)
-                    ckpt.save(step, state, {"step": step, "name": exp.name})
-                if stopping and not last:
-                    if sigterm.raised:
-                        raise Preempted(step)
-                    break
+        ckpt.remove_unfinished()
+        try:
+            restored = ckpt.restore_latest(engine.abstract_state())
+        except CheckpointMismatch as e:
+            raise ConfigError([("", str(e))]) from None
+        for problem in ckpt.problems:
+            _note(problem)
+        if restored is None:
+            if ckpt.problems:
+                _note(f"no intact checkpoint left in {ckpt.directory}: starting from step 0")
+            start, state, pending = 0, engine.init(), []
+        else:
+            start, state, meta = restored
+            pending = _pending_from_meta(meta)
+            _note(f"resuming {run_dir} from checkpoint step {start}")
+        # Written only once the checkpoint is known to fit, so a refused change leaves it.
+        if changed:
+            backup = _free_name(run_dir, "config.before-change", ".json")
+            shutil.copyfile(run_dir / CONFIG_FILE, backup)
+            _note(f"config changed (allowed): {'; '.join(changed)}; old one kept as {backup.name}")
+        _write_json(run_dir / CONFIG_FILE, config)
+        _stop_if_asked(sigterm, start)
+        if start >= tc.steps and (run_dir / FINAL_FILE).is_file():
+            return RunResult(**json.loads((run_dir / FINAL_FILE).read_text()))
+        if changed and (run_dir / FINAL_FILE).is_file():
+            # The run is being extended (an allowed config change): keep the old result.
+            os.replace(run_dir / FINAL_FILE, _free_name(run_dir, f"final.step{start}", ".json"))
+
+        # Logs are cut back to the checkpoint (everything if there is none), whatever each
+        # file held at the kill; the hparams session is rewritten at the end.
+        keep_through = start if restored is not None else -1
+        metrics_file = MetricsFile(run_dir / "metrics.jsonl")
+        metrics_file.truncate_after(keep_through)
+        for s in tc.seeds:
+            truncate_events(run_dir / f"seed_{s}", keep_through, drop_hparams=start < tc.steps)
+        writers = [TensorBoardWriter(run_dir / f"seed_{s}") for s in tc.seeds]
+        chance = float(exp.task.chance)
+        logger = _Logger(engine, writers, metrics_file, chance)
+        _stop_if_asked(sigterm, start)
+
+        if start == 0:
+            logger.evaluation(state, 0)
+            logger.heatmaps(state, 0, "init")
+        _stop_if_asked(sigterm, start)
+        engine.compile(state)
+        _stop_if_asked(sigterm, start)
+        step, final = _loop(
+            exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after, progress
+        )
     finally:
-        bar.close()
-        logger.close()
-        ckpt.close()
+        _close_quietly(logger, ckpt)
 
     result = RunResult(
         run_dir=str(run_dir),
@@ -385,6 +578,116 @@ def train(
     return result
 
 
+def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after, progress):
+    """Dispatch, log, evaluate and save until done; returns (step, final eval metrics)."""
+    tc = exp.train
+    bar = _progress(progress, tc.steps, start, exp.name)
+    step, t_window, drawn = start, time.perf_counter(), None
+    final = engine.evaluate(state) if start >= tc.steps else {}
+    try:
+        while step < tc.steps:
+            state, chunk_metrics = engine.train_chunk(state)
+            pending.append(chunk_metrics)
+            step += tc.steps_per_dispatch
+            last = step == tc.steps
+            log_now = last or step % tc.log_every == 0
+            eval_now = last or (tc.eval_every and step % tc.eval_every == 0)
+            draw_now = last or (tc.heatmap_every and step % tc.heatmap_every == 0)
+            checked = log_now or eval_now or draw_now
+            if checked:
+                # Nothing of a bad step is logged, evaluated or saved.
+                logger.check(pending, step)
+                _check_params(state, step, tc.seeds)
+            if log_now:
+                rate = _steps_in(pending) / (time.perf_counter() - t_window)
+                shown = logger.training(pending, step, rate, engine.compile_seconds)
+                pending, t_window = [], time.perf_counter()
+                bar.update(step - bar.n)
+                bar.set_postfix(shown)
+            # Everything logged for a step is written before that step's checkpoint, so a
+            # resume from it never writes the step twice.
+            if eval_now:
+                final = logger.evaluation(state, step)
+            if draw_now:
+                drawn = logger.heatmaps(state, step, "trained")
+            if last:
+                probs, deps, weights = drawn
+                _write_npz(
+                    logger.file.path.parent / PATTERNS_FILE,
+                    probs=probs,
+                    deps=deps,
+                    weights=weights,
+                    has_pattern=engine.has_pattern_NH,
+                )
+                logger.hparams(exp)
+            # Read the flag only now: a SIGTERM during the evaluation above still saves here.
+            stopping = sigterm.raised or (stop_after is not None and step >= stop_after)
+            if last or stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                if not checked:
+                    logger.check(pending, step)
+                    _check_params(state, step, tc.seeds)
+                logger.flush()
+                # The metrics of a half-logged window ride along, so the resumed run logs the
+                # same rows as an uninterrupted one.
+                meta = {"step": step, "name": exp.name, "pending": _pending_to_meta(pending)}
+                ckpt.save(step, state, meta)
+            if last:
+                break
+            if sigterm.raised:  # also when it arrived during the save above
+                raise Preempted(step)
+            if stopping:
+                break
+    finally:
+        bar.close()
+    return step, final
+
+
+def _stop_if_asked(sigterm: _SigtermFlag, start: int | None) -> None:
+    if sigterm.raised:
+        raise Preempted(start, saved=False)
+
+
+def _steps_in(pending) -> int:
+    return sum(int(np.shape(p["loss"])[-1]) for p in pending)
+
+
+def _pending_to_meta(pending) -> dict[str, Any]:
+    if not pending:
+        return {}
+    host = jax.device_get(pending)
+    merged = {k: np.concatenate([p[k] for p in host], axis=1) for k in host[0]}
+    return {k: {"dtype": str(v.dtype), "values": v.tolist()} for k, v in merged.items()}
+
+
+def _pending_from_meta(meta: dict) -> list[dict[str, np.ndarray]]:
+    saved = meta.get("pending") or {}
+    if not saved:
+        return []
+    return [{k: np.asarray(v["values"], dtype=v["dtype"]) for k, v in saved.items()}]
+
+
+def _close_quietly(logger, ckpt) -> None:
+    # Cleanup must not hide the error that brought us here (e.g. a full disk fails the flush).
+    for close in (getattr(logger, "close", None), ckpt.close):
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001
+            _note(f"while closing: {type(e).__name__}: {e}")
+
+
+def _note(message: str) -> None:
+    print(f"ablate: {message}", file=sys.stderr, flush=True)
+
+
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    n = 0
+    while (path := folder / f"{stem}-{n}{suffix}").exists():
+        n += 1
+    return path
+
+
 def _check_params(state: TrainState, step: int, seeds) -> None:
     ok_K = np.asarray(_params_finite(state))
     if not ok_K.all():
@@ -398,15 +701,32 @@ class _Logger:
         self.engine, self.writers, self.file, self.chance = engine, writers, metrics_file, chance
         self.seeds = list(engine.exp.train.seeds)
 
-    def training(self, pending, step: int, steps_per_sec: float, compile_s: float) -> dict:
-        per_step = jax.device_get(pending)
-        merged = {k: np.concatenate([p[k] for p in per_step], axis=1) for k in per_step[0]}
-        n = merged["loss"].shape[1]
+    def check(self, pending, step: int) -> None:
+        """Raise DataError/Diverged naming the first bad step of the unlogged window."""
+        if not pending:
+            return
+        pending[:] = jax.device_get(pending)
+        merged = {k: np.concatenate([p[k] for p in pending], axis=1) for k in pending[0]}
+        first = step - merged["loss"].shape[1] + 1  # the step the window's column 0 belongs to
+        invalid = merged[INVALID_TOKENS] > 0
+        if invalid.any():
+            seed_idx, offset = np.argwhere(invalid)[0]
+            raise DataError(
+                f"step {first + int(offset)} (seed {self.seeds[seed_idx]}): the task produced "
+                f"{int(merged[INVALID_TOKENS][seed_idx, offset])} token ids or labels outside "
+                f"the model's vocabulary ({self.engine.exp.model.vocab_size}); nothing of this "
+                "step was saved"
+            )
         for name in ("loss", "grad_norm"):
             bad = ~np.isfinite(merged[name])
             if bad.any():
                 seed_idx, offset = np.argwhere(bad)[0]
-                raise Diverged(step - n + int(offset) + 1, self.seeds[seed_idx], name)
+                raise Diverged(first + int(offset), self.seeds[seed_idx], name)
+
+    def training(self, pending, step: int, steps_per_sec: float, compile_s: float) -> dict:
+        per_step = jax.device_get(pending)
+        merged = {k: np.concatenate([p[k] for p in per_step], axis=1) for k in per_step[0]}
+        merged.pop(INVALID_TOKENS, None)
         rows = []
         for k, (seed, writer) in enumerate(zip(self.seeds, self.writers)):
             values = {name: float(v[k].mean()) for name, v in merged.items()}
@@ -416,6 +736,8 @@ class _Logger:
                 scalars["perf/steps_per_sec"] = steps_per_sec
                 scalars["perf/compile_seconds"] = compile_s
             writer.scalars(scalars, step)
+            # Flushed before the metrics row: whatever metrics.jsonl shows, TensorBoard has.
+            writer.flush()
             rows.append({"step": step, "seed": seed, "kind": "train", **values})
         self.file.append(rows)
         return {"loss": f"{rows[0]['loss']:.3f}", "acc": f"{rows[0]['accuracy']:.3f}"}
@@ -426,6 +748,7 @@ class _Logger:
         for k, (seed, writer) in enumerate(zip(self.seeds, self.writers)):
             scalars = {
                 "eval/loss": out["loss"][k],
+                "eval/perplexity": float(np.exp(min(out["loss"][k], 50.0))),
                 "eval/accuracy": out["accuracy"][k],
                 "eval/sequence_accuracy": out["sequence_accuracy"][k],
                 "eval/chance": self.chance,
@@ -476,8 +799,10 @@ class _Logger:
             )
 
     def flush(self):
+        """Put everything logged so far on disk (before a checkpoint refers to it)."""
         for w in self.writers:
             w.flush()
+        self.file.sync()
 
     def close(self):
         for w in self.writers:
@@ -498,6 +823,14 @@ def _nan_to_none(row: dict) -> dict:
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
 
 
