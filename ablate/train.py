@@ -22,14 +22,11 @@ before compiling and counted on the device every step); a full disk (`Checkpoint
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import io
 import json
 import math
 import os
 import shutil
-import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,15 +51,22 @@ from ablate.logging import (
 )
 from ablate.metrics import attention_metrics, token_metrics, uniform_alignment
 from ablate.model import Transformer, visibility
+from ablate.runfolder import (  # noqa: F401  (CONFIG_FILE, Preempted: part of this API)
+    CONFIG_FILE,
+    Preempted,
+    RunFolderBusy,
+    RunLock,
+    SigtermFlag,
+    check_run_config,
+    free_name,
+    note,
+)
 
-CONFIG_FILE = "config.json"
 FINAL_FILE = "final.json"
 PATTERNS_FILE = "patterns_final.npz"
-LOCK_FILE = ".ablate.lock"
 HPARAM_METRICS = ("eval/accuracy", "eval/sequence_accuracy", "eval/loss", "eval/chance")
 # Counted on the device every step, checked on the host, never logged.
 INVALID_TOKENS = "invalid_tokens"
-LOCK_WAIT_SECONDS = 60.0
 
 
 class Diverged(RuntimeError):
@@ -71,24 +75,6 @@ class Diverged(RuntimeError):
     def __init__(self, step: int, seed: int, what: str):
         self.step, self.seed = step, seed
         super().__init__(f"training diverged at step {step} (seed {seed}): {what} is not finite")
-
-
-class Preempted(RuntimeError):
-    """SIGTERM received: the state was saved at `step` and the run can be resumed."""
-
-    def __init__(self, step: int | None, saved: bool = True):
-        self.step, self.saved = step, saved
-        if saved:
-            what = f"saved a checkpoint at step {step}"
-        elif step:
-            what = f"before training resumed (the checkpoint of step {step} is unchanged)"
-        else:
-            what = "before training started (nothing to save)"
-        super().__init__(f"stopped by SIGTERM; {what}; rerun the same command to resume")
-
-
-class RunFolderBusy(OSError):
-    """Another process holds the run folder's lock."""
 
 
 class TrainState(NamedTuple):
@@ -370,114 +356,6 @@ class RunResult:
     compile_seconds: float
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between dispatches (main thread only).
-
-    Installed before anything compiles, so a SIGTERM during compilation, restore or a save
-    is noticed at the next boundary; later SIGTERMs change nothing. Once one arrived, the
-    process ignores SIGTERM after `train` returns: it is on its way out with the
-    preemption exit code, and the default action would turn that into a kill.
-    """
-
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def __exit__(self, *exc):
-        if self._previous is None:
-            return
-        # After a SIGTERM, ignore further ones rather than restore the default: Python resets
-        # its own handlers at shutdown (not SIG_IGN), and a late SIGTERM would then turn the
-        # clean preemption exit into a kill.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if self.raised else self._previous)
-
-
-class _RunLock:
-    """An exclusive lock on the run folder, so two processes never write one run."""
-
-    def __init__(self, run_dir: Path, sigterm: _SigtermFlag):
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = (run_dir / LOCK_FILE).open("a+")
-        except OSError as e:
-            raise OSError(e.errno, f"cannot create or open the run folder {run_dir}: {e}") from e
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        told = False
-        while True:
-            try:
-                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                self._file.seek(0)
-                holder = self._file.read().strip() or "unknown"
-                # A preempted process may still be saving while its replacement starts.
-                if sigterm.raised:
-                    self._file.close()
-                    raise Preempted(None, saved=False) from None
-                if time.monotonic() > deadline:
-                    self._file.close()
-                    raise RunFolderBusy(
-                        f"run folder {run_dir} is in use by another ablate process "
-                        f"(pid {holder}); waited {LOCK_WAIT_SECONDS:.0f}s"
-                    ) from None
-                if not told:
-                    _note(f"waiting for process {holder} to release {run_dir}")
-                    told = True
-                time.sleep(0.5)
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(str(os.getpid()))
-        self._file.flush()
-
-    def release(self) -> None:
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
-
-
-def check_run_config(run_dir: Path, config: dict, allow_change: bool) -> list[str]:
-    """Refuse to resume a run folder whose saved config differs (unless allowed).
-
-    Returns the differences ("field: old -> new"), empty when there are none.
-    """
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        return []
-    try:
-        saved = flatten(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(
-            [("", f"{path} is unreadable ({e}); refusing to resume into {run_dir}")]
-        ) from None
-    new = flatten(json.loads(json.dumps(config)))
-    diff = [
-        f"{k}: {saved.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-        for k in sorted(set(saved) | set(new))
-        if saved.get(k) != new.get(k)
-    ]
-    if diff and not allow_change:
-        raise ConfigError(
-            [
-                (
-                    "",
-                    f"{run_dir} holds a run with a different config; refusing to resume into it. "
-                    "Changed: " + "; ".join(diff) + ". Use another --workdir/name, or "
-                    "--allow-config-change to resume anyway.",
-                )
-            ]
-        )
-    return diff
-
-
 def train(
     exp: Experiment,
     run_dir: str | Path,
@@ -491,8 +369,8 @@ def train(
     `stop_after` ends the loop early at that step (with a checkpoint), as a preemption would.
     """
     run_dir = Path(run_dir)
-    with _SigtermFlag() as sigterm:
-        lock = _RunLock(run_dir, sigterm)
+    with SigtermFlag() as sigterm:
+        lock = RunLock(run_dir, sigterm)
         try:
             return _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_after)
         finally:
@@ -518,27 +396,27 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
         except CheckpointMismatch as e:
             raise ConfigError([("", str(e))]) from None
         for problem in ckpt.problems:
-            _note(problem)
+            note(problem)
         if restored is None:
             if ckpt.problems:
-                _note(f"no intact checkpoint left in {ckpt.directory}: starting from step 0")
+                note(f"no intact checkpoint left in {ckpt.directory}: starting from step 0")
             start, state, pending = 0, engine.init(), []
         else:
             start, state, meta = restored
             pending = _pending_from_meta(meta)
-            _note(f"resuming {run_dir} from checkpoint step {start}")
+            note(f"resuming {run_dir} from checkpoint step {start}")
         # Written only once the checkpoint is known to fit, so a refused change leaves it.
         if changed:
-            backup = _free_name(run_dir, "config.before-change", ".json")
+            backup = free_name(run_dir, "config.before-change", ".json")
             shutil.copyfile(run_dir / CONFIG_FILE, backup)
-            _note(f"config changed (allowed): {'; '.join(changed)}; old one kept as {backup.name}")
+            note(f"config changed (allowed): {'; '.join(changed)}; old one kept as {backup.name}")
         _write_json(run_dir / CONFIG_FILE, config)
         _stop_if_asked(sigterm, start)
         if start >= tc.steps and (run_dir / FINAL_FILE).is_file():
             return RunResult(**json.loads((run_dir / FINAL_FILE).read_text()))
         if changed and (run_dir / FINAL_FILE).is_file():
             # The run is being extended (an allowed config change): keep the old result.
-            os.replace(run_dir / FINAL_FILE, _free_name(run_dir, f"final.step{start}", ".json"))
+            os.replace(run_dir / FINAL_FILE, free_name(run_dir, f"final.step{start}", ".json"))
 
         # Logs are cut back to the checkpoint (everything if there is none), whatever each
         # file held at the kill; the hparams session is rewritten at the end.
@@ -642,7 +520,7 @@ def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after,
     return step, final
 
 
-def _stop_if_asked(sigterm: _SigtermFlag, start: int | None) -> None:
+def _stop_if_asked(sigterm: SigtermFlag, start: int | None) -> None:
     if sigterm.raised:
         raise Preempted(start, saved=False)
 
@@ -674,18 +552,7 @@ def _close_quietly(logger, ckpt) -> None:
         try:
             close()
         except Exception as e:  # noqa: BLE001
-            _note(f"while closing: {type(e).__name__}: {e}")
-
-
-def _note(message: str) -> None:
-    print(f"ablate: {message}", file=sys.stderr, flush=True)
-
-
-def _free_name(folder: Path, stem: str, suffix: str) -> Path:
-    n = 0
-    while (path := folder / f"{stem}-{n}{suffix}").exists():
-        n += 1
-    return path
+            note(f"while closing: {type(e).__name__}: {e}")
 
 
 def _check_params(state: TrainState, step: int, seeds) -> None:
