@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ablate.config import check, in_range
-from ablate.tasks import Batch, Task, _register
+from ablate.tasks import Batch, Task, _bounds, _Knobs, _register
 
 BYTES = 256
 PAD, BOS, SEP, CLS = 256, 257, 258, 259
@@ -182,7 +181,7 @@ class _TextTask(Task):
 
 
 @dataclasses.dataclass(frozen=True)
-class TextLMConfig:
+class TextLMConfig(_Knobs):
     """Language modelling on a text column: windows of seq_len tokens, next-token targets."""
 
     source: str = ""
@@ -195,15 +194,8 @@ class TextLMConfig:
     eval_fraction: float = 0.1
     max_tokens: int = 8_000_000
 
-    def __post_init__(self):
-        check(self)
-
     def problems(self):
-        found = []
-        for field, low, high in (("seq_len", 2, 8192), ("max_tokens", 1000, 2_000_000_000)):
-            msg = in_range(getattr(self, field), low, high)
-            if msg:
-                found.append((field, msg))
+        found = _bounds(self, seq_len=(2, 8192), max_tokens=(1000, 2_000_000_000))
         if not 0 < self.eval_fraction < 1:
             found.append(("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}"))
         return found
@@ -280,16 +272,13 @@ class TextLM(_LanguageModel):
 
 
 @dataclasses.dataclass(frozen=True)
-class StdlibLMConfig:
+class StdlibLMConfig(_Knobs):
     """Byte-level LM on this machine's Python standard library sources (no download)."""
 
     seq_len: int = 128
     eval_fraction: float = 0.1
     max_tokens: int = 8_000_000
     tokenizer: str = "bytes"
-
-    def __post_init__(self):
-        check(self)
 
     problems = TextLMConfig.problems
 
@@ -315,7 +304,7 @@ class StdlibLM(_LanguageModel):
 
 
 @dataclasses.dataclass(frozen=True)
-class TextClassificationConfig:
+class TextClassificationConfig(_Knobs):
     """Classify a text column into n_classes; the label is predicted at a final CLS token."""
 
     source: str = ""
@@ -330,20 +319,10 @@ class TextClassificationConfig:
     seq_len: int = 256
     max_examples: int = 200_000
 
-    def __post_init__(self):
-        check(self)
-
     def problems(self):
-        found = []
-        for field, low, high in (
-            ("n_classes", 2, 10_000),
-            ("seq_len", 2, 8192),
-            ("max_examples", 1, 100_000_000),
-        ):
-            msg = in_range(getattr(self, field), low, high)
-            if msg:
-                found.append((field, msg))
-        return found
+        return _bounds(
+            self, n_classes=(2, 10_000), seq_len=(2, 8192), max_examples=(1, 100_000_000)
+        )
 
 
 @_register
