@@ -68,13 +68,14 @@ def _probe(args) -> int:
 
 def _list(args) -> int:
     from ablate.attention import MIXERS
-    from ablate.tasks import TASKS
+    from ablate.tasks import TASKS, task_names
 
     print("attention variants:")
     for name, cls in MIXERS.items():
         print(f"  {name:14s} {(cls.__doc__ or '').strip().splitlines()[0]}")
     print("tasks:")
-    for name, cls in TASKS.items():
+    for name in task_names():
+        cls = TASKS[name]
         print(f"  {name:16s} [{cls.context_need}] {(cls.__doc__ or '').strip().splitlines()[0]}")
     return EXIT_OK
 

@@ -155,7 +155,7 @@ class _TextTask(Task):
     """Base of the data-backed tasks: token arrays on the device, no dependency mask."""
 
     has_dependencies = False
-    context_need = "content"
+    context_need = "unknown"  # real data: how much it needs context is what gets measured
 
     def __init__(self, config: Any = None, *, data=None):
         super().__init__(config)

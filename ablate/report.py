@@ -178,8 +178,12 @@ def _frozen_text(parts: list[str]) -> str:
 def _statement(g: dict[str, Any]) -> str:
     """The plain-words paragraph for one task, every clause chosen from the numbers."""
     v, chance, learned = g["variants"], g["chance"], g["variants"].get("learned")
-    need = {"none": "no pairwise context"}.get(g["context_need"], g["context_need"])
-    opening = f"On {g['label']} (needs {need})"
+    need = {
+        "none": "needs no pairwise context",
+        "unknown": "real data: what it needs is the question",
+    }
+    need = need.get(g["context_need"], f"needs {g['context_need']}")
+    opening = f"On {g['label']} ({need})"
     # Variants without an ok seed are named in the closing sentence on failures.
     others = {k: e for k, e in v.items() if k != "learned" and e["accuracy"]}
     reach = [f"`{k}` reaches {_fmt(e['accuracy'])}" for k, e in others.items()]
