@@ -133,3 +133,15 @@ def test_every_experiment_file_loads_and_builds_a_model(path, monkeypatch):
     for point in points[:: max(1, len(points) // 4)]:
         model = nnx.eval_shape(lambda p=point: Transformer(p.experiment.model, rngs=nnx.Rngs(0)))
         assert len(model.blocks) == point.experiment.model.n_layers
+
+
+def test_list_names_every_variant_and_task(capsys):
+    from ablate.attention import MIXERS
+    from ablate.cli import main
+    from ablate.tasks import task_names
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in [*MIXERS, *task_names()]:
+        assert f"  {name} " in out, name
+    assert "stdlib_lm" in out and "[unknown]" in out
