@@ -20,7 +20,6 @@ attention alignment is not reported for these tasks (`has_dependencies = False`)
 from __future__ import annotations
 
 import dataclasses
-import os
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -406,8 +405,3 @@ class TextClassification(_TextTask):
 
     def eval_sample(self, key: jax.Array, batch_size: int) -> Batch:
         return self._examples(self._eval, key, batch_size)
-
-
-def offline() -> bool:
-    """Whether the HF hub is configured off (then a hub name fails at once)."""
-    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"

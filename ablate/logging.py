@@ -271,5 +271,12 @@ def _json_default(v: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(v)}")
 
 
-def finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(float(x)) else None
+def nan_to_none(x: Any) -> Any:
+    """A JSON-safe copy: every non-finite float (numpy scalars too) becomes None (null)."""
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [nan_to_none(v) for v in x]
+    if isinstance(x, float | np.floating):
+        return float(x) if math.isfinite(x) else None
+    return x

@@ -42,7 +42,7 @@ from ablate.attention import MIXERS, MixerSettings
 from ablate.checkpoint import Checkpointer, abstract_like
 from ablate.config import ConfigError
 from ablate.experiment import Experiment, build_experiment
-from ablate.logging import TensorBoardWriter
+from ablate.logging import TensorBoardWriter, nan_to_none
 from ablate.metrics import token_metrics
 from ablate.model import HeadAblation, visibility
 from ablate.train import CONFIG_FILE, Engine, TrainState
@@ -398,23 +398,13 @@ def probe_run(
     return result
 
 
-def _nan_to_none(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, list | dict):
-        pairs = x.items() if isinstance(x, dict) else enumerate(x)
-        out = {k: _nan_to_none(v) for k, v in pairs}
-        return out if isinstance(x, dict) else list(out.values())
-    return x
-
-
 def _write_outputs(result: dict, drop: dict, pruning_K2P: np.ndarray, out_dir: Path) -> list[str]:
     """probe.json (NaN as null), probe.csv (one row per kind, seed, ablation) and the PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("drop_*.png"):  # a previous probe's kinds would contradict the table
         stale.unlink()
     files = [out_dir / "probe.json", out_dir / "probe.csv", out_dir / "pruning.png"]
-    files[0].write_text(json.dumps(_nan_to_none(result), indent=1))
+    files[0].write_text(json.dumps(nan_to_none(result), indent=1))
     with files[1].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
         writer.writeheader()

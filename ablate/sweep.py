@@ -35,6 +35,7 @@ import numpy as np
 
 from ablate.config import ConfigError, apply_overrides, load_toml, to_dict
 from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
+from ablate.logging import nan_to_none
 from ablate.model import frozen_parts
 from ablate.train import Diverged, Preempted, train
 
@@ -222,10 +223,6 @@ def _point_fields(point: Point, seed: int) -> dict[str, Any]:
     }
 
 
-def _finite_or_none(x: Any) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
-
-
 def _rows_for(point: Point, result, init_alignment: dict) -> list[dict[str, Any]]:
     rows = []
     for k, seed in enumerate(result.seeds):
@@ -239,9 +236,9 @@ def _rows_for(point: Point, result, init_alignment: dict) -> list[dict[str, Any]
                 "accuracy": result.final["accuracy"][k],
                 "sequence_accuracy": result.final["sequence_accuracy"][k],
                 "loss": result.final["loss"][k],
-                "alignment": [[_finite_or_none(a) for a in row] for row in alignment],
+                "alignment": nan_to_none(alignment.tolist()),
                 "alignment_max": float(finite.max()) if finite.size else None,
-                "alignment_uniform": _finite_or_none(result.final["uniform_alignment"][k]),
+                "alignment_uniform": nan_to_none(result.final["uniform_alignment"][k]),
                 "alignment_max_init": init_alignment.get(seed),
                 "steps": result.steps,
                 "wall_seconds": result.wall_seconds,

@@ -46,6 +46,7 @@ from ablate.logging import (
     MetricsFile,
     TensorBoardWriter,
     flatten,
+    nan_to_none,
     patterns_png,
     truncate_events,
 )
@@ -640,7 +641,7 @@ class _Logger:
             for name, value in out.items():
                 value = np.asarray(value[k])
                 row[name] = value.tolist() if value.ndim else float(value)
-            rows.append(_nan_to_none(row))
+            rows.append(nan_to_none(row))
         self.file.append(rows)
         return out
 
@@ -674,17 +675,6 @@ class _Logger:
     def close(self):
         for w in self.writers:
             w.close()
-
-
-def _nan_to_none(row: dict) -> dict:
-    def clean(v):
-        if isinstance(v, float):
-            return v if math.isfinite(v) else None
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    return {k: clean(v) for k, v in row.items()}
 
 
 def _write_json(path: Path, data: Any) -> None:
