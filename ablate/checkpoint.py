@@ -11,6 +11,11 @@ Old steps are pruned by us, not by orbax's `max_to_keep`, and only after the new
 manifest is written: a kill at any moment of a save leaves the previous good step in place.
 Leftover `<step>.orbax-checkpoint-tmp` folders of a killed save are removed by
 `remove_unfinished` when the run is resumed (under the run folder's lock).
+
+In a multi-process run every process calls `save` and `restore_latest` (orbax writes and reads
+each process's own shards; the folder must be on storage all hosts share); the files of our
+own (manifest, renames, pruning) are handled by process 0 alone, and the step to restore is
+chosen there and broadcast, so all processes restore the same one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from ablate.distributed import barrier, broadcast, is_primary
 
 MANIFEST = "ablate-manifest.json"
 CORRUPT_NOTE = "ABLATE_CORRUPT.txt"
@@ -80,6 +87,11 @@ class Checkpointer:
 
     def remove_unfinished(self) -> None:
         """Delete the temp folders of killed saves and deletions (orbax's and our own only)."""
+        if is_primary():
+            self._remove_unfinished()
+        barrier("ablate-remove-unfinished")
+
+    def _remove_unfinished(self) -> None:
         # Only under the run folder's lock: a live save's temp folder looks the same.
         for entry in self.directory.iterdir():
             if entry.is_dir() and not entry.is_symlink():
@@ -92,11 +104,15 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Write `state` and `meta` at `step` (synchronously), its manifest, then prune."""
         step_dir = self.directory / str(step)
+        primary = is_primary()
         try:
-            if step_dir.exists():
+            if broadcast(int(step_dir.exists())):
                 # Never overwrite: whatever is there (a step set aside later, or one from an
                 # earlier attempt) keeps its bytes under another name.
-                self.set_aside(step, "a new checkpoint of the same step was saved")
+                if primary:
+                    self.set_aside(step, "a new checkpoint of the same step was saved")
+                barrier("ablate-set-aside")
+                self.manager.reload()
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -105,20 +121,25 @@ class Checkpointer:
                 force=True,
             )
             self.manager.wait_until_finished()
-            digests = _files(step_dir)
-            manifest = step_dir / MANIFEST
-            tmp = manifest.with_suffix(".tmp")
-            with tmp.open("w") as f:
-                f.write(json.dumps(digests, indent=0))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, manifest)
+            barrier("ablate-saved")
+            if primary:
+                digests = _files(step_dir)
+                manifest = step_dir / MANIFEST
+                tmp = manifest.with_suffix(".tmp")
+                with tmp.open("w") as f:
+                    f.write(json.dumps(digests, indent=0))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, manifest)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise ValueError for I/O errors
             raise CheckpointError(
                 f"could not write checkpoint step {step} in {self.directory} "
                 f"(the previous checkpoints are untouched): {type(e).__name__}: {e}"
             ) from e
-        self._prune()
+        if primary:
+            self._prune()
+        barrier("ablate-pruned")
+        self.manager.reload()
 
     def _prune(self) -> None:
         """Delete all but the newest `keep` steps that have a manifest."""
@@ -184,31 +205,50 @@ class Checkpointer:
         A step whose files match its manifest but do not fit `abstract_state` is not corrupt:
         the model changed. That raises CheckpointError instead of discarding the run.
         """
+        chosen = self._newest_good() if is_primary() else None
+        chosen = broadcast(-1 if chosen is None else chosen)
+        if chosen < 0:
+            return None
+        self.manager.reload()
+        return self._restore(chosen, abstract_state)
+
+    def _newest_good(self) -> int | None:
+        """The newest step whose files match its manifest, setting bad ones aside."""
         for step in reversed(self.steps()):
             problem = self.verify(step)
             if problem is None:
-                try:
-                    restored = self.manager.restore(
-                        step,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract_state),
-                            meta=ocp.args.JsonRestore(),
-                        ),
-                    )
-                except Exception as e:  # noqa: BLE001 - orbax raises many types here
-                    raise CheckpointMismatch(
-                        f"checkpoint {self.directory / str(step)} is intact (its checksums "
-                        f"match) but does not fit this model: {type(e).__name__}: {e}. "
-                        "Was the model config changed? Use a new run folder."
-                    ) from e
-                return step, restored["state"], dict(restored["meta"])
+                return step
             self.set_aside(step, problem)
         return None
+
+    def _restore(self, step: int, abstract_state: Any) -> tuple[int, Any, dict]:
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - orbax raises many types here
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory / str(step)} is intact (its checksums "
+                f"match) but does not fit this model: {type(e).__name__}: {e}. "
+                "Was the model config changed? Use a new run folder."
+            ) from e
+        return step, restored["state"], dict(restored["meta"])
 
     def close(self) -> None:
         self.manager.close()
 
 
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs for every array leaf (the restore target)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs for every array leaf (the restore target), placed by `shardings`.
+
+    Orbax restores each array straight into its sharding, whatever mesh wrote it.
+    """
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     from ablate.config import ConfigError
 
     try:
+        if argv[:1] and argv[0] in ("train", "sweep", "probe", "bench"):
+            # Connects the processes of a multi-process launch; nothing for a single one.
+            from ablate.distributed import initialize
+
+            initialize()
         return command()
     except ConfigError as e:
         print(f"ablate: {e}", file=sys.stderr)

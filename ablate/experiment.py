@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ablate.config import ConfigError, apply_overrides, check, from_dict, load_toml, to_dict
+from ablate.distributed import MeshConfig
 from ablate.model import ModelConfig
 from ablate.tasks import Task, make_task
 
@@ -68,6 +69,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     heatmap_every: int = 0
     compile_cache: bool = True
+    # Devices per mesh axis (placement only: a run may resume on another mesh).
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         check(self)

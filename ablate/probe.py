@@ -41,6 +41,7 @@ from flax import nnx
 from ablate.attention import MIXERS, MixerSettings
 from ablate.checkpoint import Checkpointer, abstract_like
 from ablate.config import ConfigError
+from ablate.distributed import is_primary
 from ablate.experiment import Experiment, build_experiment
 from ablate.logging import TensorBoardWriter, nan_to_none
 from ablate.metrics import token_metrics
@@ -76,8 +77,15 @@ def load_run(run_dir: str | Path) -> tuple[Experiment, TrainState, int]:
     """(experiment, latest good training state of every seed, its step) of a run folder."""
     exp = read_experiment(run_dir)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=exp.train.keep_checkpoints)
+    # Probing runs on one device of each process: every seed's state is restored there
+    # (whatever mesh wrote it); in a multi-process run each process computes the same
+    # numbers and process 0 writes them.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = Engine(exp).abstract_state()
     try:
-        restored = ckpt.restore_latest(abstract_like(jax.eval_shape(Engine(exp).init)))
+        restored = ckpt.restore_latest(
+            abstract_like(abstract, jax.tree.map(lambda _: local, abstract))
+        )
     finally:
         ckpt.close()
     if restored is None:
@@ -392,6 +400,8 @@ def probe_run(
         "rows": rows,
     }
     out_dir = Path(run_dir) / "probe" if out_dir is None else Path(out_dir)
+    if not is_primary():
+        return result
     result["files"] = _write_outputs(result, drop, pruning_K2P, out_dir)
     if tensorboard:
         _write_tensorboard(Path(run_dir), result, drop, pruning_K2P)
@@ -508,6 +518,8 @@ def run(args: argparse.Namespace) -> int:
         msg = f"{args.seeds!r} is not a comma-separated list of integers"
         raise ConfigError([("seeds", msg)]) from None
     result = probe_run(args.run_dir, args.kinds, args.heads, seeds, args.out, chunk=args.chunk)
+    if not is_primary():  # process 0 prints and writes for all
+        return 0
     print(f"probe of {args.run_dir} at step {result['step']} (chance {result['chance']:.3f})")
     for k, seed in enumerate(result["seeds"]):
         order = result["pruning"]["importance_order"][k]

@@ -139,6 +139,11 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         e["frozen"] = rs[0].get("frozen") or []
         for name in ("accuracy", "alignment_max", "alignment_max_init"):
             e[name] = _stat(r.get(name) for r in good)
+        # exp(held-out loss); rows of older sweeps have only the loss.
+        e["perplexity"] = _stat(
+            r.get("perplexity", math.exp(min(r["loss"], 50.0)) if _finite(r.get("loss")) else None)
+            for r in good
+        )
         e["dependence"], e["verdict"] = None, None
         if label != "learned" and learns and e["accuracy"]:
             accs = [r["accuracy"] for r in good if _finite(r.get("accuracy"))]
@@ -223,6 +228,11 @@ def _statement(g: dict[str, Any]) -> str:
                 f"init: {who} can steer the fixed random routing, and freezing these "
                 "parts does not remove learned context."
             )
+    if g["context_need"] == "unknown":
+        # Real data: perplexity says more than accuracy (for language modelling above all).
+        ppl = [f"`{k}` {_fmt(e['perplexity'])}" for k, e in v.items() if e["perplexity"]]
+        if ppl:
+            out.append(f"Perplexity (exp of the held-out loss; lower is better): {'; '.join(ppl)}.")
     if learned is not None and learned["alignment_max"] is not None:
         a, u, init = learned["alignment_max"], g["alignment_uniform"], learned["alignment_max_init"]
         text = f"Learned heads put {a['mean']:.2f} of their mass on the dependency positions"
@@ -388,17 +398,19 @@ def _markdown(summary: dict, meta: dict, plots: dict) -> str:
     lines += [] if summary["groups"] else ["No results yet.", ""]
     for g in summary["groups"]:
         lines += [f"## {g['label']}", "", g["statement"], ""]
+        real = g["context_need"] == "unknown"  # real data: perplexity, no alignment
         lines += [
             "| variant | frozen | accuracy [95% CI] | context dependence [95% CI] | "
-            "best-head alignment | seeds ok/total |",
+            + ("perplexity [95% CI]" if real else "best-head alignment")
+            + " | seeds ok/total |",
             "|---|---|---|---|---|---|",
         ]
         for k, e in g["variants"].items():
             dep = "reference" if k == "learned" else _fmt(e["dependence"])
+            last = _fmt(e["perplexity"] if real else e["alignment_max"])
             lines.append(
                 f"| {k} | {_frozen_text(e['frozen']) or '-'} | {_fmt(e['accuracy'])} "
-                f"| {dep} | {_fmt(e['alignment_max'])} | "
-                f"{e['seeds_ok']}/{e['seeds_total']} |"
+                f"| {dep} | {last} | {e['seeds_ok']}/{e['seeds_total']} |"
             )
         lines += ["", f"Chance: {g['chance']:.2f}.", ""]
         aligned = [(f"`{k}`", e["alignment_max"]) for k, e in g["variants"].items()]

@@ -21,6 +21,8 @@ from ablate.logging import flatten
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".ablate.lock"
 LOCK_WAIT_SECONDS = 60.0
+# Placement, not the experiment: a run may resume on another mesh.
+PLACEMENT_PREFIX = "train.mesh."
 
 
 class Preempted(RuntimeError):
@@ -133,7 +135,7 @@ def check_run_config(run_dir: Path, config: dict, allow_change: bool) -> list[st
     diff = [
         f"{k}: {saved.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
         for k in sorted(set(saved) | set(new))
-        if saved.get(k) != new.get(k)
+        if saved.get(k) != new.get(k) and not k.startswith(PLACEMENT_PREFIX)
     ]
     if diff and not allow_change:
         raise ConfigError(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ablate.config import ConfigError, apply_overrides, load_toml, to_dict
+from ablate.distributed import is_primary
 from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
 from ablate.logging import nan_to_none
 from ablate.model import frozen_parts
@@ -189,6 +191,7 @@ class ResultsTable:
             "accuracy",
             "sequence_accuracy",
             "loss",
+            "perplexity",
             "chance",
             "alignment_max",
             "alignment_uniform",
@@ -236,6 +239,7 @@ def _rows_for(point: Point, result, init_alignment: dict) -> list[dict[str, Any]
                 "accuracy": result.final["accuracy"][k],
                 "sequence_accuracy": result.final["sequence_accuracy"][k],
                 "loss": result.final["loss"][k],
+                "perplexity": math.exp(min(result.final["loss"][k], 50.0)),
                 "alignment": nan_to_none(alignment.tolist()),
                 "alignment_max": float(finite.max()) if finite.size else None,
                 "alignment_uniform": nan_to_none(result.final["uniform_alignment"][k]),
@@ -296,20 +300,28 @@ def run_sweep(
     name, points = expand(data, default_name=Path(experiment_file).stem)
     sweep_dir = safe_join(workdir, name)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / SWEEP_FILE).write_text(
-        json.dumps(
-            {
-                "name": name,
-                "experiment_file": str(experiment_file),
-                "overrides": list(overrides),
-                "command": " ".join(
-                    ["ablate", "sweep", str(experiment_file), *(f"--set {o}" for o in overrides)]
-                ),
-                "points": [p.run_name for p in points],
-            },
-            indent=2,
+    # In a multi-process run every process trains every point; process 0 writes the files.
+    primary = is_primary()
+    if primary:
+        (sweep_dir / SWEEP_FILE).write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "experiment_file": str(experiment_file),
+                    "overrides": list(overrides),
+                    "command": " ".join(
+                        [
+                            "ablate",
+                            "sweep",
+                            str(experiment_file),
+                            *(f"--set {o}" for o in overrides),
+                        ]
+                    ),
+                    "points": [p.run_name for p in points],
+                },
+                indent=2,
+            )
         )
-    )
     table = ResultsTable(sweep_dir / RESULTS_FILE)
     done = table.done()
     todo = [p for p in points if p.run_name not in done]
@@ -321,7 +333,7 @@ def run_sweep(
         initial=len(points) - len(todo),
         desc=f"sweep {name}",
         unit="run",
-        disable=not progress,
+        disable=not (progress and primary),
     )
     failures = 0
     for point in todo:
@@ -344,7 +356,8 @@ def run_sweep(
                 point, "failed", f"{type(e).__name__}: {e}\n{tb}", time.perf_counter() - t0
             )
         failures += rows[0]["status"] != "ok"
-        table.replace_run(point.run_name, rows)
+        if primary:
+            table.replace_run(point.run_name, rows)
         bar.update(1)
     bar.close()
     lines = [
@@ -352,7 +365,7 @@ def run_sweep(
         f"{len(points)} runs: {len(points) - len(todo)} already done, "
         f"{len(todo) - failures} trained now, {failures} failed",
     ]
-    if report:
+    if report and primary:
         from ablate.report import write_report
 
         lines.append(f"report: {write_report(sweep_dir)}")

@@ -41,6 +41,7 @@ from flax import nnx
 from ablate.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from ablate.config import ConfigError
 from ablate.data import DataError  # one class for every bad-data error (exit 3)
+from ablate.distributed import Placement, any_process, is_primary
 from ablate.experiment import Experiment, OptimConfig
 from ablate.logging import (
     MetricsFile,
@@ -134,11 +135,34 @@ class Engine:
         self.has_pattern_NH = np.array(
             [block.attention.has_pattern_H for block in abstract.blocks], dtype=bool
         )
-        self.keys_K = seed_keys(exp.train.seeds)
-        self.eval_key = jax.random.PRNGKey(exp.train.eval_seed)
-        self._chunk = jax.jit(jax.vmap(self._chunk_one), donate_argnums=0)
-        self._evaluate = jax.jit(jax.vmap(self._evaluate_one, in_axes=(0, 0)))
-        self._patterns = jax.jit(jax.vmap(self._patterns_one, in_axes=(0, 0)))
+        tc = exp.train
+        # Refuses a mesh that does not fit the devices, seeds or batch (before any compile).
+        self.placement = place = Placement(tc.mesh, len(tc.seeds), tc.batch_size)
+        self.keys_K = place.put(seed_keys(tc.seeds), place.per_seed)
+        self.eval_key = jax.random.PRNGKey(tc.eval_seed)
+        # One set of functions for every mesh: the seed axis is vmapped and split over the
+        # `seeds` devices, batch rows over `data` (`_step_one`); host-bound outputs are
+        # replicated, so every process of a multi-host run can read them.
+        vmap = lambda f: jax.vmap(f, spmd_axis_name="seeds")
+        abstract_K = jax.eval_shape(vmap(self._init_one), self.keys_K)
+        self.state_sharding = state = place.state(abstract_K)
+        self._init = jax.jit(vmap(self._init_one), in_shardings=place.per_seed, out_shardings=state)
+        self._chunk = jax.jit(
+            vmap(self._chunk_one),
+            in_shardings=(state, place.per_seed),
+            out_shardings=(state, place.replicated),
+            donate_argnums=0,
+        )
+        weights = (state.params, state.rest)
+        self._evaluate = jax.jit(
+            vmap(self._evaluate_one), in_shardings=weights, out_shardings=place.replicated
+        )
+        self._patterns = jax.jit(
+            vmap(self._patterns_one), in_shardings=weights, out_shardings=place.replicated
+        )
+        self._finite = jax.jit(
+            _state_is_finite, in_shardings=(state,), out_shardings=place.replicated
+        )
         self.compiled_chunk = None
         self.compile_seconds = float("nan")
 
@@ -151,8 +175,10 @@ class Engine:
 
     def _step_one(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         step = state.step
-        batch = self.task.sample(
-            jax.random.fold_in(jax.random.fold_in(key, 1), step), self.exp.train.batch_size
+        batch = self.placement.rows(
+            self.task.sample(
+                jax.random.fold_in(jax.random.fold_in(key, 1), step), self.exp.train.batch_size
+            )
         )
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), step)
 
@@ -190,7 +216,7 @@ class Engine:
     def _eval_batch(self, i: int):
         # Held-out: real-data tasks draw from their eval split, synthetic ones from other keys.
         key = jax.random.fold_in(self.eval_key, i)
-        return self.task.eval_sample(key, self.exp.train.batch_size)
+        return self.placement.rows(self.task.eval_sample(key, self.exp.train.batch_size))
 
     def _valid(self, batch) -> jax.Array | None:
         """valid_BL for padded tasks (attention masks padding out), else None."""
@@ -232,26 +258,37 @@ class Engine:
     # --- host-facing, all seeds at once ---
 
     def init(self) -> TrainState:
-        return jax.jit(jax.vmap(self._init_one))(self.keys_K)
+        return self._init(self.keys_K)
 
     def abstract_state(self) -> TrainState:
-        """Shapes and dtypes of `init()`'s state, without computing it (the restore target)."""
-        return abstract_like(jax.eval_shape(self.init))
+        """Shapes, dtypes and shardings of `init()`'s state (the restore target)."""
+        return abstract_like(jax.eval_shape(self.init), self.state_sharding)
+
+    def params_finite(self, state: TrainState) -> np.ndarray:
+        """(K,) bool: which seeds' parameters are all finite."""
+        return np.asarray(self._finite(state))
 
     def check_data(self) -> None:
         """Raise DataError if a seed's first training batch or the first eval batch is unusable."""
         B = self.exp.train.batch_size
-        first_train = jax.jit(
-            jax.vmap(lambda k: self.task.sample(jax.random.fold_in(jax.random.fold_in(k, 1), 0), B))
-        )(self.keys_K)
+        # Replicated outputs: every process of a multi-host run can read them.
+        first_train = jax.device_get(
+            jax.jit(
+                jax.vmap(
+                    lambda k: self.task.sample(jax.random.fold_in(jax.random.fold_in(k, 1), 0), B)
+                ),
+                out_shardings=self.placement.replicated,
+            )(self.keys_K)
+        )
         batches = [
             (f"training batch 1 of seed {s}", jax.tree.map(lambda x, k=k: x[k], first_train))
             for k, s in enumerate(self.exp.train.seeds)
         ]
-        batches.append(("eval batch 1", jax.jit(self._eval_batch, static_argnums=0)(0)))
+        first_eval = jax.jit(lambda: self._eval_batch(0), out_shardings=self.placement.replicated)()
+        batches.append(("eval batch 1", jax.device_get(first_eval)))
         problems = []
         for where, batch in batches:
-            problems += batch_problems(jax.device_get(batch), self.exp, where)
+            problems += batch_problems(batch, self.exp, where)
         if problems:
             raise DataError(
                 f"task {self.task.name!r} gives batches this model cannot take:\n  "
@@ -341,9 +378,6 @@ def _state_is_finite(state: TrainState) -> jax.Array:
     )
 
 
-_params_finite = jax.jit(_state_is_finite)
-
-
 @dataclasses.dataclass
 class RunResult:
     """What a finished run reports (also written to final.json)."""
@@ -371,22 +405,27 @@ def train(
     """
     run_dir = Path(run_dir)
     with SigtermFlag() as sigterm:
-        lock = RunLock(run_dir, sigterm)
+        # In a multi-process run, process 0 holds the lock for all (they share the folder).
+        lock = RunLock(run_dir, sigterm) if is_primary() else None
         try:
             return _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_after)
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
 
 def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_after) -> RunResult:
     t_start = time.perf_counter()
     tc = exp.train
+    primary = is_primary()
     config = exp.to_dict()
     changed = check_run_config(run_dir, config, allow_config_change)
     if tc.compile_cache:
         enable_compile_cache()
 
     engine = Engine(exp)
+    if jax.device_count() > 1:
+        note(engine.placement.describe())
     engine.check_data()
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     logger = None
@@ -407,26 +446,30 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
             pending = _pending_from_meta(meta)
             note(f"resuming {run_dir} from checkpoint step {start}")
         # Written only once the checkpoint is known to fit, so a refused change leaves it.
-        if changed:
+        if changed and primary:
             backup = free_name(run_dir, "config.before-change", ".json")
             shutil.copyfile(run_dir / CONFIG_FILE, backup)
             note(f"config changed (allowed): {'; '.join(changed)}; old one kept as {backup.name}")
-        _write_json(run_dir / CONFIG_FILE, config)
+        if primary:
+            _write_json(run_dir / CONFIG_FILE, config)
         _stop_if_asked(sigterm, start)
         if start >= tc.steps and (run_dir / FINAL_FILE).is_file():
             return RunResult(**json.loads((run_dir / FINAL_FILE).read_text()))
-        if changed and (run_dir / FINAL_FILE).is_file():
+        if changed and primary and (run_dir / FINAL_FILE).is_file():
             # The run is being extended (an allowed config change): keep the old result.
             os.replace(run_dir / FINAL_FILE, free_name(run_dir, f"final.step{start}", ".json"))
 
         # Logs are cut back to the checkpoint (everything if there is none), whatever each
         # file held at the kill; the hparams session is rewritten at the end.
+        # Only process 0 writes logs; the others compute the same values and drop them.
         keep_through = start if restored is not None else -1
-        metrics_file = MetricsFile(run_dir / "metrics.jsonl")
-        metrics_file.truncate_after(keep_through)
-        for s in tc.seeds:
-            truncate_events(run_dir / f"seed_{s}", keep_through, drop_hparams=start < tc.steps)
-        writers = [TensorBoardWriter(run_dir / f"seed_{s}") for s in tc.seeds]
+        metrics_file, writers = None, []
+        if primary:
+            metrics_file = MetricsFile(run_dir / "metrics.jsonl")
+            metrics_file.truncate_after(keep_through)
+            for s in tc.seeds:
+                truncate_events(run_dir / f"seed_{s}", keep_through, drop_hparams=start < tc.steps)
+            writers = [TensorBoardWriter(run_dir / f"seed_{s}") for s in tc.seeds]
         chance = float(exp.task.chance)
         logger = _Logger(engine, writers, metrics_file, chance)
         _stop_if_asked(sigterm, start)
@@ -452,7 +495,7 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
         wall_seconds=time.perf_counter() - t_start,
         compile_seconds=engine.compile_seconds,
     )
-    if step == tc.steps:
+    if step == tc.steps and primary:
         _write_json(run_dir / FINAL_FILE, dataclasses.asdict(result))
     return result
 
@@ -460,7 +503,7 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
 def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after, progress):
     """Dispatch, log, evaluate and save until done; returns (step, final eval metrics)."""
     tc = exp.train
-    bar = _progress(progress, tc.steps, start, exp.name)
+    bar = _progress(progress and is_primary(), tc.steps, start, exp.name)
     step, t_window, drawn = start, time.perf_counter(), None
     final = engine.evaluate(state) if start >= tc.steps else {}
     try:
@@ -476,7 +519,7 @@ def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after,
             if checked:
                 # Nothing of a bad step is logged, evaluated or saved.
                 logger.check(pending, step)
-                _check_params(state, step, tc.seeds)
+                _check_params(engine, state, step, tc.seeds)
             if log_now:
                 rate = _steps_in(pending) / (time.perf_counter() - t_window)
                 shown = logger.training(pending, step, rate, engine.compile_seconds)
@@ -489,7 +532,7 @@ def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after,
                 final = logger.evaluation(state, step)
             if draw_now:
                 drawn = logger.heatmaps(state, step, "trained")
-            if last:
+            if last and logger.file is not None:
                 probs, deps, weights = drawn
                 _write_npz(
                     logger.file.path.parent / PATTERNS_FILE,
@@ -500,11 +543,13 @@ def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after,
                 )
                 logger.hparams(exp)
             # Read the flag only now: a SIGTERM during the evaluation above still saves here.
-            stopping = sigterm.raised or (stop_after is not None and step >= stop_after)
+            # Every process must agree to stop (a SIGTERM may reach only some).
+            preempted = any_process(sigterm.raised)
+            stopping = preempted or (stop_after is not None and step >= stop_after)
             if last or stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
                 if not checked:
                     logger.check(pending, step)
-                    _check_params(state, step, tc.seeds)
+                    _check_params(engine, state, step, tc.seeds)
                 logger.flush()
                 # The metrics of a half-logged window ride along, so the resumed run logs the
                 # same rows as an uninterrupted one.
@@ -512,7 +557,7 @@ def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after,
                 ckpt.save(step, state, meta)
             if last:
                 break
-            if sigterm.raised:  # also when it arrived during the save above
+            if preempted or any_process(sigterm.raised):  # also when it came during the save
                 raise Preempted(step)
             if stopping:
                 break
@@ -522,7 +567,7 @@ def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after,
 
 
 def _stop_if_asked(sigterm: SigtermFlag, start: int | None) -> None:
-    if sigterm.raised:
+    if any_process(sigterm.raised):
         raise Preempted(start, saved=False)
 
 
@@ -556,14 +601,18 @@ def _close_quietly(logger, ckpt) -> None:
             note(f"while closing: {type(e).__name__}: {e}")
 
 
-def _check_params(state: TrainState, step: int, seeds) -> None:
-    ok_K = np.asarray(_params_finite(state))
+def _check_params(engine: Engine, state: TrainState, step: int, seeds) -> None:
+    ok_K = engine.params_finite(state)
     if not ok_K.all():
         raise Diverged(step, seeds[int(np.argmin(ok_K))], "a parameter")
 
 
 class _Logger:
-    """Turns fetched metrics into TensorBoard scalars/images and JSON lines."""
+    """Turns fetched metrics into TensorBoard scalars/images and JSON lines.
+
+    Without a metrics file (processes other than 0) it computes what must agree and writes
+    nothing.
+    """
 
     def __init__(self, engine: Engine, writers, metrics_file: MetricsFile, chance: float):
         self.engine, self.writers, self.file, self.chance = engine, writers, metrics_file, chance
@@ -592,6 +641,8 @@ class _Logger:
                 raise Diverged(first + int(offset), self.seeds[seed_idx], name)
 
     def training(self, pending, step: int, steps_per_sec: float, compile_s: float) -> dict:
+        if self.file is None:  # not process 0: nothing to write
+            return {}
         per_step = jax.device_get(pending)
         merged = {k: np.concatenate([p[k] for p in per_step], axis=1) for k in per_step[0]}
         merged.pop(INVALID_TOKENS, None)
@@ -612,6 +663,8 @@ class _Logger:
 
     def evaluation(self, state: TrainState, step: int) -> dict[str, np.ndarray]:
         out = self.engine.evaluate(state)
+        if self.file is None:
+            return out
         rows = []
         for k, (seed, writer) in enumerate(zip(self.seeds, self.writers)):
             scalars = {
@@ -670,7 +723,8 @@ class _Logger:
         """Put everything logged so far on disk (before a checkpoint refers to it)."""
         for w in self.writers:
             w.flush()
-        self.file.sync()
+        if self.file is not None:
+            self.file.sync()
 
     def close(self):
         for w in self.writers:

@@ -272,3 +272,29 @@ def test_grid_points_are_separate_groups():
     ]
     labels = [g["label"] for g in summarize(rows)["groups"]]
     assert labels == ["t (model.n_layers=1)", "t (model.n_layers=2)"]
+
+
+# What a real-data row holds: no dependency mask, so no alignment.
+NO_MASK = dict(
+    alignment=[[None]], alignment_max=None, alignment_uniform=None, alignment_max_init=None
+)
+
+
+def test_real_data_shows_perplexity_not_alignment(tmp_path):
+    rows = [
+        _row("stdlib_lm", v, s, acc, need="unknown", chance=1 / 256, perplexity=p, **NO_MASK)
+        for v, values in {
+            "learned": [(0.48, 7.2), (0.49, 7.4)],
+            "uniform": [(0.41, 9.8)] * 2,
+        }.items()
+        for s, (acc, p) in enumerate(values)
+    ]
+    text = (write_report(_write(tmp_path, rows))).read_text()
+    assert "| perplexity [95% CI] |" in text and "best-head alignment |" not in text.split("##")[2]
+    g = summarize(rows)["groups"][0]
+    assert g["variants"]["learned"]["perplexity"]["mean"] == pytest.approx(7.3)
+    assert "`uniform` 9.80" in g["statement"] and "lower is better" in g["statement"]
+    # Rows of older sweeps carry only the loss: perplexity is exp(loss).
+    old = [{k: v for k, v in r.items() if k != "perplexity"} for r in rows]
+    mean = summarize(old)["groups"][0]["variants"]["uniform"]["perplexity"]["mean"]
+    assert mean == pytest.approx(np.exp(1 - 0.41))

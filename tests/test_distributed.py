@@ -1,0 +1,243 @@
+"""Many devices and many processes: every mesh computes what one device computes.
+
+The N-device runs happen in other processes (`XLA_FLAGS` must be set before JAX starts);
+this process has one CPU device and computes the reference. The tests that need the
+4-device process or two processes are marked slow (CI runs them in its second step).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ablate.checkpoint import Checkpointer
+from ablate.distributed import MeshConfig, launched_as_many, mesh_problems
+from ablate.probe import probe_run
+from ablate.train import Engine, train
+from tests.test_train import leaves, tiny
+
+ROOT = Path(__file__).parent.parent
+N = 4
+TOL = 2e-5
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh")
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "mesh_worker.py"), str(N), str(out)],
+        check=True,
+        env=_env(),
+        timeout=600,
+    )
+    return out
+
+
+def _saved(path: Path):
+    with np.load(path) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files) - 1)], z["loss"]
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+
+
+def _reference(**over):
+    exp = tiny(**{"train.mesh": {"data": 1}, **over})
+    engine = Engine(exp)
+    state = engine.init()
+    for _ in range(exp.train.steps // exp.train.steps_per_dispatch):
+        state, metrics = engine.train_chunk(state)
+    return leaves(state), np.asarray(metrics["loss"])
+
+
+@pytest.mark.slow  # a 4-device process: ~1.5 min of compiling on 2 cores
+def test_data_parallel_over_4_devices_matches_one_device(worker):
+    got, got_loss = _saved(worker / "data.npz")
+    want, want_loss = _reference()
+    _assert_same(got, want)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=TOL)
+    # The batch really was split: the step sums gradients across devices.
+    assert json.loads((worker / "hlo.json").read_text())["all_reduce"]
+
+
+@pytest.mark.slow  # a 4-device process: ~1.5 min of compiling on 2 cores
+def test_seed_axis_over_4_devices_matches_vmapped_seeds(worker):
+    got, got_loss = _saved(worker / "seeds.npz")
+    want, want_loss = _reference(**{"train.seeds": list(range(N))})
+    _assert_same(got, want)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=TOL)
+
+
+@pytest.mark.slow  # a 4-device process: ~1.5 min of compiling on 2 cores
+def test_fsdp_and_a_2x2_mesh_match_one_device(worker):
+    _assert_same(_saved(worker / "fsdp.npz")[0], _reference()[0])
+    _assert_same(_saved(worker / "both.npz")[0], _reference(**{"train.seeds": list(range(N))})[0])
+
+
+@pytest.mark.slow  # a 4-device process: ~1.5 min of compiling on 2 cores
+def test_checkpoint_from_4_devices_resumes_on_one(worker, tmp_path):
+    run = worker / "resume"
+    assert Checkpointer(run / "checkpoints").steps() == [10]
+    # The same experiment on this 1-device process: the default mesh is now 1 device.
+    exp = tiny()
+    resumed = train(exp, run, progress=False)
+    straight = train(exp, tmp_path / "straight", progress=False)
+    assert resumed.steps == 20
+    np.testing.assert_allclose(resumed.final["loss"], straight.final["loss"], rtol=TOL)
+    restore = lambda d: Checkpointer(d / "checkpoints").restore_latest(Engine(exp).abstract_state())
+    _assert_same(leaves(restore(run)[1]), leaves(restore(tmp_path / "straight")[1]))
+
+
+@pytest.mark.slow  # a 4-device process: ~1.5 min of compiling on 2 cores
+def test_meshes_that_do_not_fit_are_refused_with_the_reason(worker):
+    refused = json.loads((worker / "refused.json").read_text())
+    assert "train.mesh.data" in refused["batch"] and "batch_size = 6" in refused["batch"]
+    assert "train.mesh.seeds" in refused["seed_count"] and "3 seeds" in refused["seed_count"]
+    assert "needs 8 devices; JAX sees 4" in refused["too_many"]
+
+
+@pytest.mark.parametrize(
+    "cfg, devices, seeds, batch, where",
+    [
+        (MeshConfig(), 4, 1, 16, None),
+        (MeshConfig(seeds=2), 4, 2, 16, None),
+        (MeshConfig(seeds=3), 4, 3, 16, "train.mesh.seeds"),  # 3 does not divide 4 devices
+        (MeshConfig(seeds=3, data=1), 4, 3, 16, None),  # ...unless data says to use fewer
+        (MeshConfig(), 4, 1, 10, "train.mesh.data"),
+        (MeshConfig(seeds=2), 4, 3, 16, "train.mesh.seeds"),
+        (MeshConfig(data=2, seeds=4), 4, 4, 16, "train.mesh"),
+    ],
+)
+def test_mesh_problems(cfg, devices, seeds, batch, where):
+    found = mesh_problems(cfg, devices, seeds, batch)
+    assert [p for p, _ in found][:1] == ([where] if where else [])
+
+
+def test_mesh_on_one_device_is_refused_before_compiling():
+    with pytest.raises(Exception, match="needs 2 devices; JAX sees 1"):
+        Engine(tiny(**{"train.mesh": {"data": 2}}))
+
+
+def test_resuming_on_another_mesh_is_not_a_config_change(tmp_path):
+    exp = tiny(**{"train.steps": 10})
+    train(exp, tmp_path / "r", progress=False)
+    # The saved config says data = 0; data = 1 is the same experiment on the same device.
+    again = train(tiny(**{"train.steps": 10, "train.mesh": {"data": 1}}), tmp_path / "r")
+    assert again.steps == 10
+
+
+def test_launch_detection(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    assert not launched_as_many()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")
+    assert launched_as_many()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launched_as_many()
+
+
+TOML = """
+name = "tiny"
+[task]
+name = "assoc_recall"
+n_pairs = 4
+n_keys = 4
+n_values = 4
+[model]
+d_model = 32
+n_heads = 2
+n_layers = 2
+[optim]
+learning_rate = 3e-3
+warmup_steps = 10
+[train]
+steps = 20
+batch_size = 16
+seeds = [0]
+steps_per_dispatch = 10
+log_every = 10
+eval_every = 0
+eval_batches = 2
+checkpoint_every = 10
+compile_cache = false
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(args: list[str]) -> list[str]:
+    """Run `ablate ARGS` as 2 processes of 2 CPU devices each, joined on loopback."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ablate.cli", *args],
+            env=_env(
+                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(outputs)
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_probe_together_and_one_writes(tmp_path):
+    exp_file = tmp_path / "tiny.toml"
+    exp_file.write_text(TOML)
+    outputs = _two_processes(
+        ["train", str(exp_file), "--quiet", "--workdir", str(tmp_path / "runs")]
+    )
+    assert "2 process(es)" in outputs[0]
+    run = tmp_path / "runs" / "tiny"
+    straight = train(tiny(), tmp_path / "straight", progress=False)
+    final = json.loads((run / "final.json").read_text())
+    np.testing.assert_allclose(final["final"]["loss"], straight.final["loss"], rtol=TOL)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    one = [
+        json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [(r["step"], r["kind"]) for r in rows] == [(r["step"], r["kind"]) for r in one]
+    assert len(list((run / "seed_0").glob("events.out.tfevents.*"))) == 1
+    # The checkpoint of the 2-process run (4 devices) restores here, on one device.
+    restore = lambda d: Checkpointer(d / "checkpoints").restore_latest(
+        Engine(tiny()).abstract_state()
+    )
+    step, state, _ = restore(run)
+    assert step == 20
+    _assert_same(leaves(state), leaves(restore(tmp_path / "straight")[1]))
+
+    # Probing the run as 2 processes gives what one process gives, written once.
+    _two_processes(["probe", str(run), "--kinds", "zero"])
+    here = probe_run(tmp_path / "straight", kinds="zero", out_dir=tmp_path / "p1")
+    there = json.loads((run / "probe" / "probe.json").read_text())
+    np.testing.assert_allclose(
+        [r["accuracy"] for r in there["rows"]], [r["accuracy"] for r in here["rows"]], atol=1e-4
+    )
