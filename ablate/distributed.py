@@ -107,14 +107,19 @@ def mesh_problems(
     return found
 
 
+def check_mesh(mesh: MeshConfig, n_seeds: int, batch_size: int) -> None:
+    """Raise ConfigError if the mesh does not fit this machine's devices, seeds or batch."""
+    problems = mesh_problems(mesh, jax.device_count(), n_seeds, batch_size)
+    if problems:
+        raise ConfigError(problems)
+
+
 class Placement:
     """The mesh of one experiment and the shardings its engine annotates with."""
 
     def __init__(self, cfg: MeshConfig, n_seeds: int, batch_size: int):
+        check_mesh(cfg, n_seeds, batch_size)
         devices = jax.devices()
-        problems = mesh_problems(cfg, len(devices), n_seeds, batch_size)
-        if problems:
-            raise ConfigError(problems)
         data = cfg.data or len(devices) // cfg.seeds
         self.cfg = cfg
         self.shape = {"seeds": cfg.seeds, "data": data}

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ablate.config import ConfigError, apply_overrides, load_toml, to_dict
-from ablate.distributed import is_primary
+from ablate.distributed import check_mesh, is_primary
 from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
 from ablate.logging import nan_to_none
 from ablate.model import frozen_parts
@@ -298,6 +298,21 @@ def run_sweep(
     """Run every point not yet done, then write the report; returns a short summary."""
     data = apply_overrides(load_toml(experiment_file), overrides)
     name, points = expand(data, default_name=Path(experiment_file).stem)
+    refused: dict[tuple[str, str], list[str]] = {}  # one line per problem, naming its runs
+    for point in points:
+        tc = point.experiment.train
+        try:
+            check_mesh(tc.mesh, len(tc.seeds), tc.batch_size)
+        except ConfigError as e:
+            for problem in e.problems:
+                refused.setdefault(problem, []).append(point.run_name)
+    if refused:  # before the sweep folder is made
+        raise ConfigError(
+            [
+                (path, f"{msg} ({'every run' if len(runs) == len(points) else ', '.join(runs)})")
+                for (path, msg), runs in refused.items()
+            ]
+        )
     sweep_dir = safe_join(workdir, name)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     # In a multi-process run every process trains every point; process 0 writes the files.

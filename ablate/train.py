@@ -41,7 +41,7 @@ from flax import nnx
 from ablate.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from ablate.config import ConfigError
 from ablate.data import DataError  # one class for every bad-data error (exit 3)
-from ablate.distributed import Placement, any_process, is_primary
+from ablate.distributed import Placement, any_process, check_mesh, is_primary
 from ablate.experiment import Experiment, OptimConfig
 from ablate.logging import (
     MetricsFile,
@@ -404,6 +404,8 @@ def train(
     `stop_after` ends the loop early at that step (with a checkpoint), as a preemption would.
     """
     run_dir = Path(run_dir)
+    # Before the run folder is made: a mesh this machine cannot hold leaves nothing behind.
+    check_mesh(exp.train.mesh, len(exp.train.seeds), exp.train.batch_size)
     with SigtermFlag() as sigterm:
         # In a multi-process run, process 0 holds the lock for all (they share the folder).
         lock = RunLock(run_dir, sigterm) if is_primary() else None

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from ablate.checkpoint import Checkpointer
+from ablate.config import ConfigError
 from ablate.distributed import MeshConfig, launched_as_many, mesh_problems
 from ablate.probe import probe_run
+from ablate.sweep import run_sweep
 from ablate.train import Engine, train
 from tests.test_train import leaves, tiny
 
@@ -127,9 +129,16 @@ def test_mesh_problems(cfg, devices, seeds, batch, where):
     assert [p for p, _ in found][:1] == ([where] if where else [])
 
 
-def test_mesh_on_one_device_is_refused_before_compiling():
-    with pytest.raises(Exception, match="needs 2 devices; JAX sees 1"):
-        Engine(tiny(**{"train.mesh": {"data": 2}}))
+def test_mesh_on_one_device_is_refused_before_anything_is_made(tmp_path):
+    with pytest.raises(ConfigError, match="needs 2 devices; JAX sees 1"):
+        train(tiny(**{"train.mesh": {"data": 2}}), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"needs 2 devices; JAX sees 1 \(every run\)"):
+        run_sweep(
+            ROOT / "experiments" / "context_quick.toml",
+            overrides=["train.mesh.data=2"],
+            workdir=tmp_path / "sweeps",
+        )
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweeps").exists()
 
 
 def test_resuming_on_another_mesh_is_not_a_config_change(tmp_path):
