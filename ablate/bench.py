@@ -229,9 +229,20 @@ def interleave(runners: list, rounds: int, seconds: float) -> list[list[float]]:
 
 
 def experiment(
-    shape: str, *, variant: str, seeds: int, spd: int, dtype: str, batch: int | None = None
+    shape: str,
+    *,
+    variant: str,
+    seeds: int,
+    spd: int,
+    dtype: str,
+    batch: int | None = None,
+    seed_devices: int = 1,
 ) -> Experiment:
-    """The benchmark experiment of `shape` with the given variant, seeds and dispatch size."""
+    """The benchmark experiment of `shape` with the given variant, seeds and dispatch size.
+
+    On one device (comparable with the one-device matmul peak), unless `seed_devices` > 1
+    spreads the seeds over that many devices.
+    """
     task, model, shape_batch = SHAPES[shape]
     return build_experiment(
         {
@@ -248,6 +259,7 @@ def experiment(
                 "eval_every": 0,
                 "checkpoint_every": 0,
                 "compile_cache": False,
+                "mesh": {"data": 1, "seeds": seed_devices},
             },
         }
     )
@@ -304,6 +316,57 @@ def _probe_worker(cache_dir: str, shape: str) -> None:
         per_step = (time.perf_counter() - t0) / n
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
         print(json.dumps({"step_seconds": per_step, "page_faults": faults}), flush=True)
+
+
+def seeds_over_devices(
+    shape: str, seeds: int, devices: int, spd: int, rounds: int, seconds: float, dtype: str
+) -> dict[str, Any]:
+    """K seeds vmapped on one device vs the same K seeds spread over `devices` devices."""
+    one = EngineRunner(experiment(shape, variant="learned", seeds=seeds, spd=spd, dtype=dtype))
+    spread = EngineRunner(
+        experiment(
+            shape, variant="learned", seeds=seeds, spd=spd, dtype=dtype, seed_devices=devices
+        )
+    )
+    t_one, t_spread = (min(x) / spd for x in interleave([one, spread], rounds, seconds))
+    return {
+        "shape": shape,
+        "seeds": seeds,
+        "devices": devices,
+        "platform": jax.default_backend(),
+        "one_device_seed_steps_per_second": seeds / t_one,
+        "spread_seed_steps_per_second": seeds / t_spread,
+        "speedup": t_one / t_spread,
+    }
+
+
+def _seeds_worker(shape: str, seeds: str, devices: str, spd: str, rounds: str, seconds: str):
+    """(A fresh process whose CPU poses as `devices` devices.) Print `seeds_over_devices`."""
+    args = (int(seeds), int(devices), int(spd), int(rounds), float(seconds), "float32")
+    print(json.dumps(seeds_over_devices(shape, *args)), flush=True)
+
+
+def cpu_seeds_over_devices(
+    shape: str, seeds: int, spd: int, rounds: int, seconds: float
+) -> dict[str, Any] | None:
+    """On a CPU: spread K seeds over one host device per core, in a fresh process."""
+    devices = max(d for d in range(1, min(os.cpu_count() or 1, seeds) + 1) if seeds % d == 0)
+    if devices < 2:
+        return None
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={devices}".strip(),
+    )
+    code = "import sys; from ablate.bench import _seeds_worker; _seeds_worker(*sys.argv[1:])"
+    args = [shape, seeds, devices, spd, rounds, seconds]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(f"bench seeds-over-devices process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class _Worker:
@@ -562,6 +625,27 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
     result["configs"] = rows
     save()
 
+    # The seeds axis of the mesh: on several accelerators here; on a CPU, one host device
+    # per core in a fresh process (XLA_FLAGS must be set before JAX starts).
+    if jax.device_count() > 1 and K % min(K, jax.device_count()) == 0:
+        say(f"{K} seeds over {min(K, jax.device_count())} devices")
+        over = seeds_over_devices(
+            shape, K, min(K, jax.device_count()), plan.scan_spd, plan.rounds, plan.seconds,
+            plan.dtype,
+        )  # fmt: skip
+    elif jax.default_backend() == "cpu":
+        say(f"{K} seeds over one CPU device per core, in a subprocess")
+        over = cpu_seeds_over_devices(shape, K, plan.scan_spd, plan.rounds, plan.seconds)
+    else:
+        over = None
+    if over is not None:
+        over["speedup_vs_sequential"] = (
+            over["spread_seed_steps_per_second"] / result["engine"]["seeds"][
+                "sequential_seed_steps_per_second"]
+        )  # fmt: skip
+        result["engine"]["seeds_over_devices"] = over
+        save()
+
     for name in plan.shapes:
         if name == shape:
             continue
@@ -647,8 +731,16 @@ def summary(result: dict[str, Any]) -> str:
         f"{s['compile_seconds_one_seed']:.1f} s per run, so {s['run_steps']}-step runs "
         f"compiled each: x{s['speedup_with_compile']:.1f}",
     ]
+    if "seeds_over_devices" in eng:
+        o = eng["seeds_over_devices"]
+        out.append(
+            f"seeds over devices ({o['shape']}): {o['seeds']} seeds on {o['devices']} "
+            f"{o['platform']} devices {o['spread_seed_steps_per_second']:.0f} seed-steps/s vs "
+            f"{o['one_device_seed_steps_per_second']:.0f} vmapped on one (x{o['speedup']:.2f}); "
+            f"x{o['speedup_vs_sequential']:.1f} over sequential runs"
+        )
     for key, value in eng.items():
-        if key.startswith("seeds_"):
+        if key.startswith("seeds_") and key != "seeds_over_devices":
             out.append(f"seeds ({key[6:]}): {value['seeds']} vmapped vs sequential: "
                        f"x{value['speedup']:.1f}")  # fmt: skip
     if "compile" in eng:

@@ -2,13 +2,16 @@
 
 Text is tokenised once on the host (byte-level by default: nothing to download), validated
 there (the device never sees an id outside the vocabulary), and kept on the device as one
-token array; batches are then drawn on the device inside the compiled step, exactly like
-the synthetic tasks: random windows for language modelling, random examples for
-classification, from `fold_in(key, step)`. So the training loop never waits on the host,
-and a resumed run continues on exactly the batches it would have seen (the data position is
-the step, which checkpoints hold). The limit of this design: the tokenised training split
-must fit in device memory (a few GB of int32 ids), which covers the corpora this toolkit is
-for; streaming larger corpora is not supported.
+token array; batches are then gathered on the device inside the compiled step. Training
+walks the data in epochs: each epoch visits every example (classification) or every
+window of a fresh tiling of the token stream (language modelling: windows start at a random
+per-epoch offset) once, in an order shuffled per seed and epoch by a keyed Feistel
+permutation (`epoch_order`). The batch of step s is a function of (seed, s) alone: no host
+pipeline to prefetch or starve the device, and a resumed run continues on exactly the
+batches it would have seen (the data position is the step, which checkpoints hold). Held-out
+batches are drawn at random from the eval split with the fixed eval key. The limit of this
+design: the tokenised training split must fit in device memory (a few GB of int32 ids),
+which covers the corpora this toolkit is for; streaming larger corpora is not supported.
 
 Tasks: `text_lm` (a text column chunked into windows; next-byte prediction), `stdlib_lm`
 (the embedded corpus: the Python standard library's own source files found on this machine,
@@ -97,6 +100,60 @@ def column(ds, name: str, field: str) -> list:
     if name not in ds.column_names:
         raise DataError(f"{field}: column {name!r} not found; available: {ds.column_names}")
     return ds[name]
+
+
+# --- epoch order --------------------------------------------------------------------------
+
+FEISTEL_ROUNDS = 4
+
+
+def permute(key: jax.Array, x: jax.Array, n: int) -> jax.Array:
+    """A pseudo-random permutation of range(n), keyed by `key`, applied to the ids `x`.
+
+    A balanced Feistel network on the smallest even bit width holding n (round function:
+    threefry bits of `fold_in(round_key, half)`), with cycle walking for ids that land at or
+    past n. Costs O(len(x)), not O(n): no table of n entries per step.
+    """
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask = jnp.uint32((1 << half) - 1)
+    round_keys = jax.random.split(key, FEISTEL_ROUNDS)
+
+    def rounds(v):
+        left, right = v >> half, v & mask
+        for k in round_keys:
+            f = jax.vmap(lambda r, k=k: jax.random.bits(jax.random.fold_in(k, r), (), jnp.uint32))
+            left, right = right, left ^ (f(right) & mask)
+        return (left << half) | right
+
+    n32 = jnp.uint32(n)
+    v = rounds(x.astype(jnp.uint32))
+    v = jax.lax.while_loop(
+        lambda v: jnp.any(v >= n32), lambda v: jnp.where(v >= n32, rounds(v), v), v
+    )
+    return v.astype(jnp.int32)
+
+
+def epoch_order(key: jax.Array, step: jax.Array, batch_size: int, n: int):
+    """(indices (B,), epochs (B,)): the examples of training step `step` out of n.
+
+    With n >= batch_size an epoch is n // batch_size steps of distinct examples (the rest of
+    that epoch's order is dropped, a different rest each epoch); with fewer examples than a
+    batch, one step holds several whole epochs. Each epoch's order is `permute` under
+    `fold_in(key, epoch)`.
+    """
+    j = jnp.arange(batch_size)
+    if n >= batch_size:
+        per_epoch = n // batch_size
+        epoch_B = jnp.broadcast_to(step // per_epoch, (batch_size,))
+        slot_B = (step % per_epoch) * batch_size + j
+    else:
+        epochs_per_step = -(-batch_size // n)
+        epoch_B = step * epochs_per_step + j // n
+        slot_B = j % n
+    index_B = jax.vmap(lambda e, s: permute(jax.random.fold_in(key, e), s[None], n)[0])(
+        epoch_B, slot_B
+    )
+    return index_B, epoch_B
 
 
 # --- tokenisers ------------------------------------------------------------------------------
@@ -233,9 +290,10 @@ class _LanguageModel(_TextTask):
         # Chance: always predicting the most frequent token (a unigram model ignoring context).
         self.chance = float(counts.max() / counts.sum())
 
-    def _windows(self, ids: jax.Array, key: jax.Array, batch_size: int) -> Batch:
+    def _windows(self, ids: jax.Array, key: jax.Array, batch_size: int, starts_B=None) -> Batch:
         L = self.seq_len
-        starts_B = jax.random.randint(key, (batch_size,), 0, ids.shape[0] - L)
+        if starts_B is None:
+            starts_B = jax.random.randint(key, (batch_size,), 0, ids.shape[0] - L)
         idx_BL = starts_B[:, None] + jnp.arange(L + 1)[None, :]
         window_BL = ids[idx_BL]
         deps_BLL = jnp.zeros((batch_size, L, L), bool)
@@ -244,6 +302,27 @@ class _LanguageModel(_TextTask):
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         return self._windows(self._train_ids, key, batch_size)
+
+    def sample_at(self, key: jax.Array, step: jax.Array, batch_size: int) -> Batch:
+        starts_B = self.epoch_starts(key, step, batch_size)
+        return self._windows(self._train_ids, key, batch_size, starts_B)
+
+    def epoch_starts(self, key: jax.Array, step: jax.Array, batch_size: int) -> jax.Array:
+        """Where the training windows of `step` start in the token stream.
+
+        Each epoch tiles the stream with windows from a random offset below L (so window
+        boundaries move between epochs) and visits every window of that tiling once.
+        """
+        T, L = self.n_tokens["train"], self.seq_len
+        max_shift = min(L, T - L)
+        n = (T - L - max_shift) // L + 1
+        index_B, epoch_B = epoch_order(key, step, batch_size, n)
+        shift_B = jax.vmap(
+            lambda e: jax.random.randint(
+                jax.random.fold_in(jax.random.fold_in(key, e), 1), (), 0, max_shift
+            )
+        )(epoch_B)
+        return shift_B + index_B * L
 
     def eval_sample(self, key: jax.Array, batch_size: int) -> Batch:
         return self._windows(self._eval_ids, key, batch_size)
@@ -389,9 +468,10 @@ class TextClassification(_TextTask):
             raise DataError(f"the {which} split is empty")
         return jnp.asarray(ids_NL), jnp.asarray(label_N), jnp.asarray(cls_N)
 
-    def _examples(self, data, key: jax.Array, batch_size: int) -> Batch:
+    def _examples(self, data, key: jax.Array, batch_size: int, pick_B=None) -> Batch:
         ids_NL, label_N, cls_N = data
-        pick_B = jax.random.randint(key, (batch_size,), 0, ids_NL.shape[0])
+        if pick_B is None:
+            pick_B = jax.random.randint(key, (batch_size,), 0, ids_NL.shape[0])
         inputs_BL, cls_B = ids_NL[pick_B], cls_N[pick_B]
         at_cls_BL = jnp.arange(self.seq_len)[None, :] == cls_B[:, None]
         targets_BL = jnp.where(at_cls_BL, label_N[pick_B][:, None], 0)
@@ -402,6 +482,10 @@ class TextClassification(_TextTask):
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         return self._examples(self._train, key, batch_size)
+
+    def sample_at(self, key: jax.Array, step: jax.Array, batch_size: int) -> Batch:
+        index_B, _ = epoch_order(key, step, batch_size, int(self._train[0].shape[0]))
+        return self._examples(self._train, key, batch_size, index_B)
 
     def eval_sample(self, key: jax.Array, batch_size: int) -> Batch:
         return self._examples(self._eval, key, batch_size)

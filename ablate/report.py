@@ -260,7 +260,8 @@ def _statement(g: dict[str, Any]) -> str:
 
 
 def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
-    """Eval curves (mean over the given seeds): accuracy, best-head and uniform alignment."""
+    """Eval curves (mean over the given seeds): accuracy, best-head and uniform alignment,
+    perplexity."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return None
@@ -290,6 +291,10 @@ def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
         "accuracy": [mean(s, lambda r: r.get("accuracy")) for s in steps],
         "alignment": [mean(s, lambda r: best(r.get("alignment"))) for s in steps],
         "uniform": [mean(s, lambda r: r.get("uniform_alignment")) for s in steps],
+        "perplexity": [
+            mean(s, lambda r: math.exp(min(r["loss"], 50.0)) if _finite(r.get("loss")) else None)
+            for s in steps
+        ],
     }
 
 
@@ -331,18 +336,23 @@ def _bars(groups: list[dict], field: str, path: Path, ylabel: str, colors: dict)
 
 
 def _curve_plot(g: dict, curves: dict[str, dict], path: Path, colors: dict) -> None:
-    """Accuracy and best-head alignment over training, one line per variant."""
+    """Accuracy and best-head alignment over training, one line per variant (perplexity in
+    place of alignment for real data, which has no dependency mask)."""
     fig = Figure(figsize=(10.0, 3.6))
-    ax_acc, ax_align = fig.subplots(1, 2)
+    ax_acc, ax_right = fig.subplots(1, 2)
+    right = "perplexity" if g["context_need"] == "unknown" else "alignment"
     for label, c in curves.items():
         ax_acc.plot(c["step"], c["accuracy"], label=label, color=colors[label])
-        if any(_finite(a) for a in c["alignment"]):
-            ax_align.plot(c["step"], c["alignment"], label=label, color=colors[label])
+        # Step 0 (a random model: perplexity ~ vocabulary size) would flatten the rest.
+        points = [(s, y) for s, y in zip(c["step"], c[right]) if right == "alignment" or s > 0]
+        if any(_finite(y) for _, y in points):
+            ax_right.plot(*zip(*points), label=label, color=colors[label])
     ax_acc.axhline(g["chance"], color="k", ls="--", lw=0.8, label="chance")
     ref = next((c for c in curves.values() if any(_finite(u) for u in c["uniform"])), None)
-    if ref:
-        ax_align.plot(ref["step"], ref["uniform"], color="gray", ls=":", label="uniform")
-    for ax, name in ((ax_acc, "eval accuracy"), (ax_align, "best-head alignment")):
+    if ref and right == "alignment":
+        ax_right.plot(ref["step"], ref["uniform"], color="gray", ls=":", label="uniform")
+    ylabel = "eval perplexity" if right == "perplexity" else "best-head alignment"
+    for ax, name in ((ax_acc, "eval accuracy"), (ax_right, ylabel)):
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         if ax.get_legend_handles_labels()[0]:

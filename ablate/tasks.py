@@ -154,6 +154,15 @@ class Task(abc.ABC):
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         """A batch of `batch_size` sequences drawn from `key` (pure; jit and vmap safe)."""
 
+    def sample_at(self, key: jax.Array, step: jax.Array, batch_size: int) -> Batch:
+        """The training batch of `step` in the stream of one seed (`key`).
+
+        Synthetic tasks draw fresh sequences from `fold_in(key, step)`; data-backed tasks walk
+        their examples in a shuffled order, each once per epoch. Either way the batch is a
+        function of (seed, step) alone, so a resumed run sees the batches it would have seen.
+        """
+        return self.sample(jax.random.fold_in(key, step), batch_size)
+
     def eval_sample(self, key: jax.Array, batch_size: int) -> Batch:
         """A held-out batch; synthetic tasks draw it like training batches (other keys)."""
         return self.sample(key, batch_size)

@@ -176,9 +176,7 @@ class Engine:
     def _step_one(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         step = state.step
         batch = self.placement.rows(
-            self.task.sample(
-                jax.random.fold_in(jax.random.fold_in(key, 1), step), self.exp.train.batch_size
-            )
+            self.task.sample_at(jax.random.fold_in(key, 1), step, self.exp.train.batch_size)
         )
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), step)
 
@@ -274,9 +272,7 @@ class Engine:
         # Replicated outputs: every process of a multi-host run can read them.
         first_train = jax.device_get(
             jax.jit(
-                jax.vmap(
-                    lambda k: self.task.sample(jax.random.fold_in(jax.random.fold_in(k, 1), 0), B)
-                ),
+                jax.vmap(lambda k: self.task.sample_at(jax.random.fold_in(k, 1), 0, B)),
                 out_shardings=self.placement.replicated,
             )(self.keys_K)
         )
@@ -686,11 +682,15 @@ class _Logger:
                         scalars[f"attention/{name}/layer{layer}_head{head}"] = out[name][
                             k, layer, head
                         ]
-                valid = self.engine.has_pattern_NH[layer]
-                if valid.any():
+                # NaN where a head has no pattern, or the task no dependency mask (real text).
+                if np.isfinite(out["alignment"][k, layer]).any():
                     scalars[f"attention/alignment_max/layer{layer}"] = np.nanmax(
                         out["alignment"][k, layer]
                     )
+            # Real text has no alignment: no NaN curves in TensorBoard.
+            scalars = {
+                t: v for t, v in scalars.items() if not t.startswith("attention/") or np.isfinite(v)
+            }
             writer.scalars(scalars, step)
             row = {"step": step, "seed": seed, "kind": "eval", "chance": self.chance}
             for name, value in out.items():

@@ -206,3 +206,60 @@ def test_resume_continues_on_the_exact_next_batch(tmp_path):
         if r["kind"] == "train"
     ]
     assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1000, 4099])
+def test_permute_is_a_permutation_of_range_n(n):
+    from ablate.data import permute
+
+    orders = [
+        np.asarray(jax.jit(lambda x, s=s: permute(jax.random.PRNGKey(s), x, n))(np.arange(n)))
+        for s in (0, 1)
+    ]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(n))
+    if n >= 64:
+        assert not np.array_equal(orders[0], orders[1])  # the key shuffles
+        assert not np.array_equal(orders[0], np.arange(n))
+
+
+def test_epochs_visit_every_example_once_in_a_new_order():
+    from ablate.data import epoch_order
+
+    key, n, B = jax.random.PRNGKey(3), 50, 8  # 6 steps per epoch, 2 examples dropped each
+    order = jax.jit(lambda s: epoch_order(key, s, B, n)[0])
+    epochs = [
+        np.concatenate([np.asarray(order(s)) for s in range(e * 6, e * 6 + 6)]) for e in range(3)
+    ]
+    for order in epochs:
+        assert len(set(order.tolist())) == 48 and order.min() >= 0 and order.max() < n
+    assert not np.array_equal(epochs[0], epochs[1])
+    # Fewer examples than a batch: every step holds whole epochs.
+    idx, epoch = (np.asarray(a) for a in epoch_order(key, 3, 12, 5))
+    for e in np.unique(epoch)[:2]:
+        assert sorted(idx[epoch == e].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_lm_epoch_tiles_the_stream_with_distinct_windows(tmp_path):
+    source = tmp_path / "c.txt"
+    source.write_text("".join(f"{i:05d}\n" for i in range(2000)))
+    task = TextLM(TextLMConfig(source=str(source), seq_len=16))
+    key, B, L = jax.random.PRNGKey(0), 4, 16
+    T = task.n_tokens["train"]
+    per_epoch = ((T - 2 * L) // L + 1) // B
+    ids = np.asarray(task._train_ids)
+    starts_of = jax.jit(lambda step: task.epoch_starts(key, step, B))
+    shifts = []
+    for epoch in range(3):
+        starts = np.concatenate(
+            [np.asarray(starts_of(s)) for s in range(epoch * per_epoch, (epoch + 1) * per_epoch)]
+        )
+        assert len(set(starts.tolist())) == len(starts)  # no window twice in an epoch
+        assert len(set((starts % L).tolist())) == 1  # one tiling per epoch
+        assert starts.min() >= 0 and starts.max() + L + 1 <= T
+        shifts.append(int(starts[0] % L))
+    assert len(set(shifts)) > 1  # the tiling moves between epochs
+    batch = task.sample_at(key, 0, B)
+    start = int(starts_of(0)[0])
+    np.testing.assert_array_equal(batch.inputs[0], ids[start : start + L])
+    np.testing.assert_array_equal(batch.targets[0], ids[start + 1 : start + L + 1])
