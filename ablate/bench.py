@@ -328,7 +328,7 @@ def seeds_over_devices(
             shape, variant="learned", seeds=seeds, spd=spd, dtype=dtype, seed_devices=devices
         )
     )
-    t_one, t_spread = (min(x) / spd for x in interleave([one, spread], rounds, seconds))
+    t_one, t_spread = (min(x) for x in interleave([one, spread], rounds, seconds))
     return {
         "shape": shape,
         "seeds": seeds,
@@ -633,7 +633,7 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
             shape, K, min(K, jax.device_count()), plan.scan_spd, plan.rounds, plan.seconds,
             plan.dtype,
         )  # fmt: skip
-    elif jax.default_backend() == "cpu":
+    elif jax.default_backend() == "cpu" and probe:
         say(f"{K} seeds over one CPU device per core, in a subprocess")
         over = cpu_seeds_over_devices(shape, K, plan.scan_spd, plan.rounds, plan.seconds)
     else:
@@ -789,7 +789,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=int, default=8, help="K for vmapped vs sequential (8)")
     parser.add_argument(
-        "--no-probes", action="store_true", help="skip the compile-cache and malloc subprocesses"
+        "--no-probes",
+        action="store_true",
+        help="skip the subprocesses (compile cache, malloc, seeds over CPU devices)",
     )
 
 

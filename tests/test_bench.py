@@ -107,6 +107,10 @@ def test_quick_bench_probes_compile_cache_and_malloc_in_subprocesses(tmp_path):
     compile_, malloc = engine["compile"], engine["malloc"]
     assert compile_["cold_compile_seconds"] > 0 and compile_["cached_compile_seconds"] > 0
     assert malloc["default_steps_per_second"] > 0 and malloc["tunables_steps_per_second"] > 0
+    if (os.cpu_count() or 1) >= 2:  # 2 seeds over 2 host devices, in its own process
+        over = engine["seeds_over_devices"]
+        assert over["devices"] == 2 and over["platform"] == "cpu"
+        assert over["spread_seed_steps_per_second"] > 0 and over["speedup"] > 0
 
 
 def dot_dtypes(fn, *args) -> Counter:
