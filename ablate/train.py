@@ -9,6 +9,10 @@ The model is split once (`nnx.split(model, nnx.Param, ...)`): gradients and the 
 see only `nnx.Param`; `Fixed`/`Frozen` state rides along in `rest`, never updated.
 Per-step randomness is `fold_in(key, step)`, so a resumed run sees the same batches.
 
+Placement (ablate/distributed.py): the same jitted functions carry sharding annotations for
+the run's mesh: the seed axis over the `seeds` devices, batch rows over `data`. In a
+multi-process run every process runs this loop; process 0 alone writes logs and results.
+
 Faults `train` survives (each proved by tests/test_reliability.py): a kill at any moment
 (resume from the newest checkpoint that passes its checksums; logs and TensorBoard are cut
 back to it, and the metrics of a half-logged window ride in the checkpoint, so the resumed
