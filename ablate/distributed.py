@@ -19,8 +19,8 @@ launched as one of several (SLURM, Open MPI, a TPU pod slice, or the explicit
 program on its own devices; only process 0 writes logs, results and reports
 (`is_primary`), checkpoints go through orbax's multi-host save (each process writes its own
 shards), and host decisions that must agree (SIGTERM seen by any process) are agreed with
-`any_process`. Batches are drawn on the devices inside the step, so each host computes
-exactly the rows of its own devices.
+`any_process`. Batches are drawn inside the step from data every device holds and
+constrained to be split by rows: no host ships batches to another.
 """
 
 from __future__ import annotations
