@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from ablate.config import ConfigError
 
     try:
-        if argv[:1] and argv[0] in ("train", "sweep", "probe", "bench"):
+        if argv[:1] and argv[0] in ("train", "sweep", "probe"):
             # Connects the processes of a multi-process launch; nothing for a single one.
             from ablate.distributed import initialize
 

@@ -3,10 +3,10 @@
 Text is tokenised once on the host (byte-level by default: nothing to download), validated
 there (the device never sees an id outside the vocabulary), and kept on the device as one
 token array; batches are then gathered on the device inside the compiled step. Training
-walks the data in epochs: each epoch visits every example (classification) or every
-window of a fresh tiling of the token stream (language modelling: windows start at a random
-per-epoch offset) once, in an order shuffled per seed and epoch by a keyed Feistel
-permutation (`epoch_order`). The batch of step s is a function of (seed, s) alone: no host
+walks the data in epochs: each epoch takes the examples (classification) or the windows of
+a fresh tiling of the token stream (language modelling: windows start at a random per-epoch
+offset) in an order shuffled per seed and epoch by a keyed Feistel permutation, none twice,
+dropping the n mod batch_size left over (`epoch_order`). The batch of step s is a function of (seed, s) alone: no host
 pipeline to prefetch or starve the device, and a resumed run continues on exactly the
 batches it would have seen (the data position is the step, which checkpoints hold). Held-out
 batches are drawn at random from the eval split with the fixed eval key. The limit of this
@@ -138,7 +138,7 @@ def epoch_order(key: jax.Array, step: jax.Array, batch_size: int, n: int):
 
     With n >= batch_size an epoch is n // batch_size steps of distinct examples (the rest of
     that epoch's order is dropped, a different rest each epoch); with fewer examples than a
-    batch, one step holds several whole epochs. Each epoch's order is `permute` under
+    batch, one step holds ceil(batch_size / n) epochs, the last of them cut short. Each epoch's order is `permute` under
     `fold_in(key, epoch)`.
     """
     j = jnp.arange(batch_size)

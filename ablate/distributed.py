@@ -40,7 +40,11 @@ AXES = ("seeds", "data")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Devices per mesh axis. `data = 0` means every device not used by `seeds`."""
+    """Devices per mesh axis. `data = 0` means every device not used by `seeds`.
+
+    `fsdp` splits every weight matrix (and its Adam slots) over `data` along its largest axis
+    the data devices divide; vectors and scalars stay replicated.
+    """
 
     data: int = 0
     seeds: int = 1
@@ -117,9 +121,13 @@ def check_mesh(mesh: MeshConfig, n_seeds: int, batch_size: int) -> None:
 class Placement:
     """The mesh of one experiment and the shardings its engine annotates with."""
 
-    def __init__(self, cfg: MeshConfig, n_seeds: int, batch_size: int):
-        check_mesh(cfg, n_seeds, batch_size)
-        devices = jax.devices()
+    def __init__(self, cfg: MeshConfig, n_seeds: int, batch_size: int, local: bool = False):
+        if local:
+            # One device of this process, whatever mesh the run trained on (probing a run).
+            cfg, devices = MeshConfig(data=1), jax.local_devices()[:1]
+        else:
+            check_mesh(cfg, n_seeds, batch_size)
+            devices = jax.devices()
         data = cfg.data or len(devices) // cfg.seeds
         self.cfg = cfg
         self.shape = {"seeds": cfg.seeds, "data": data}
@@ -177,7 +185,8 @@ def launched_as_many() -> bool:
         return True
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_STEP_ID" in env:
         return True
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    # Open MPI as JAX detects it (mpirun of Open MPI 4); others: set JAX_COORDINATOR_ADDRESS.
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1 and "OMPI_MCA_orte_hnp_uri" in env:
         return True
     # A TPU pod slice lists every worker of the slice.
     return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1

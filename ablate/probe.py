@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from ablate.attention import MIXERS, MixerSettings
-from ablate.checkpoint import Checkpointer, abstract_like
+from ablate.checkpoint import Checkpointer
 from ablate.config import ConfigError
 from ablate.distributed import is_primary
 from ablate.experiment import Experiment, build_experiment
@@ -80,12 +80,8 @@ def load_run(run_dir: str | Path) -> tuple[Experiment, TrainState, int]:
     # Probing runs on one device of each process: every seed's state is restored there
     # (whatever mesh wrote it); in a multi-process run each process computes the same
     # numbers and process 0 writes them.
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = Engine(exp).abstract_state()
     try:
-        restored = ckpt.restore_latest(
-            abstract_like(abstract, jax.tree.map(lambda _: local, abstract))
-        )
+        restored = ckpt.restore_latest(Engine(exp, local=True).abstract_state())
     finally:
         ckpt.close()
     if restored is None:
@@ -153,7 +149,7 @@ class Prober:
 
     def __init__(self, exp: Experiment, params: Any, rest: Any, chunk: int | None = None):
         self.exp, self.params, self.rest, self.chunk = exp, params, rest, chunk
-        engine = Engine(exp)
+        engine = Engine(exp, local=True)
         self.graphdef, self.has_pattern_NH = engine.graphdef, engine.has_pattern_NH
         cfg = exp.model
         self.N, self.H, self.L, self.head_dim = (
@@ -294,7 +290,7 @@ def _batches(exp: Experiment, key: jax.Array, n: int) -> tuple[jax.Array, jax.Ar
     """(inputs, targets, weights), each (n, B, ...), drawn exactly as the engine's eval does."""
 
     def one(i):
-        batch = exp.task.sample(jax.random.fold_in(key, i), exp.train.batch_size)
+        batch = exp.task.eval_sample(jax.random.fold_in(key, i), exp.train.batch_size)
         return batch.inputs, batch.targets, batch.weights
 
     return jax.lax.map(one, jnp.arange(n))

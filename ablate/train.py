@@ -129,7 +129,8 @@ def seed_keys(seeds) -> jax.Array:
 class Engine:
     """The compiled functions of one experiment, for all its seeds at once."""
 
-    def __init__(self, exp: Experiment):
+    def __init__(self, exp: Experiment, local: bool = False):
+        """`local`: on one device of this process, ignoring the run's mesh (for probing)."""
         self.exp = exp
         self.task = exp.task
         cfg = exp.model
@@ -141,7 +142,7 @@ class Engine:
         )
         tc = exp.train
         # Refuses a mesh that does not fit the devices, seeds or batch (before any compile).
-        self.placement = place = Placement(tc.mesh, len(tc.seeds), tc.batch_size)
+        self.placement = place = Placement(tc.mesh, len(tc.seeds), tc.batch_size, local)
         self.keys_K = place.put(seed_keys(tc.seeds), place.per_seed)
         self.eval_key = jax.random.PRNGKey(tc.eval_seed)
         # One set of functions for every mesh: the seed axis is vmapped and split over the

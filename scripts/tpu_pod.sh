@@ -11,7 +11,6 @@
 # checkpoints are written by all workers, logs/results/report by worker 0 only.
 # Install once per worker: pip install -U "jax[tpu]" && pip install -e .
 set -euo pipefail
-cd "$(dirname "$0")/.."
 [[ $# -ge 2 ]] || { sed -n 2,13p "$0"; exit 2; }
 EXPERIMENT=$1
 WORKDIR=$2

@@ -50,6 +50,9 @@ def main(out: Path) -> None:
         if name == "data":
             hlo = engine.compiled_chunk.as_text()
             json.dump({"all_reduce": "all-reduce" in hlo}, (out / "hlo.json").open("w"))
+        if name == "fsdp":  # which state leaves were really split over `data`
+            specs = [str(s.spec) for s in jax.tree.leaves(engine.state_sharding)]
+            json.dump(specs, (out / "fsdp_specs.json").open("w"))
     refused = {}
     for name, over in REFUSED.items():
         try:

@@ -87,6 +87,8 @@ def test_seed_axis_over_4_devices_matches_vmapped_seeds(worker):
 @pytest.mark.slow  # a 4-device process: ~1.5 min of compiling on 2 cores
 def test_fsdp_and_a_2x2_mesh_match_one_device(worker):
     _assert_same(_saved(worker / "fsdp.npz")[0], _reference()[0])
+    specs = json.loads((worker / "fsdp_specs.json").read_text())
+    assert sum("'data'" in s for s in specs) >= 10  # the weight matrices and their Adam slots
     _assert_same(_saved(worker / "both.npz")[0], _reference(**{"train.seeds": list(range(N))})[0])
 
 
@@ -94,6 +96,8 @@ def test_fsdp_and_a_2x2_mesh_match_one_device(worker):
 def test_checkpoint_from_4_devices_resumes_on_one(worker, tmp_path):
     run = worker / "resume"
     assert Checkpointer(run / "checkpoints").steps() == [10]
+    # Its config says data = 4; probing it needs only this one device.
+    assert probe_run(run, kinds="zero", out_dir=tmp_path / "probe")["step"] == 10
     # The same experiment on this 1-device process: the default mesh is now 1 device.
     exp = tiny()
     resumed = train(exp, run, progress=False)
@@ -150,7 +154,8 @@ def test_resuming_on_another_mesh_is_not_a_config_change(tmp_path):
 
 
 def test_launch_detection(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    names = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE")
+    for name in (*names, "OMPI_MCA_orte_hnp_uri"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
     assert not launched_as_many()
@@ -158,6 +163,13 @@ def test_launch_detection(monkeypatch):
     assert launched_as_many()
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert not launched_as_many()  # Open MPI 5: JAX finds no coordinator; must be explicit
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "123@tcp://10.0.0.1:4000")
+    assert launched_as_many()
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert not launched_as_many()  # sbatch's own shell, outside srun
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
     assert launched_as_many()
 
 
