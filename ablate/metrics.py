@@ -6,7 +6,9 @@ serve the sweep report. Axis letters as in model.py (N layers, B batch, H heads,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +153,10 @@ def paired_context_dependence(
         return point, float("nan"), float("nan")
     tail = (1.0 - level) / 2.0
     return point, float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail))
+
+
+def perplexity(loss: Any) -> float | None:
+    """exp(mean cross-entropy), capped at exp(50); None for a missing or non-finite loss."""
+    if loss is None or not math.isfinite(float(loss)):
+        return None
+    return math.exp(min(float(loss), 50.0))

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ablate.config import ConfigError
-from ablate.metrics import bootstrap_interval, paired_context_dependence
+from ablate.metrics import bootstrap_interval, paired_context_dependence, perplexity
 
 # File names written by ablate.sweep / ablate.train (not imported: both pull in training).
 RESULTS_FILE, SWEEP_FILE, METRICS_FILE = "results.jsonl", "sweep.json", "metrics.jsonl"
@@ -140,10 +140,7 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for name in ("accuracy", "alignment_max", "alignment_max_init"):
             e[name] = _stat(r.get(name) for r in good)
         # exp(held-out loss); rows of older sweeps have only the loss.
-        e["perplexity"] = _stat(
-            r.get("perplexity", math.exp(min(r["loss"], 50.0)) if _finite(r.get("loss")) else None)
-            for r in good
-        )
+        e["perplexity"] = _stat(r.get("perplexity", perplexity(r.get("loss"))) for r in good)
         e["dependence"], e["verdict"] = None, None
         if label != "learned" and learns and e["accuracy"]:
             accs = [r["accuracy"] for r in good if _finite(r.get("accuracy"))]
@@ -291,10 +288,7 @@ def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
         "accuracy": [mean(s, lambda r: r.get("accuracy")) for s in steps],
         "alignment": [mean(s, lambda r: best(r.get("alignment"))) for s in steps],
         "uniform": [mean(s, lambda r: r.get("uniform_alignment")) for s in steps],
-        "perplexity": [
-            mean(s, lambda r: math.exp(min(r["loss"], 50.0)) if _finite(r.get("loss")) else None)
-            for s in steps
-        ],
+        "perplexity": [mean(s, lambda r: perplexity(r.get("loss"))) for s in steps],
     }
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from ablate.config import ConfigError, apply_overrides, load_toml, to_dict
 from ablate.distributed import check_mesh, is_primary
 from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
 from ablate.logging import nan_to_none
+from ablate.metrics import perplexity
 from ablate.model import frozen_parts
 from ablate.train import Diverged, Preempted, train
 
@@ -239,7 +239,7 @@ def _rows_for(point: Point, result, init_alignment: dict) -> list[dict[str, Any]
                 "accuracy": result.final["accuracy"][k],
                 "sequence_accuracy": result.final["sequence_accuracy"][k],
                 "loss": result.final["loss"][k],
-                "perplexity": math.exp(min(result.final["loss"][k], 50.0)),
+                "perplexity": perplexity(result.final["loss"][k]),
                 "alignment": nan_to_none(alignment.tolist()),
                 "alignment_max": float(finite.max()) if finite.size else None,
                 "alignment_uniform": nan_to_none(result.final["uniform_alignment"][k]),

@@ -55,7 +55,7 @@ from ablate.logging import (
     patterns_png,
     truncate_events,
 )
-from ablate.metrics import attention_metrics, token_metrics, uniform_alignment
+from ablate.metrics import attention_metrics, perplexity, token_metrics, uniform_alignment
 from ablate.model import Transformer, visibility
 from ablate.runfolder import (  # noqa: F401  (CONFIG_FILE, Preempted: part of this API)
     CONFIG_FILE,
@@ -672,7 +672,7 @@ class _Logger:
         for k, (seed, writer) in enumerate(zip(self.seeds, self.writers)):
             scalars = {
                 "eval/loss": out["loss"][k],
-                "eval/perplexity": float(np.exp(min(out["loss"][k], 50.0))),
+                "eval/perplexity": perplexity(out["loss"][k]) or math.nan,
                 "eval/accuracy": out["accuracy"][k],
                 "eval/sequence_accuracy": out["sequence_accuracy"][k],
                 "eval/chance": self.chance,
