@@ -64,6 +64,28 @@ def normalize_rows(weights_BHLS: jax.Array, visible_BLS: jax.Array) -> jax.Array
     return weights_BHLS / jnp.maximum(total_BHL1, 1e-30)
 
 
+def uses_attention_kernel() -> bool:
+    """Whether `learned` heads call `jax.nn.dot_product_attention` when no pattern is needed.
+
+    On accelerators, yes: it is where JAX selects its fused kernels. On a CPU it is XLA's
+    einsums in a positions-first layout, ~1.5x slower forward + backward than the heads-first
+    pattern path (`apply_pattern`) on a 2-core CPU (same shape, jax 0.10.2).
+    """
+    return jax.default_backend() != "cpu"
+
+
+def apply_pattern(probs_BHLS: jax.Array, v_BLHK: jax.Array) -> jax.Array:
+    """Mix the values by the patterns: out_BLHK[b, l, h] = sum_s probs[b, h, l, s] v[b, s, h].
+
+    Heads go before positions for the batched matmuls (here and for the scores in
+    `Learned.pattern`): with that layout the attention core (scores, softmax, mixing;
+    forward + backward; B 8, H 4, L 256, K 64) ran ~1.25x faster on a 2-core CPU than with
+    the strided positions-first one (jax 0.10.2).
+    """
+    v_BHSK = v_BLHK.transpose(0, 2, 1, 3).astype(probs_BHLS.dtype)
+    return jnp.einsum("BHLS,BHSK->BHLK", probs_BHLS, v_BHSK).transpose(0, 2, 1, 3)
+
+
 def _projection(rngs: nnx.Rngs, settings: MixerSettings, n_heads: int) -> jax.Array:
     init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
     return init(rngs.params(), (settings.d_model, n_heads, settings.head_dim))
@@ -87,8 +109,7 @@ class Mixer(nnx.Module):
 
     def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         """Mixed values `out_BLHK`; the default applies `pattern` to the values."""
-        probs_BHLS = self.pattern(x_BLD, visible_BLS)
-        return jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS, v_BLHK.astype(probs_BHLS.dtype))
+        return apply_pattern(self.pattern(x_BLD, visible_BLS), v_BLHK)
 
 
 class Learned(Mixer):
@@ -108,11 +129,15 @@ class Learned(Mixer):
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         q_BLHK, k_BSHK = self._qk(x_BLD)
-        scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK) / math.sqrt(self.head_dim)
+        q_BHLK, k_BHSK = q_BLHK.transpose(0, 2, 1, 3), k_BSHK.transpose(0, 2, 1, 3)
+        scores_BHLS = jnp.einsum("BHLK,BHSK->BHLS", q_BHLK, k_BHSK) / math.sqrt(self.head_dim)
         return masked_softmax(scores_BHLS.astype(jnp.float32), visible_BLS).astype(x_BLD.dtype)
 
     def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
-        # The fused kernel never materialises the pattern; `pattern` is used when asked for.
+        if not uses_attention_kernel():
+            return super().mix(x_BLD, v_BLHK, visible_BLS)
+        # JAX's attention kernel never materialises the pattern (where the backend has one);
+        # `pattern` is used when patterns are asked for.
         q_BLHK, k_BSHK = self._qk(x_BLD)
         out_BLHK = jax.nn.dot_product_attention(
             q_BLHK, k_BSHK, v_BLHK.astype(q_BLHK.dtype), mask=visible_BLS[:, None]

@@ -24,6 +24,7 @@ from ablate.attention import (
     Frozen,
     Mixer,
     MixerSettings,
+    apply_pattern,
     default_gaussian_offsets,
     make_mixer,
     variant_problem,
@@ -231,7 +232,7 @@ class Attention(nnx.Module):
                     other_BHLS = ablation.pattern_BHLS[:, start : start + n].astype(p_BHLS.dtype)
                     p_BHLS = (1 - mix_1H11) * p_BHLS + mix_1H11 * other_BHLS
                 probs.append(p_BHLS)
-                outs.append(jnp.einsum("BHLS,BSHK->BLHK", p_BHLS, v_group.astype(p_BHLS.dtype)))
+                outs.append(apply_pattern(p_BHLS, v_group))
             else:
                 outs.append(mixer.mix(x_BLD, v_group, visible_BLS))
                 if want_pattern:

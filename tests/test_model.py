@@ -17,6 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
+from ablate import attention
 from ablate.attention import MIXERS, Fixed, Frozen, default_gaussian_offsets
 from ablate.config import ConfigError, from_dict
 from ablate.model import (
@@ -221,8 +222,10 @@ def test_bfloat16_config_computes_the_blocks_in_bfloat16():
     assert 1e-4 < np.abs(rounded - full).max() < 0.1 * np.abs(full).max()
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["dot_product_attention", "heads_first"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_attention_equals_unfused(padded):
+def test_fused_attention_equals_unfused(padded, kernel, monkeypatch):
+    monkeypatch.setattr(attention, "uses_attention_kernel", lambda: kernel)
     valid = valid_BL() if padded else None
     fused = model(config("learned", fused_attention=True))
     plain = model(config("learned", fused_attention=False))
