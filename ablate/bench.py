@@ -14,8 +14,8 @@ on a shared, noisy machine even when absolute times do not:
   `--large`), and per attention variant at one shape: step time, tokens/s, compile time,
   model FLOP/s, MFU against the measured peak, memory;
 - in fresh subprocesses: compile time with an empty persistent compilation cache, then with
-  the cache the first one filled; and steps/s at one step per dispatch with and without
-  GLIBC_TUNABLES (which only works when set before the process starts; see below).
+  the cache the first one filled; and steps/s at one step per dispatch of the variants
+  table's model with ablate's GLIBC_TUNABLES and without (see below).
 
 Model FLOPs per trained token (what MFU counts): the standard 6 per matmul weight, plus the
 attention matmuls (PaLM's appendix B and nanoGPT count 12 * n_layers * L * d_model for them),
@@ -38,13 +38,13 @@ Per step: that times batch_size * L * seeds. `xla_flops` in the output is XLA's 
 of the compiled step (shown for one step per dispatch), a cross-check that includes the
 elementwise work.
 
-glibc's malloc can hand XLA's large buffers back to the OS after every call, which costs
-page faults at one step per dispatch; setting, before Python starts,
-    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296
-keeps them. It cannot be switched on from inside a running process, so the bench measures
-it in two subprocesses (steps/s and minor page faults per step) rather than setting it.
-With jax 0.10.2 on the quick model (2-core CPU, 2026-11) the default already took ~0 faults
-per step and the setting changed nothing measurable, so ablate does not set it.
+glibc's malloc hands XLA's per-step host buffers back to the OS after every call unless
+told otherwise, and the next step faults them in again (ablate/malloc.py: the `ablate`
+command restarts itself with GLIBC_TUNABLES that keep them). Those only work when set before
+the process starts, so the bench measures them in two fresh processes, on the model of the
+variants table (steps/s and minor page faults per step, with ablate's setting and with
+glibc's default); the rest of the bench runs with whatever this process started with (the
+summary's first line says which).
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ import jax.numpy as jnp
 
 from ablate.config import ConfigError
 from ablate.experiment import Experiment, build_experiment
+from ablate.malloc import TUNABLES
 from ablate.model import ModelConfig
 
 RUN_STEPS = 400  # context_quick.toml's run length, for the seeds comparison with compile
-GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
 
 #: FLOPs per head, per token and per position attended (times L * K), forward + backward.
 ATTENTION_FLOPS = {"learned": 12, "frozen": 12, "synthesizer": 6, "uniform": 4, "random_fixed": 4,
@@ -294,10 +294,11 @@ def row(r: EngineRunner, samples: list[float], peak: float) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ subprocesses
 
 
-def _probe_worker(cache_dir: str, shape: str) -> None:
-    """(A fresh process.) Build and compile with the persistent cache in `cache_dir`, print the
-    times as one JSON line, then for every number of seconds read from stdin, run one burst
-    of single-step dispatches and print its seconds per step."""
+def _probe_worker(cache_dir: str, shape: str, burst_shape: str, burst_batch: str) -> None:
+    """(A fresh process.) Build and compile `shape` with the persistent cache in `cache_dir`,
+    print the times as one JSON line; then, if `burst_shape` is given, build that model too
+    and, for every number of seconds read from stdin, run one burst of single-step dispatches
+    of each model and print, per model, its seconds and minor page faults per step."""
     from ablate.train import enable_compile_cache
 
     enable_compile_cache(cache_dir)
@@ -306,16 +307,27 @@ def _probe_worker(cache_dir: str, shape: str) -> None:
     ready = time.perf_counter() - t0
     facts = {"compile_seconds": r.compile_seconds, "init_seconds": r.init_seconds}
     print(json.dumps({**facts, "ready_seconds": ready}), flush=True)
-    per_step = min(_seconds(r.dispatch) for _ in range(2))
+    if not burst_shape:
+        return
+    big = experiment(
+        burst_shape, variant="learned", seeds=1, spd=1, dtype="float32", batch=int(burst_batch)
+    )
+    runners = [r, EngineRunner(big)]
+    per_step = [min(_seconds(x.dispatch) for _ in range(2)) for x in runners]
     for line in sys.stdin:
-        n = max(1, round(float(line) / per_step))
-        faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        for _ in range(n):
-            state = r.dispatch()
-        jax.block_until_ready(state)
-        per_step = (time.perf_counter() - t0) / n
-        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
-        print(json.dumps({"step_seconds": per_step, "page_faults": faults}), flush=True)
+        burst = {"step_seconds": [], "page_faults": []}
+        for i, x in enumerate(runners):
+            n = max(1, round(float(line) / per_step[i]))
+            faults, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            for _ in range(n):
+                state = x.dispatch()
+            jax.block_until_ready(state)
+            per_step[i] = (time.perf_counter() - t0) / n
+            burst["step_seconds"].append(per_step[i])
+            burst["page_faults"].append(
+                (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n
+            )
+        print(json.dumps(burst), flush=True)
 
 
 def seeds_over_devices(
@@ -370,19 +382,22 @@ def cpu_seeds_over_devices(
 
 
 class _Worker:
-    """A `_probe_worker` process on this process's platform, with or without GLIBC_TUNABLES."""
+    """A `_probe_worker` process on this process's platform, with ablate's GLIBC_TUNABLES or
+    with glibc's default malloc."""
 
-    def __init__(self, cache_dir: str, shape: str, tunables: bool):
+    def __init__(
+        self, cache_dir: str, shape: str, tunables: bool, burst: tuple[str, int] = ("", 0)
+    ):
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         env.pop("GLIBC_TUNABLES", None)
         if tunables:
-            env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+            env["GLIBC_TUNABLES"] = TUNABLES
         if jax.default_backend() == "cpu":
             env.setdefault("JAX_PLATFORMS", "cpu")
         code = "import sys; from ablate.bench import _probe_worker; _probe_worker(*sys.argv[1:])"
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", code, cache_dir, shape],
+            [sys.executable, "-c", code, cache_dir, shape, *map(str, burst)],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -390,8 +405,8 @@ class _Worker:
             text=True,
         )
         self.ready = self._read()  # returns once it has compiled (and filled the cache)
-        self.step_seconds: list[float] = []
-        self.page_faults: list[float] = []
+        self.step_seconds: list[list[float]] = []  # per burst, per model
+        self.page_faults: list[list[float]] = []
 
     def _read(self) -> dict[str, float]:
         line = self.process.stdout.readline()
@@ -414,13 +429,18 @@ class _Worker:
         self.stderr.close()
 
 
-def probes(shape: str, rounds: int, seconds: float) -> dict[str, Any]:
-    """Compile in a fresh process with an empty cache, then in two more that find it filled;
-    then time single-step dispatches in those two, taking turns, one with GLIBC_TUNABLES."""
+def probes(
+    shape: str, rounds: int, seconds: float, burst_shape: str, burst_batch: int
+) -> dict[str, Any]:
+    """Compile `shape` in a fresh process with an empty cache, then in two more that find it
+    filled; then in those two time single-step dispatches of `shape` and of `burst_shape` at
+    `burst_batch`, taking turns, one with ablate's GLIBC_TUNABLES and one with glibc's
+    default (small and large steps gain and lose differently: ablate/malloc.py)."""
+    burst = (burst_shape, burst_batch)
     with tempfile.TemporaryDirectory(prefix="ablate-bench-cache-") as cache:
         cold = _Worker(cache, shape, tunables=False)
-        cached = _Worker(cache, shape, tunables=False)
-        tuned = _Worker(cache, shape, tunables=True)
+        cached = _Worker(cache, shape, tunables=False, burst=burst)
+        tuned = _Worker(cache, shape, tunables=True, burst=burst)
         try:
             for _ in range(rounds):
                 for worker in (cached, tuned):
@@ -428,8 +448,23 @@ def probes(shape: str, rounds: int, seconds: float) -> dict[str, Any]:
         finally:
             for worker in (cold, cached, tuned):
                 worker.close()
-    default, tunables = min(cached.step_seconds), min(tuned.step_seconds)
     c, w = cold.ready, cached.ready
+    malloc = []
+    for i, (name, batch) in enumerate([(shape, SHAPES[shape][2]), burst]):
+        default = min(step[i] for step in cached.step_seconds)
+        tunables = min(step[i] for step in tuned.step_seconds)
+        malloc.append(
+            {
+                "shape": name,
+                "batch_size": batch,
+                "steps_per_dispatch": 1,
+                "default_steps_per_second": 1 / default,
+                "tunables_steps_per_second": 1 / tunables,
+                "speedup": default / tunables,
+                "default_page_faults_per_step": statistics.median(f[i] for f in cached.page_faults),
+                "tunables_page_faults_per_step": statistics.median(f[i] for f in tuned.page_faults),
+            }
+        )
     return {
         "compile": {
             "shape": shape,
@@ -441,17 +476,7 @@ def probes(shape: str, rounds: int, seconds: float) -> dict[str, Any]:
             "cached_ready_seconds": w["ready_seconds"],
             "speedup": c["compile_seconds"] / w["compile_seconds"],
         },
-        "malloc": {
-            "shape": shape,
-            "steps_per_dispatch": 1,
-            "glibc_tunables": GLIBC_TUNABLES,
-            "default_steps_per_second": 1 / default,
-            "tunables_steps_per_second": 1 / tunables,
-            "speedup": default / tunables,
-            "default_page_faults_per_step": statistics.median(cached.page_faults),
-            "tunables_page_faults_per_step": statistics.median(tuned.page_faults),
-            "rounds": rounds,
-        },
+        "malloc": {"glibc_tunables": TUNABLES, "rounds": rounds, "models": malloc},
     }
 
 
@@ -585,7 +610,9 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
     result["engine"] = {}
     if probe:  # first, while this process holds little device memory
         say("compile-cache and malloc probes in subprocesses")
-        result["engine"] = probes(plan.engine_shape, plan.rounds, plan.seconds)
+        result["engine"] = probes(
+            plan.engine_shape, plan.rounds, plan.seconds, plan.variant_shape, plan.variant_batch
+        )
         save()
 
     say(f"peak matmul; the engine on the {plan.engine_shape} model")
@@ -750,11 +777,15 @@ def summary(result: dict[str, Any]) -> str:
             f"empty cache, {c['cached_compile_seconds']:.2f} s cached (x{c['speedup']:.1f}); "
             f"build+init+first step {c['cold_ready_seconds']:.1f} s vs "
             f"{c['cached_ready_seconds']:.1f} s",
-            f"malloc ({mal['shape']}, 1 step/dispatch): {mal['default_steps_per_second']:.0f} "
-            f"steps/s default, {mal['tunables_steps_per_second']:.0f} with GLIBC_TUNABLES "
-            f"(x{mal['speedup']:.2f}, best of {mal['rounds']} turns each); minor page faults "
-            f"per step {mal['default_page_faults_per_step']:.0f} vs "
-            f"{mal['tunables_page_faults_per_step']:.0f}",
+            "malloc, 1 step/dispatch, glibc's default vs ablate's GLIBC_TUNABLES "
+            f"(ABLATE_MALLOC=keep; best of {mal['rounds']} turns each): "
+            + "; ".join(
+                f"{m['shape']} (batch {m['batch_size']}) {m['default_steps_per_second']:.3g} vs "
+                f"{m['tunables_steps_per_second']:.3g} steps/s (x{m['speedup']:.2f}), minor page "
+                f"faults per step {m['default_page_faults_per_step']:.0f} vs "
+                f"{m['tunables_page_faults_per_step']:.0f}"
+                for m in mal["models"]
+            ),
         ]
     out += [
         "",

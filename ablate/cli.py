@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line: first of all, opt-in malloc settings (ablate/malloc.py)
+        from ablate.config import ConfigError
+        from ablate.malloc import restart_with_tunables
+
+        try:
+            restart_with_tunables()
+        except ConfigError as e:
+            print(f"ablate: {e}", file=sys.stderr)
+            return EXIT_CONFIG
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         # The benchmark parses its own flags; importing it (jax) only here keeps --help fast.

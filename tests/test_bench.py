@@ -106,7 +106,11 @@ def test_quick_bench_probes_compile_cache_and_malloc_in_subprocesses(tmp_path):
     engine = json.loads(out.read_text())["engine"]
     compile_, malloc = engine["compile"], engine["malloc"]
     assert compile_["cold_compile_seconds"] > 0 and compile_["cached_compile_seconds"] > 0
-    assert malloc["default_steps_per_second"] > 0 and malloc["tunables_steps_per_second"] > 0
+    assert [m["shape"] for m in malloc["models"]] == ["tiny", "tiny"]
+    assert all(
+        m["default_steps_per_second"] > 0 and m["tunables_steps_per_second"] > 0
+        for m in malloc["models"]
+    )
     if (os.cpu_count() or 1) >= 2:  # 2 seeds over 2 host devices, in its own process
         over = engine["seeds_over_devices"]
         assert over["devices"] == 2 and over["platform"] == "cpu"
