@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from ablate.distributed import barrier, broadcast, is_primary
+from ablate.distributed import barrier, broadcast, is_primary, on_primary
 
 MANIFEST = "ablate-manifest.json"
 CORRUPT_NOTE = "ABLATE_CORRUPT.txt"
@@ -56,6 +56,18 @@ def _digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _write_manifest(step_dir: Path) -> None:
+    """The checksum manifest of a finished save (written last: a step without one is unfinished)."""
+    digests = _files(step_dir)  # before the temporary file exists
+    manifest = step_dir / MANIFEST
+    tmp = manifest.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps(digests, indent=0))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, manifest)
 
 
 def _files(step_dir: Path) -> dict[str, str]:
@@ -87,9 +99,7 @@ class Checkpointer:
 
     def remove_unfinished(self) -> None:
         """Delete the temp folders of killed saves and deletions (orbax's and our own only)."""
-        if is_primary():
-            self._remove_unfinished()
-        barrier("ablate-remove-unfinished")
+        on_primary(self._remove_unfinished, "removing unfinished checkpoint saves")
 
     def _remove_unfinished(self) -> None:
         # Only under the run folder's lock: a live save's temp folder looks the same.
@@ -104,14 +114,12 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Write `state` and `meta` at `step` (synchronously), its manifest, then prune."""
         step_dir = self.directory / str(step)
-        primary = is_primary()
         try:
             if broadcast(int(step_dir.exists())):
                 # Never overwrite: whatever is there (a step set aside later, or one from an
                 # earlier attempt) keeps its bytes under another name.
-                if primary:
-                    self.set_aside(step, "a new checkpoint of the same step was saved")
-                barrier("ablate-set-aside")
+                reason = "a new checkpoint of the same step was saved"
+                on_primary(lambda: self.set_aside(step, reason), "setting a checkpoint aside")
                 self.manager.reload()
             self.manager.save(
                 step,
@@ -122,23 +130,13 @@ class Checkpointer:
             )
             self.manager.wait_until_finished()
             barrier("ablate-saved")
-            if primary:
-                digests = _files(step_dir)
-                manifest = step_dir / MANIFEST
-                tmp = manifest.with_suffix(".tmp")
-                with tmp.open("w") as f:
-                    f.write(json.dumps(digests, indent=0))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, manifest)
+            on_primary(lambda: _write_manifest(step_dir), "writing the checkpoint manifest")
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise ValueError for I/O errors
             raise CheckpointError(
                 f"could not write checkpoint step {step} in {self.directory} "
                 f"(the previous checkpoints are untouched): {type(e).__name__}: {e}"
             ) from e
-        if primary:
-            self._prune()
-        barrier("ablate-pruned")
+        on_primary(self._prune, "pruning old checkpoints")
         self.manager.reload()
 
     def _prune(self) -> None:

@@ -195,12 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from ablate.checkpoint import CheckpointError
         from ablate.data import DataError
+        from ablate.distributed import OtherProcessFailed
         from ablate.train import Diverged, Preempted
 
         codes = [
             (DataError, EXIT_DATA),
             (Diverged, EXIT_DIVERGED),
             (Preempted, EXIT_PREEMPTED),
+            (OtherProcessFailed, EXIT_ERROR),
             ((CheckpointError, OSError), EXIT_IO),
         ]
         for kind, code in codes:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -252,3 +254,32 @@ def broadcast(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+T = TypeVar("T")
+
+
+class OtherProcessFailed(RuntimeError):
+    """Raised on the other processes when a step that only process 0 does failed there."""
+
+
+def on_primary(action: Callable[[], T], what: str) -> T | None:
+    """Run `action` on process 0 only, then agree on whether it worked.
+
+    If it raised there, process 0 re-raises its error and every other process raises
+    `OtherProcessFailed`, so that none is left waiting in a collective for a process that
+    has stopped. Returns the action's result on process 0, None on the others. Every process
+    must call it (it is a collective, and so also a barrier); with one process it only runs
+    the action.
+    """
+    result, error = None, None
+    if is_primary():
+        try:
+            result = action()
+        except BaseException as e:  # re-raised below, once the others know
+            error = e
+    if broadcast(int(error is not None)):
+        if error is not None:
+            raise error
+        raise OtherProcessFailed(f"{what} failed on process 0 (its output says why)")
+    return result

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ablate.config import ConfigError, apply_overrides, load_toml, to_dict
-from ablate.distributed import check_mesh, is_primary
+from ablate.distributed import check_mesh, is_primary, on_primary
 from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
 from ablate.logging import nan_to_none
 from ablate.metrics import perplexity
@@ -315,9 +315,9 @@ def run_sweep(
         )
     sweep_dir = safe_join(workdir, name)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+
     # In a multi-process run every process trains every point; process 0 writes the files.
-    primary = is_primary()
-    if primary:
+    def write_sweep_file():
         (sweep_dir / SWEEP_FILE).write_text(
             json.dumps(
                 {
@@ -337,6 +337,9 @@ def run_sweep(
                 indent=2,
             )
         )
+
+    on_primary(write_sweep_file, f"writing {SWEEP_FILE}")
+    primary = is_primary()
     table = ResultsTable(sweep_dir / RESULTS_FILE)
     done = table.done()
     todo = [p for p in points if p.run_name not in done]

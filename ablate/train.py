@@ -45,7 +45,7 @@ from flax import nnx
 from ablate.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from ablate.config import ConfigError
 from ablate.data import DataError  # one class for every bad-data error (exit 3)
-from ablate.distributed import Placement, any_process, check_mesh, is_primary
+from ablate.distributed import Placement, any_process, check_mesh, is_primary, on_primary
 from ablate.experiment import Experiment, OptimConfig
 from ablate.logging import (
     MetricsFile,
@@ -408,8 +408,9 @@ def train(
     # Before the run folder is made: a mesh this machine cannot hold leaves nothing behind.
     check_mesh(exp.train.mesh, len(exp.train.seeds), exp.train.batch_size)
     with SigtermFlag() as sigterm:
-        # In a multi-process run, process 0 holds the lock for all (they share the folder).
-        lock = RunLock(run_dir, sigterm) if is_primary() else None
+        # In a multi-process run, process 0 holds the lock for all (they share the folder);
+        # what only process 0 does is agreed on (`on_primary`): a failure stops them all.
+        lock = on_primary(lambda: RunLock(run_dir, sigterm), "locking the run folder")
         try:
             return _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_after)
         finally:
@@ -420,7 +421,6 @@ def train(
 def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_after) -> RunResult:
     t_start = time.perf_counter()
     tc = exp.train
-    primary = is_primary()
     config = exp.to_dict()
     changed = check_run_config(run_dir, config, allow_config_change)
     if tc.compile_cache:
@@ -449,30 +449,28 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
             pending = _pending_from_meta(meta)
             note(f"resuming {run_dir} from checkpoint step {start}")
         # Written only once the checkpoint is known to fit, so a refused change leaves it.
-        if changed and primary:
-            backup = free_name(run_dir, "config.before-change", ".json")
-            shutil.copyfile(run_dir / CONFIG_FILE, backup)
-            note(f"config changed (allowed): {'; '.join(changed)}; old one kept as {backup.name}")
-        if primary:
-            _write_json(run_dir / CONFIG_FILE, config)
+        on_primary(lambda: _write_config(run_dir, config, changed), "writing config.json")
         _stop_if_asked(sigterm, start)
         if start >= tc.steps and (run_dir / FINAL_FILE).is_file():
             return RunResult(**json.loads((run_dir / FINAL_FILE).read_text()))
-        if changed and primary and (run_dir / FINAL_FILE).is_file():
+        if changed and (run_dir / FINAL_FILE).is_file():
             # The run is being extended (an allowed config change): keep the old result.
-            os.replace(run_dir / FINAL_FILE, free_name(run_dir, f"final.step{start}", ".json"))
+            old = lambda: free_name(run_dir, f"final.step{start}", ".json")
+            on_primary(lambda: os.replace(run_dir / FINAL_FILE, old()), "keeping final.json")
 
         # Logs are cut back to the checkpoint (everything if there is none), whatever each
         # file held at the kill; the hparams session is rewritten at the end.
         # Only process 0 writes logs; the others compute the same values and drop them.
         keep_through = start if restored is not None else -1
-        metrics_file, writers = None, []
-        if primary:
+
+        def open_logs():
             metrics_file = MetricsFile(run_dir / "metrics.jsonl")
             metrics_file.truncate_after(keep_through)
             for s in tc.seeds:
                 truncate_events(run_dir / f"seed_{s}", keep_through, drop_hparams=start < tc.steps)
-            writers = [TensorBoardWriter(run_dir / f"seed_{s}") for s in tc.seeds]
+            return metrics_file, [TensorBoardWriter(run_dir / f"seed_{s}") for s in tc.seeds]
+
+        metrics_file, writers = on_primary(open_logs, "opening the logs") or (None, [])
         chance = float(exp.task.chance)
         logger = _Logger(engine, writers, metrics_file, chance)
         _stop_if_asked(sigterm, start)
@@ -498,9 +496,19 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
         wall_seconds=time.perf_counter() - t_start,
         compile_seconds=engine.compile_seconds,
     )
-    if step == tc.steps and primary:
-        _write_json(run_dir / FINAL_FILE, dataclasses.asdict(result))
+    if step == tc.steps:
+        write = lambda: _write_json(run_dir / FINAL_FILE, dataclasses.asdict(result))
+        on_primary(write, "writing final.json")
     return result
+
+
+def _write_config(run_dir: Path, config: dict, changed: list[str]) -> None:
+    """config.json, the one it replaces kept under a free name when it changed (allowed)."""
+    if changed:
+        backup = free_name(run_dir, "config.before-change", ".json")
+        shutil.copyfile(run_dir / CONFIG_FILE, backup)
+        note(f"config changed (allowed): {'; '.join(changed)}; old one kept as {backup.name}")
+    _write_json(run_dir / CONFIG_FILE, config)
 
 
 def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after, progress):

@@ -206,8 +206,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(args: list[str]) -> list[str]:
-    """Run `ablate ARGS` as 2 processes of 2 CPU devices each, joined on loopback."""
+def _two_processes(args: list[str], codes=(0, 0), timeout=600) -> list[str]:
+    """Run `ablate ARGS` as 2 processes of 2 CPU devices each, joined on loopback; check
+    their exit codes and return their outputs."""
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -224,8 +225,12 @@ def _two_processes(args: list[str]) -> list[str]:
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(outputs)
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert tuple(p.returncode for p in procs) == tuple(codes), "\n\n".join(outputs)
     return outputs
 
 
@@ -262,3 +267,16 @@ def test_two_processes_train_and_probe_together_and_one_writes(tmp_path):
     np.testing.assert_allclose(
         [r["accuracy"] for r in there["rows"]], [r["accuracy"] for r in here["rows"]], atol=1e-4
     )
+
+
+@pytest.mark.slow
+def test_a_failure_on_process_0_alone_stops_every_process(tmp_path):
+    # Only process 0 makes and locks the run folder; here it cannot (the workdir is a file).
+    # Process 1 must stop too, told why, rather than wait for process 0 in a collective.
+    exp_file = tmp_path / "tiny.toml"
+    exp_file.write_text(TOML)
+    (tmp_path / "file").write_text("")
+    args = ["train", str(exp_file), "--quiet", "--workdir", str(tmp_path / "file")]
+    first, second = _two_processes(args, codes=(74, 1), timeout=300)
+    assert "cannot create or open the run folder" in first
+    assert "locking the run folder failed on process 0 (its output says why)" in second
