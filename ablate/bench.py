@@ -38,13 +38,14 @@ Per step: that times batch_size * L * seeds. `xla_flops` in the output is XLA's 
 of the compiled step (shown for one step per dispatch), a cross-check that includes the
 elementwise work.
 
-glibc's malloc hands XLA's per-step host buffers back to the OS after every call unless
-told otherwise, and the next step faults them in again (ablate/malloc.py: the `ablate`
-command restarts itself with GLIBC_TUNABLES that keep them). Those only work when set before
-the process starts, so the bench measures them in two fresh processes, on the model of the
-variants table (steps/s and minor page faults per step, with ablate's setting and with
-glibc's default); the rest of the bench runs with whatever this process started with (the
-summary's first line says which).
+glibc's malloc hands XLA's large per-step host buffers back to the OS after every call
+unless told otherwise, and the next step faults them in again (ablate/malloc.py: with
+ABLATE_MALLOC=keep the `ablate` command restarts itself with GLIBC_TUNABLES that keep them;
+they help large steps and slow small ones). Those only work when set before the process
+starts, so the bench measures them in two fresh processes, each timing the quick model and
+the model of the variants table (steps/s and minor page faults per step, with ablate's
+setting and with glibc's default); the rest of the bench runs with whatever this process
+started with (the summary's first line says which).
 """
 
 from __future__ import annotations
