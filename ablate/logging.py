@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import struct
 import time
@@ -269,14 +268,3 @@ def _json_default(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     raise TypeError(f"not JSON serialisable: {type(v)}")
-
-
-def nan_to_none(x: Any) -> Any:
-    """A JSON-safe copy: every non-finite float (numpy scalars too) becomes None (null)."""
-    if isinstance(x, dict):
-        return {k: nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [nan_to_none(v) for v in x]
-    if isinstance(x, float | np.floating):
-        return float(x) if math.isfinite(x) else None
-    return x

@@ -160,3 +160,14 @@ def perplexity(loss: Any) -> float | None:
     if loss is None or not math.isfinite(float(loss)):
         return None
     return math.exp(min(float(loss), 50.0))
+
+
+def nan_to_none(x: Any) -> Any:
+    """A JSON-safe copy: every non-finite float (numpy scalars too) becomes None (null)."""
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [nan_to_none(v) for v in x]
+    if isinstance(x, float | np.floating):
+        return float(x) if math.isfinite(x) else None
+    return x

@@ -43,8 +43,8 @@ from ablate.checkpoint import Checkpointer
 from ablate.config import ConfigError
 from ablate.distributed import is_primary
 from ablate.experiment import Experiment, build_experiment
-from ablate.logging import TensorBoardWriter, nan_to_none
-from ablate.metrics import token_metrics
+from ablate.logging import TensorBoardWriter
+from ablate.metrics import nan_to_none, token_metrics
 from ablate.model import HeadAblation, visibility
 from ablate.train import CONFIG_FILE, Engine, TrainState
 

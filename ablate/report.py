@@ -21,7 +21,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ablate.config import ConfigError
-from ablate.metrics import bootstrap_interval, paired_context_dependence, perplexity
+from ablate.metrics import (
+    bootstrap_interval,
+    nan_to_none,
+    paired_context_dependence,
+    perplexity,
+)
 
 # File names written by ablate.sweep / ablate.train (not imported: both pull in training).
 RESULTS_FILE, SWEEP_FILE, METRICS_FILE = "results.jsonl", "sweep.json", "metrics.jsonl"
@@ -488,15 +493,6 @@ def _probe_text(probe: dict[str, Any], variant: str) -> str:
     return " ".join(parts)
 
 
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: NaN and Inf become null."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def write_report(sweep_dir: str | Path) -> Path:
     """Write REPORT.md, report/*.png and report/summary.json for a sweep; returns REPORT.md."""
     sweep_dir = Path(sweep_dir)
@@ -538,7 +534,7 @@ def write_report(sweep_dir: str | Path) -> Path:
             _curve_plot(g, curves, out / name, colors)
             plots["curves"][g["label"]] = f"report/{name}"
     summary["sweep"] = {k: meta.get(k) for k in ("name", "command", "experiment_file")}
-    (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=2) + "\n")
     path = sweep_dir / "REPORT.md"
     path.write_text(_markdown(summary, meta, plots))
     return path

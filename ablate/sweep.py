@@ -36,8 +36,7 @@ import numpy as np
 from ablate.config import ConfigError, apply_overrides, load_toml, to_dict
 from ablate.distributed import check_mesh, is_primary, on_primary
 from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
-from ablate.logging import nan_to_none
-from ablate.metrics import perplexity
+from ablate.metrics import nan_to_none, perplexity
 from ablate.model import frozen_parts
 from ablate.train import Diverged, Preempted, train
 

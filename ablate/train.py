@@ -51,11 +51,16 @@ from ablate.logging import (
     MetricsFile,
     TensorBoardWriter,
     flatten,
-    nan_to_none,
     patterns_png,
     truncate_events,
 )
-from ablate.metrics import attention_metrics, perplexity, token_metrics, uniform_alignment
+from ablate.metrics import (
+    attention_metrics,
+    nan_to_none,
+    perplexity,
+    token_metrics,
+    uniform_alignment,
+)
 from ablate.model import Transformer, visibility
 from ablate.runfolder import (  # noqa: F401  (CONFIG_FILE, Preempted: part of this API)
     CONFIG_FILE,
