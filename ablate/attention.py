@@ -86,6 +86,13 @@ def apply_pattern(probs_BHLS: jax.Array, v_BLHK: jax.Array) -> jax.Array:
     return jnp.einsum("BHLS,BHSK->BHLK", probs_BHLS, v_BHSK).transpose(0, 2, 1, 3)
 
 
+def softmax_attention(q_BLHK: jax.Array, k_BSHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    """softmax(Q K^T / sqrt(K) + mask) as float32 patterns, the scores computed heads-first."""
+    q_BHLK, k_BHSK = q_BLHK.transpose(0, 2, 1, 3), k_BSHK.transpose(0, 2, 1, 3)
+    scores_BHLS = jnp.einsum("BHLK,BHSK->BHLS", q_BHLK, k_BHSK) / math.sqrt(q_BLHK.shape[-1])
+    return masked_softmax(scores_BHLS.astype(jnp.float32), visible_BLS)
+
+
 def _projection(rngs: nnx.Rngs, settings: MixerSettings, n_heads: int) -> jax.Array:
     init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
     return init(rngs.params(), (settings.d_model, n_heads, settings.head_dim))
@@ -129,9 +136,7 @@ class Learned(Mixer):
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         q_BLHK, k_BSHK = self._qk(x_BLD)
-        q_BHLK, k_BHSK = q_BLHK.transpose(0, 2, 1, 3), k_BSHK.transpose(0, 2, 1, 3)
-        scores_BHLS = jnp.einsum("BHLK,BHSK->BHLS", q_BHLK, k_BHSK) / math.sqrt(self.head_dim)
-        return masked_softmax(scores_BHLS.astype(jnp.float32), visible_BLS).astype(x_BLD.dtype)
+        return softmax_attention(q_BLHK, k_BSHK, visible_BLS).astype(x_BLD.dtype)
 
     def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         if not uses_attention_kernel():

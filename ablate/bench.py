@@ -13,6 +13,9 @@ on a shared, noisy machine even when absolute times do not:
   d 768, 12 layers, 12 heads, length 1024, vocab 50304, only on accelerators unless
   `--large`), and per attention variant at one shape: step time, tokens/s, compile time,
   model FLOP/s, MFU against the measured peak, memory;
+- the attention core alone (scores, softmax, mixing; forward + backward) at the variants
+  table's layer shape, computed heads-first (what ablate uses on a CPU), by
+  `jax.nn.dot_product_attention` (what it uses on accelerators) and positions-first;
 - in fresh subprocesses: compile time with an empty persistent compilation cache, then with
   the cache the first one filled; and steps/s at one step per dispatch of the variants
   table's model with ablate's GLIBC_TUNABLES and without (see below).
@@ -199,6 +202,46 @@ class EngineRunner:
             "compiled_memory_bytes": compiled_bytes,
             "device_peak_bytes": stats.get("peak_bytes_in_use"),
         }
+
+
+#: How the attention core (scores, softmax, mixing) can be computed; `ablate` uses
+#: heads_first on a CPU and dot_product_attention on accelerators (attention.py).
+ATTENTION_KERNELS = ("heads_first", "dot_product_attention", "positions_first")
+
+
+class AttentionCoreRunner:
+    """One causal attention core, forward + backward, by one of `ATTENTION_KERNELS`."""
+
+    def __init__(self, kernel: str, B: int, H: int, L: int, K: int, dtype: str):
+        from ablate.attention import apply_pattern, masked_softmax, softmax_attention
+        from ablate.model import visibility
+
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        self.qkv = [jax.random.normal(key, (B, L, H, K), dtype) for key in keys]
+        visible_BLS = visibility(L, True, None, B)
+
+        def core(q_BLHK, k_BSHK, v_BSHK):
+            if kernel == "dot_product_attention":
+                return jax.nn.dot_product_attention(
+                    q_BLHK, k_BSHK, v_BSHK, mask=visible_BLS[:, None]
+                )
+            if kernel == "heads_first":
+                probs_BHLS = softmax_attention(q_BLHK, k_BSHK, visible_BLS).astype(dtype)
+                return apply_pattern(probs_BHLS, v_BSHK)
+            scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK) / math.sqrt(K)
+            probs_BHLS = masked_softmax(scores_BHLS.astype(jnp.float32), visible_BLS)
+            return jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS.astype(dtype), v_BSHK)
+
+        loss = lambda q, k, v: jnp.sum(core(q, k, v).astype(jnp.float32) ** 2)
+        self.grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        self.kernel, self.shape = kernel, {"B": B, "H": H, "L": L, "K": K}
+        self.steps_per_dispatch = 1
+        self.flops_per_step = ATTENTION_FLOPS["learned"] * B * H * L * L * K
+        _seconds(self.dispatch)  # compiles
+        self.run_seconds = _seconds(self.dispatch)
+
+    def dispatch(self):
+        return self.grad(*self.qkv)
 
 
 def _seconds(fn) -> float:
@@ -499,6 +542,7 @@ class Plan:
     variant_shape: str
     variant_batch: int
     variants: tuple[str, ...]
+    attention_core: tuple[int, int, int, int]  # B, H, L, K
     rounds: int
     shape_rounds: int
     seconds: float
@@ -529,6 +573,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             variant_shape="tiny",
             variant_batch=8,
             variants=variants if args.variants else ("learned", "uniform"),
+            attention_core=(2, 2, 32, 16),
             rounds=2,
             shape_rounds=2,
             seconds=0.2,
@@ -557,6 +602,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         variant_shape="medium",
         variant_batch=32 if accelerator else 8,
         variants=variants,
+        attention_core=(32 if accelerator else 8, 4, 256, 64),  # the variants table's layer
         skipped=skipped,
         rounds=5,
         shape_rounds=3,
@@ -697,6 +743,25 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
         for v in plan.variants
     ]
     result["variants"] = measure(runners, plan.shape_rounds)
+    save()
+
+    B, H, L, K = plan.attention_core
+    say(f"attention core, forward + backward, B {B} H {H} L {L} K {K}")
+    cores = [AttentionCoreRunner(k, B, H, L, K, plan.dtype) for k in ATTENTION_KERNELS]
+    mm, *samples = interleave([matmul, *cores], plan.shape_rounds, plan.seconds)
+    peak = matmul.flops_per_step / min(mm)
+    result["attention_core"] = [
+        {
+            "kernel": c.kernel,
+            **c.shape,
+            "dtype": plan.dtype,
+            "step_seconds": min(t),
+            "step_seconds_rounds": t,
+            "flops_per_second": c.flops_per_step / min(t),
+            "mfu": c.flops_per_step / min(t) / peak,
+        }
+        for c, t in zip(cores, samples)
+    ]
     result["wall_seconds"] = time.perf_counter() - t_start
     say("done")
     save()
@@ -795,6 +860,23 @@ def summary(result: dict[str, Any]) -> str:
         table(result["configs"]),
     ]
     out += ["", "Attention variants at equal shape:", table(result["variants"])]
+    if "attention_core" in result:
+        first, *rest = result["attention_core"]
+        shape = ", ".join(f"{k} {first[k]}" for k in "BHLK")
+        out += [
+            "",
+            f"Attention core, forward + backward ({shape}, {first['dtype']}): "
+            + "; ".join(
+                f"{c['kernel']} {1e3 * c['step_seconds']:.3g} ms ({100 * c['mfu']:.0f}% MFU)"
+                for c in result["attention_core"]
+            )
+            + "; "
+            + ", ".join(
+                f"{first['kernel']} runs at x{c['step_seconds'] / first['step_seconds']:.2f} "
+                f"the speed of {c['kernel']}"
+                for c in rest
+            ),
+        ]
     out += [f"skipped: {why}" for why in result["skipped"]]
     return "\n".join(out)
 

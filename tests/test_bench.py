@@ -14,7 +14,14 @@ import pytest
 from flax import nnx
 
 from ablate.attention import MIXERS
-from ablate.bench import ATTENTION_FLOPS, main, model_flops_per_token, train_flops_per_step
+from ablate.bench import (
+    ATTENTION_FLOPS,
+    ATTENTION_KERNELS,
+    AttentionCoreRunner,
+    main,
+    model_flops_per_token,
+    train_flops_per_step,
+)
 from ablate.experiment import build_experiment
 from ablate.model import ModelConfig, Transformer
 from ablate.train import Engine
@@ -92,8 +99,24 @@ def test_quick_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
     if cpu:
         assert 1.0 <= one["xla_flops_per_step"] / one["model_flops_per_step"] < 1.3
     assert [r["variant"] for r in result["variants"]] == ["learned"]
+    assert [c["kernel"] for c in result["attention_core"]] == list(ATTENTION_KERNELS)
+    assert all(c["step_seconds"] > 0 and 0 < c["mfu"] < 2 for c in result["attention_core"])
     printed = capsys.readouterr().out
     assert "| tiny | learned | 2 |" in printed and "MFU" in printed
+    assert "Attention core, forward + backward (B 2, H 2, L 32, K 16" in printed
+
+
+def test_the_attention_core_kernels_compute_the_same_gradients():
+    # The bench compares their speed; that only means something if they compute one thing.
+    grads = {
+        k: AttentionCoreRunner(k, B=2, H=2, L=8, K=4, dtype="float32").dispatch()
+        for k in ATTENTION_KERNELS
+    }
+    ref = grads["positions_first"]
+    for kernel, g in grads.items():
+        for a, b in zip(g, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=kernel)
+    assert np.abs(np.asarray(ref[0])).max() > 1e-3  # gradients that say something
 
 
 @pytest.mark.slow
