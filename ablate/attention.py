@@ -68,28 +68,21 @@ def uses_attention_kernel() -> bool:
     """Whether `learned` heads call `jax.nn.dot_product_attention` when no pattern is needed.
 
     On accelerators, yes: it is where JAX selects its fused kernels. On a CPU it is XLA's
-    einsums in a positions-first layout, ~1.5x slower forward + backward than the heads-first
-    pattern path (`apply_pattern`) on a 2-core CPU (same shape, jax 0.10.2).
+    einsums, the same math as the pattern path, but it ran ~1.2x slower forward + backward
+    there (`ablate bench`, its attention core line; 2-core CPU, jax 0.10.2), so `learned`
+    uses the pattern path (`softmax_attention`, then `apply_pattern`).
     """
     return jax.default_backend() != "cpu"
 
 
 def apply_pattern(probs_BHLS: jax.Array, v_BLHK: jax.Array) -> jax.Array:
-    """Mix the values by the patterns: out_BLHK[b, l, h] = sum_s probs[b, h, l, s] v[b, s, h].
-
-    Heads go before positions for the batched matmuls (here and for the scores in
-    `Learned.pattern`): with that layout the attention core (scores, softmax, mixing;
-    forward + backward; B 8, H 4, L 256, K 64) ran ~1.25x faster on a 2-core CPU than with
-    the strided positions-first one (jax 0.10.2).
-    """
-    v_BHSK = v_BLHK.transpose(0, 2, 1, 3).astype(probs_BHLS.dtype)
-    return jnp.einsum("BHLS,BHSK->BHLK", probs_BHLS, v_BHSK).transpose(0, 2, 1, 3)
+    """Mix the values by the patterns: out_BLHK[b, l, h] = sum_s probs[b, h, l, s] v[b, s, h]."""
+    return jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS, v_BLHK.astype(probs_BHLS.dtype))
 
 
 def softmax_attention(q_BLHK: jax.Array, k_BSHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
-    """softmax(Q K^T / sqrt(K) + mask) as float32 patterns, the scores computed heads-first."""
-    q_BHLK, k_BHSK = q_BLHK.transpose(0, 2, 1, 3), k_BSHK.transpose(0, 2, 1, 3)
-    scores_BHLS = jnp.einsum("BHLK,BHSK->BHLS", q_BHLK, k_BHSK) / math.sqrt(q_BLHK.shape[-1])
+    """softmax(Q K^T / sqrt(K) + mask) as float32 patterns `probs_BHLS`."""
+    scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK) / math.sqrt(q_BLHK.shape[-1])
     return masked_softmax(scores_BHLS.astype(jnp.float32), visible_BLS)
 
 

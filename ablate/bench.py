@@ -14,8 +14,8 @@ on a shared, noisy machine even when absolute times do not:
   `--large`), and per attention variant at one shape: step time, tokens/s, compile time,
   model FLOP/s, MFU against the measured peak, memory;
 - the attention core alone (scores, softmax, mixing; forward + backward) at the variants
-  table's layer shape, computed heads-first (what ablate uses on a CPU), by
-  `jax.nn.dot_product_attention` (what it uses on accelerators) and positions-first;
+  table's layer shape, by ablate's pattern path (what `learned` uses on a CPU) and by
+  `jax.nn.dot_product_attention` (what it uses on accelerators);
 - in fresh subprocesses: compile time with an empty persistent compilation cache, then with
   the cache the first one filled; and steps/s at one step per dispatch of the variants
   table's model with ablate's GLIBC_TUNABLES and without (see below).
@@ -204,16 +204,16 @@ class EngineRunner:
         }
 
 
-#: How the attention core (scores, softmax, mixing) can be computed; `ablate` uses
-#: heads_first on a CPU and dot_product_attention on accelerators (attention.py).
-ATTENTION_KERNELS = ("heads_first", "dot_product_attention", "positions_first")
+#: How the attention core (scores, softmax, mixing) can be computed; `learned` uses the
+#: pattern path on a CPU and dot_product_attention on accelerators (attention.py).
+ATTENTION_KERNELS = ("pattern", "dot_product_attention")
 
 
 class AttentionCoreRunner:
     """One causal attention core, forward + backward, by one of `ATTENTION_KERNELS`."""
 
     def __init__(self, kernel: str, B: int, H: int, L: int, K: int, dtype: str):
-        from ablate.attention import apply_pattern, masked_softmax, softmax_attention
+        from ablate.attention import apply_pattern, softmax_attention
         from ablate.model import visibility
 
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -225,12 +225,8 @@ class AttentionCoreRunner:
                 return jax.nn.dot_product_attention(
                     q_BLHK, k_BSHK, v_BSHK, mask=visible_BLS[:, None]
                 )
-            if kernel == "heads_first":
-                probs_BHLS = softmax_attention(q_BLHK, k_BSHK, visible_BLS).astype(dtype)
-                return apply_pattern(probs_BHLS, v_BSHK)
-            scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK) / math.sqrt(K)
-            probs_BHLS = masked_softmax(scores_BHLS.astype(jnp.float32), visible_BLS)
-            return jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS.astype(dtype), v_BSHK)
+            probs_BHLS = softmax_attention(q_BLHK, k_BSHK, visible_BLS).astype(dtype)
+            return apply_pattern(probs_BHLS, v_BSHK)
 
         loss = lambda q, k, v: jnp.sum(core(q, k, v).astype(jnp.float32) ** 2)
         self.grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

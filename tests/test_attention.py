@@ -378,10 +378,10 @@ def test_head_outputs_projected_and_summed_give_the_layer_output(fused):
     assert min(np.abs(p).max() for p in per_head_HBLD) > 1e-2
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["dot_product_attention", "heads_first"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["dot_product_attention", "pattern_path"])
 def test_fused_and_pattern_paths_of_a_layer_agree(kernel, monkeypatch):
-    # The fused path is jax.nn.dot_product_attention on accelerators and the heads-first
-    # einsums on a CPU: both are checked here, on the CPU, against the pattern path.
+    # The fused path is jax.nn.dot_product_attention on accelerators and the pattern path
+    # on a CPU: both are checked here, on the CPU, against patterns asked for explicitly.
     monkeypatch.setattr(attention, "uses_attention_kernel", lambda: kernel)
     layer = Attention(("learned", "learned", "frozen", "none"), settings(), nnx.Rngs(0))
     x_BLD, visible_BLS = inputs(), mask("causal_padded")

@@ -112,7 +112,7 @@ def test_the_attention_core_kernels_compute_the_same_gradients():
         k: AttentionCoreRunner(k, B=2, H=2, L=8, K=4, dtype="float32").dispatch()
         for k in ATTENTION_KERNELS
     }
-    ref = grads["positions_first"]
+    ref = grads["pattern"]
     for kernel, g in grads.items():
         for a, b in zip(g, ref):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=kernel)

@@ -222,7 +222,7 @@ def test_bfloat16_config_computes_the_blocks_in_bfloat16():
     assert 1e-4 < np.abs(rounded - full).max() < 0.1 * np.abs(full).max()
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["dot_product_attention", "heads_first"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["dot_product_attention", "pattern_path"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fused_attention_equals_unfused(padded, kernel, monkeypatch):
     monkeypatch.setattr(attention, "uses_attention_kernel", lambda: kernel)
