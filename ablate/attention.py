@@ -68,9 +68,9 @@ def uses_attention_kernel() -> bool:
     """Whether `learned` heads call `jax.nn.dot_product_attention` when no pattern is needed.
 
     On accelerators, yes: it is where JAX selects its fused kernels. On a CPU it is XLA's
-    einsums, the same math as the pattern path, but it ran ~1.2x slower forward + backward
-    there (`ablate bench`, its attention core line; 2-core CPU, jax 0.10.2), so `learned`
-    uses the pattern path (`softmax_attention`, then `apply_pattern`).
+    einsums, the same math as the pattern path, but it ran 1.15-1.4x slower forward +
+    backward there (`ablate bench`, its attention core line; 2-core CPU, jax 0.10.2), so
+    `learned` uses the pattern path (`softmax_attention`, then `apply_pattern`).
     """
     return jax.default_backend() != "cpu"
 
