@@ -325,8 +325,8 @@ def _bars(groups: list[dict], field: str, path: Path, ylabel: str, colors: dict)
     else:
         ax.axhline(0.0, color="k", lw=0.8)
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-    if present:
-        ax.legend(fontsize=8)
+    if present:  # beside the axes: inside, it would hide the bars of the last group
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.text(0.5, 0.5, "no values to plot", transform=ax.transAxes, ha="center")
     ax.set_xticks(range(len(groups)), [g["label"] for g in groups], rotation=15, ha="right")
