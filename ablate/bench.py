@@ -17,8 +17,8 @@ on a shared, noisy machine even when absolute times do not:
   table's layer shape, by ablate's pattern path (what `learned` uses on a CPU) and by
   `jax.nn.dot_product_attention` (what it uses on accelerators);
 - in fresh subprocesses: compile time with an empty persistent compilation cache, then with
-  the cache the first one filled; and steps/s at one step per dispatch of the variants
-  table's model with ablate's GLIBC_TUNABLES and without (see below).
+  the cache the first one filled; and steps/s at one step per dispatch of the quick model
+  and of the variants table's model, with ablate's GLIBC_TUNABLES and without (see below).
 
 Model FLOPs per trained token (what MFU counts): the standard 6 per matmul weight, plus the
 attention matmuls (PaLM's appendix B and nanoGPT count 12 * n_layers * L * d_model for them),
