@@ -349,10 +349,12 @@ def _probe_worker(cache_dir: str, shape: str, burst_shape: str, burst_batch: str
     print(json.dumps({**facts, "ready_seconds": ready}), flush=True)
     if not burst_shape:
         return
-    big = experiment(
-        burst_shape, variant="learned", seeds=1, spd=1, dtype="float32", batch=int(burst_batch)
-    )
-    runners = [r, EngineRunner(big)]
+    runners = [r]
+    if (burst_shape, int(burst_batch)) != (shape, SHAPES[shape][2]):  # not the same model twice
+        big = experiment(
+            burst_shape, variant="learned", seeds=1, spd=1, dtype="float32", batch=int(burst_batch)
+        )
+        runners.append(EngineRunner(big))
     per_step = [min(_seconds(x.dispatch) for _ in range(2)) for x in runners]
     for line in sys.stdin:
         burst = {"step_seconds": [], "page_faults": []}
@@ -490,7 +492,8 @@ def probes(
                 worker.close()
     c, w = cold.ready, cached.ready
     malloc = []
-    for i, (name, batch) in enumerate([(shape, SHAPES[shape][2]), burst]):
+    models = list(dict.fromkeys([(shape, SHAPES[shape][2]), burst]))  # as _probe_worker
+    for i, (name, batch) in enumerate(models):
         default = min(step[i] for step in cached.step_seconds)
         tunables = min(step[i] for step in tuned.step_seconds)
         malloc.append(

@@ -5,10 +5,10 @@ its own threads: 336 MB for the medium bench model (d 256, 4 layers, length 256,
 glibc serves a request that large with a fresh mmap and unmaps it when it is freed, so every
 step faults the whole buffer in again: ~90,000 minor page faults per step there (jax 0.10.2,
 2-core CPU). With one arena, no mmap, no trimming and transparent huge pages (`TUNABLES`)
-the memory stays mapped: ~0 faults per step, and that step ran ~1.3x faster. But one arena
-makes XLA's threads queue for malloc's lock, and small models, whose steps allocate little,
-ran ~15% slower with it (the quick model of the main job among them). So it is not the
-default: `ablate bench` measures both sides (its malloc line) and you choose.
+the memory stays mapped: 0 faults per step, and that step ran x1.18-1.19 as fast in two
+`ablate bench` runs. But one arena makes XLA's threads queue for malloc's lock, and the quick
+model of the main job, whose steps allocate little, ran x0.77-0.93 as fast in the same runs.
+So it is not the default: `ablate bench` measures both sides (its malloc line) and you choose.
 
 glibc reads GLIBC_TUNABLES once, when the process starts. With ABLATE_MALLOC=keep the
 `ablate` command starts itself again with them (`os.execve`: same process id, arguments and

@@ -460,8 +460,8 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
             return RunResult(**json.loads((run_dir / FINAL_FILE).read_text()))
         if changed and (run_dir / FINAL_FILE).is_file():
             # The run is being extended (an allowed config change): keep the old result.
-            old = lambda: free_name(run_dir, f"final.step{start}", ".json")
-            on_primary(lambda: os.replace(run_dir / FINAL_FILE, old()), "keeping final.json")
+            kept = free_name(run_dir, f"final.step{start}", ".json")  # a read: any process
+            on_primary(lambda: os.replace(run_dir / FINAL_FILE, kept), "keeping final.json")
 
         # Logs are cut back to the checkpoint (everything if there is none), whatever each
         # file held at the kill; the hparams session is rewritten at the end.
@@ -502,8 +502,8 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
         compile_seconds=engine.compile_seconds,
     )
     if step == tc.steps:
-        write = lambda: _write_json(run_dir / FINAL_FILE, dataclasses.asdict(result))
-        on_primary(write, "writing final.json")
+        final_json = dataclasses.asdict(result)
+        on_primary(lambda: _write_json(run_dir / FINAL_FILE, final_json), "writing final.json")
     return result
 
 
