@@ -102,7 +102,6 @@ class Mixer(nnx.Module):
 
     def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
         self.n_heads = n_heads
-        self.head_dim = settings.head_dim
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         """Mixing probabilities `probs_BHLS` (rows sum to one over visible positions)."""
