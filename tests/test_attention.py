@@ -20,6 +20,7 @@ from ablate.attention import (
     MixerSettings,
     default_gaussian_offsets,
     make_mixer,
+    masked_softmax,
     variant_names,
     variant_problem,
 )
@@ -164,6 +165,39 @@ def test_learned_matches_reference_and_dot_product_attention(name, kind):
     )
     np.testing.assert_allclose(out_BLHK[rows], np.asarray(by_jax_BLHK)[rows], atol=1e-5)
     assert (out_BLHK[~rows] == 0).all()  # rows that see nothing are zero, as their pattern
+
+
+def plain_masked_softmax(scores_BHLS, visible_BLS):
+    """masked_softmax without its written-out derivative: JAX differentiates the ops."""
+    visible_B1LS = visible_BLS[:, None]
+    return jax.nn.softmax(jnp.where(visible_B1LS, scores_BHLS, -1e30), axis=-1) * visible_B1LS
+
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_masked_softmax_derivatives_equal_those_of_the_plain_ops(kind):
+    # A row that sees nothing too: its pattern is zero, and so must be its derivatives.
+    visible_BLS = jnp.asarray(np.asarray(mask(kind)).copy()).at[1, 0].set(False)
+    scores_BHLS = 3 * jax.random.normal(jax.random.key(0), (B, H, L, L))
+    tangent_BHLS, cotangent_BHLS = jax.random.normal(jax.random.key(1), (2, B, H, L, L))
+    for fn in (masked_softmax, plain_masked_softmax):
+        assert not np.isnan(np.asarray(fn(scores_BHLS, visible_BLS))).any()
+
+    def derivatives(fn):
+        probs, jvp = jax.jvp(lambda s: fn(s, visible_BLS), (scores_BHLS,), (tangent_BHLS,))
+        vjp = jax.vjp(lambda s: fn(s, visible_BLS), scores_BHLS)[1](cotangent_BHLS)[0]
+        # Second order (a Hessian-vector product) goes through the written-out rule too.
+        hvp = jax.jvp(
+            jax.grad(lambda s: (fn(s, visible_BLS) * cotangent_BHLS).sum()),
+            (scores_BHLS,),
+            (tangent_BHLS,),
+        )[1]
+        return probs, jvp, vjp, hvp
+
+    ours, plain = derivatives(masked_softmax), derivatives(plain_masked_softmax)
+    assert np.abs(np.asarray(plain[2])).max() > 0.1  # the check could fail
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(ours[2][1, :, 0], 0)
 
 
 def test_learned_mix_of_a_row_seeing_nothing_is_zero_like_its_pattern():
