@@ -83,7 +83,7 @@ def uses_attention_kernel() -> bool:
 
     On accelerators, yes: it is where JAX will select fused kernels (jax 0.10.2 still uses
     XLA's path unless `implementation="cudnn"` is passed, untested here). On a CPU it is XLA's
-    einsums, the same math as the pattern path, but it ran 1.15-1.4x slower forward +
+    einsums, the same math as the pattern path, but it ran 1.15-1.7x slower forward +
     backward there (`ablate bench`, its attention core line; 2-core CPU, jax 0.10.2), so
     `learned` uses the pattern path (`softmax_attention`, then `apply_pattern`).
     """

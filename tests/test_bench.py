@@ -207,3 +207,20 @@ def test_bfloat16_training_keeps_float32_params_and_finite_loss():
     after = jax.tree.leaves(state.params)
     assert {x.dtype for x in after} == {jnp.dtype("float32")}
     assert any(not np.array_equal(b, np.asarray(a)) for b, a in zip(before, after))
+
+
+@pytest.mark.slow
+def test_torch_baseline_script_compares_the_same_model():
+    """scripts/torch_baseline.py (needs PyTorch, not an ablate dependency: skipped without it)
+    prints every contender and one parameter count for all three (it exits if they differ)."""
+    pytest.importorskip("torch")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "torch_baseline.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, script, "--batch", "1", "--rounds", "1"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "(3,287,169 parameters in each)" in done.stdout
+    for name in ("ablate", "plain jax", "torch"):
+        assert f"  {name} " in done.stdout
+    assert "ablate step / torch step:" in done.stdout
