@@ -8,14 +8,15 @@ process, in interleaved rounds (best round of each), so the ratios hold on a noi
     pip install torch --index-url https://download.pytorch.org/whl/cpu   # not an ablate dependency
     python scripts/torch_baseline.py [--batch 32] [--rounds 3]
 
-The PyTorch model copies ablate's: pre-norm blocks of d 256, 4 heads, 4 layers, length 256,
-learned position embeddings, Q/K/V/O projections without bias, a tanh-GELU MLP of width 1024,
-final LayerNorm and a vocabulary head (ablate's mqar vocabulary, 129), AdamW with gradient
-clipping at 1.0, float32. Attention is the explicit softmax(QK^T) pattern as in ablate's
-pattern path; `--sdpa` uses torch's fused `scaled_dot_product_attention` instead. Both are
-charged the same FLOPs (`ablate.bench.model_flops_per_token`), and both MFUs are against one
-peak: the best 2048^3 float32 matmul of either library in this run. It also prints the
-per-library peaks. ablate's step also samples its batch on the device; PyTorch's reuses one.
+Both baselines copy ablate's model (the script checks that the three parameter counts
+agree): pre-norm blocks of d 256, 4 heads, 4 layers, length 256, learned position embeddings,
+Q/K/V/O projections without bias, a tanh-GELU MLP of width 1024, final LayerNorm and a
+vocabulary head (ablate's mqar vocabulary, 129), AdamW with gradient clipping at 1.0,
+float32. Attention is the explicit softmax(QK^T) pattern as in ablate's pattern path;
+`--sdpa` has PyTorch use its fused `scaled_dot_product_attention` instead. All three are
+charged the same FLOPs (`ablate.bench.model_flops_per_token`), and every MFU is against one
+peak: the best 2048^3 float32 matmul of either library in this run (the per-library peaks
+are printed too). ablate's step also samples its batch on the device; the baselines reuse one.
 """
 
 from __future__ import annotations
@@ -151,9 +152,9 @@ def main() -> None:
 
     exp = bench.experiment("medium", variant="learned", seeds=1, spd=1, dtype="float32",
                            batch=args.batch)  # fmt: skip
-    assert (exp.model.seq_len, exp.model.d_model, exp.model.n_heads, exp.model.n_layers) == (
-        L, D, H, N,
-    ), "the bench's medium shape changed: update this script"  # fmt: skip
+    shape = (exp.model.seq_len, exp.model.d_model, exp.model.n_heads, exp.model.n_layers)
+    if shape != (L, D, H, N):
+        raise SystemExit(f"the bench's medium shape is now {shape}: update this script")
     ours = bench.EngineRunner(exp)
     flops = bench.train_flops_per_step(exp)
 
