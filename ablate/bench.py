@@ -228,7 +228,9 @@ class AttentionCoreRunner:
             probs_BHLS = softmax_attention(q_BLHK, k_BSHK, visible_BLS).astype(dtype)
             return apply_pattern(probs_BHLS, v_BSHK)
 
-        loss = lambda q, k, v: jnp.sum(core(q, k, v).astype(jnp.float32) ** 2)
+        def loss(q_BLHK, k_BSHK, v_BSHK):
+            return jnp.sum(core(q_BLHK, k_BSHK, v_BSHK).astype(jnp.float32) ** 2)
+
         self.grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         self.kernel, self.shape = kernel, {"B": B, "H": H, "L": L, "K": K}
         self.steps_per_dispatch = 1

@@ -3,11 +3,12 @@
 XLA's CPU runtime allocates each step's temporary buffer anew on every call, from one of
 its own threads: 336 MB for the medium bench model (d 256, 4 layers, length 256, batch 8).
 glibc serves a request that large with a fresh mmap and unmaps it when it is freed, so every
-step faults the whole buffer in again: ~90,000 minor page faults per step there (jax 0.10.2,
-2-core CPU). With one arena, no mmap, no trimming and transparent huge pages (`TUNABLES`)
-the memory stays mapped: 0 faults per step, and that step ran x1.18-1.19 as fast in two
-`ablate bench` runs. But one arena makes XLA's threads queue for malloc's lock, and the quick
-model of the main job, whose steps allocate little, ran x0.77-0.93 as fast in the same runs.
+step faults the whole buffer in again: 66,000-90,000 minor page faults per step there (jax
+0.10.2, 2-core CPU). With one arena, no mmap, no trimming and transparent huge pages
+(`TUNABLES`) the memory stays mapped: 0 faults per step, and that step ran x1.18-1.19 as fast
+in two `ablate bench` runs, x1.01 in a third (a busier machine). But one arena makes XLA's
+threads queue for malloc's lock, and the quick model of the main job, whose steps allocate
+little, ran x0.77-0.93 as fast in the same runs.
 So it is not the default: `ablate bench` measures both sides (its malloc line) and you choose.
 
 glibc reads GLIBC_TUNABLES once, when the process starts. With ABLATE_MALLOC=keep the

@@ -460,8 +460,11 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
             return RunResult(**json.loads((run_dir / FINAL_FILE).read_text()))
         if changed and (run_dir / FINAL_FILE).is_file():
             # The run is being extended (an allowed config change): keep the old result.
-            kept = free_name(run_dir, f"final.step{start}", ".json")  # a read: any process
-            on_primary(lambda: os.replace(run_dir / FINAL_FILE, kept), "keeping final.json")
+            kept_as = f"final.step{start}"
+            on_primary(
+                lambda: os.replace(run_dir / FINAL_FILE, free_name(run_dir, kept_as, ".json")),
+                "keeping final.json",
+            )
 
         # Logs are cut back to the checkpoint (everything if there is none), whatever each
         # file held at the kill; the hparams session is rewritten at the end.

@@ -676,6 +676,8 @@ def test_divergence_stops_with_the_exact_step_and_keeps_the_last_good_checkpoint
     assert proc.popen.returncode == EXIT_DIVERGED, proc.describe()
     reported = int(re.search(r"diverged at step (\d+)", proc.stderr).group(1))
     assert (run_dir / "config.before-change-0.json").is_file()
+    # The finished run's result is kept under a free name, not overwritten or lost.
+    assert (run_dir / "final.step200-0.json").is_file() and not (run_dir / "final.json").exists()
 
     # The first non-finite loss, found step by step in this process from checkpoint 200.
     from ablate.train import Engine
