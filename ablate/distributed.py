@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ablate.config import ConfigError, check
+from ablate.runfolder import Preempted
 
 AXES = ("seeds", "data")
 
@@ -222,6 +223,11 @@ def initialize() -> bool:
     else:
         jax.distributed.initialize()  # SLURM, Open MPI and TPU pods are detected by JAX
     _initialized = True
+    # Connect the processes' collectives now, while all are here. On CPU, gloo connects them
+    # at their first collective and gives up after 30 s, so a first one that process 0 joins
+    # late (it waited for the run folder's lock) would kill the others; once connected, they
+    # wait as long as process 0 takes.
+    broadcast(0)
     return True
 
 
@@ -263,14 +269,30 @@ class OtherProcessFailed(RuntimeError):
     """Raised on the other processes when a step that only process 0 does failed there."""
 
 
+class OtherProcessPreempted(Preempted):
+    """Raised on the other processes when process 0 was stopped by SIGTERM in such a step
+    (waiting for the run folder's lock): they exit with the preemption code too."""
+
+    def __init__(self, what: str):
+        RuntimeError.__init__(
+            self,
+            f"process 0 was stopped by SIGTERM while {what}; rerun the same command to resume",
+        )
+        self.step, self.saved = None, False
+
+
+_OK, _FAILED, _PREEMPTED = 0, 1, 2
+
+
 def on_primary(action: Callable[[], T], what: str) -> T | None:
     """Run `action` on process 0 only, then agree on whether it worked.
 
     If it raised there, process 0 re-raises its error and every other process raises
-    `OtherProcessFailed`, so that none is left waiting in a collective for a process that
-    has stopped. Returns the action's result on process 0, None on the others. Every process
-    must call it (it is a collective, and so also a barrier); with one process it only runs
-    the action.
+    `OtherProcessFailed` (`OtherProcessPreempted` when the error was a SIGTERM's
+    `Preempted`), so that none is left waiting in a collective for a process that has
+    stopped, and all exit with the same kind of code. Returns the action's result on
+    process 0, None on the others. Every process must call it (it is a collective, and so
+    also a barrier); with one process it only runs the action.
     """
     result, error = None, None
     if is_primary():
@@ -278,8 +300,12 @@ def on_primary(action: Callable[[], T], what: str) -> T | None:
             result = action()
         except BaseException as e:  # re-raised below, once the others know
             error = e
-    if broadcast(int(error is not None)):
-        if error is not None:
-            raise error
+    status = _OK if error is None else _PREEMPTED if isinstance(error, Preempted) else _FAILED
+    status = broadcast(status)
+    if error is not None:
+        raise error
+    if status == _PREEMPTED:
+        raise OtherProcessPreempted(what)
+    if status == _FAILED:
         raise OtherProcessFailed(f"{what} failed on process 0 (its output says why)")
     return result

@@ -5,11 +5,15 @@ this process has one CPU device and computes the reference. The tests that need 
 4-device process or two processes are marked slow (CI runs them in its second step).
 """
 
+import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,32 +210,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(args: list[str], codes=(0, 0), timeout=600) -> list[str]:
-    """Run `ablate ARGS` as 2 processes of 2 CPU devices each, joined on loopback; check
-    their exit codes and return their outputs."""
+def _start_two_processes(args: list[str], out: Path) -> list[subprocess.Popen]:
+    """Start `ablate ARGS` as 2 processes of 2 CPU devices each, joined on loopback; their
+    outputs go to OUT/process_0.txt and OUT/process_1.txt."""
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "ablate.cli", *args],
-            env=_env(
-                XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(i),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = []
+    for i in range(2):
+        with (out / f"process_{i}.txt").open("w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "ablate.cli", *args],
+                    env=_env(
+                        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                        JAX_NUM_PROCESSES="2",
+                        JAX_PROCESS_ID=str(i),
+                    ),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], out: Path, codes=(0, 0), timeout=600) -> list[str]:
+    """Wait for the processes; check their exit codes and return their outputs."""
     try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        for p in procs:
+            p.wait(timeout=timeout)
     finally:
         for p in procs:
             p.kill()
+    outputs = [(out / f"process_{i}.txt").read_text() for i in range(len(procs))]
     assert tuple(p.returncode for p in procs) == tuple(codes), "\n\n".join(outputs)
     return outputs
+
+
+def _fail(procs: list[subprocess.Popen], out: Path, why: str) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+    outputs = [(out / f"process_{i}.txt").read_text() for i in range(len(procs))]
+    pytest.fail(f"{why}:\n" + "\n\n".join(outputs))
+
+
+def _two_processes(args: list[str], codes=(0, 0), timeout=600) -> list[str]:
+    """Run `ablate ARGS` as 2 processes; check their exit codes and return their outputs."""
+    with tempfile.TemporaryDirectory() as out:
+        return _finish(_start_two_processes(args, Path(out)), Path(out), codes, timeout)
 
 
 @pytest.mark.slow
@@ -280,3 +307,32 @@ def test_a_failure_on_process_0_alone_stops_every_process(tmp_path):
     first, second = _two_processes(args, codes=(74, 1), timeout=300)
     assert "cannot create or open the run folder" in first
     assert "locking the run folder failed on process 0 (its output says why)" in second
+
+
+@pytest.mark.slow
+def test_a_long_wait_for_the_lock_then_a_sigterm_preempts_every_process(tmp_path):
+    # Another holder has the run folder's lock; process 0 waits for it while process 1
+    # waits for process 0 (which once killed process 1 after 30 s: gloo's connect timeout).
+    # Then process 0 gets a SIGTERM (a preemption): every process must exit 75, resumable;
+    # process 1 with a failure would make a sweep record the point and go on alone.
+    exp_file = tmp_path / "tiny.toml"
+    exp_file.write_text(TOML)
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    args = ["train", str(exp_file), "--quiet", "--workdir", str(tmp_path / "runs")]
+    with (run_dir / ".ablate.lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        procs = _start_two_processes(args, tmp_path)
+        deadline = time.monotonic() + 300
+        while "waiting for process" not in (tmp_path / "process_0.txt").read_text():
+            if not all(p.poll() is None for p in procs) or time.monotonic() > deadline:
+                _fail(procs, tmp_path, "process 0 never waited for the lock")
+            time.sleep(0.1)
+        time.sleep(35)
+        if not all(p.poll() is None for p in procs):
+            _fail(procs, tmp_path, "a process ended while process 0 waited for the lock")
+        os.kill(procs[0].pid, signal.SIGTERM)
+        first, second = _finish(procs, tmp_path, codes=(75, 75), timeout=300)
+    assert "stopped by SIGTERM; before training started" in first
+    assert "process 0 was stopped by SIGTERM while locking the run folder" in second
+    assert not (run_dir / "config.json").exists()
