@@ -8,6 +8,7 @@ this process has one CPU device and computes the reference. The tests that need 
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -336,3 +337,33 @@ def test_a_long_wait_for_the_lock_then_a_sigterm_preempts_every_process(tmp_path
     assert "stopped by SIGTERM; before training started" in first
     assert "process 0 was stopped by SIGTERM while locking the run folder" in second
     assert not (run_dir / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_process_1_mid_training_stops_both_at_one_checkpoint(tmp_path):
+    # The scheduler may signal any process: process 1's SIGTERM must stop process 0 too, at
+    # the same step, with one checkpoint; both exit 75 and a rerun resumes from it.
+    exp_file = tmp_path / "tiny.toml"
+    exp_file.write_text(TOML)
+    run_dir = tmp_path / "runs" / "tiny"
+    args = ["train", str(exp_file), "--quiet", "--workdir", str(tmp_path / "runs")]
+    long = ["--set", "train.steps=1000000", "--set", "train.checkpoint_every=100000"]
+    procs = _start_two_processes([*args, *long], tmp_path)
+    deadline = time.monotonic() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.is_file() and '"train"' in metrics.read_text()):
+        if not all(p.poll() is None for p in procs) or time.monotonic() > deadline:
+            _fail(procs, tmp_path, "the run never logged a training step")
+        time.sleep(0.1)
+    os.kill(procs[1].pid, signal.SIGTERM)
+    first, _ = _finish(procs, tmp_path, codes=(75, 75), timeout=300)
+    saved = int(re.search(r"saved a checkpoint at step (\d+)", first).group(1))
+    ckpts = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert ckpts == [str(saved)] and 10 <= saved < 100000
+
+    end = saved + 20
+    resume = [*args, "--set", f"train.steps={end}", "--allow-config-change"]
+    first, _ = _two_processes(resume)
+    assert f"from checkpoint step {saved}" in first
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["steps"] == end
