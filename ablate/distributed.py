@@ -208,6 +208,11 @@ def initialize() -> bool:
         return _initialized
     # CPU processes need a collectives library to talk to each other; harmless elsewhere.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service would catch SIGTERM from here on and only log it: a SIGTERM
+    # outside a training loop (between sweep members, while writing a report) would be
+    # swallowed and the process would run on until killed. Without it, SIGTERM ends such a
+    # process as it ends a single one, and inside `train` our own handler saves and exits 75.
+    jax.config.update("jax_enable_preemption_service", False)
     env = os.environ
     if env.get("JAX_COORDINATOR_ADDRESS"):
         missing = [name for name in _EXPLICIT[1:] if not env.get(name)]

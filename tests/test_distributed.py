@@ -211,16 +211,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_processes(args: list[str], out: Path) -> list[subprocess.Popen]:
-    """Start `ablate ARGS` as 2 processes of 2 CPU devices each, joined on loopback; their
-    outputs go to OUT/process_0.txt and OUT/process_1.txt."""
+def _start_two_processes(args: list[str], out: Path, command=None) -> list[subprocess.Popen]:
+    """Start `ablate ARGS` (or COMMAND) as 2 processes of 2 CPU devices each, joined on
+    loopback; their outputs go to OUT/process_0.txt and OUT/process_1.txt."""
     port = _free_port()
     procs = []
     for i in range(2):
         with (out / f"process_{i}.txt").open("w") as log:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "ablate.cli", *args],
+                    command or [sys.executable, "-m", "ablate.cli", *args],
                     env=_env(
                         XLA_FLAGS="--xla_force_host_platform_device_count=2",
                         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -367,3 +367,20 @@ def test_a_sigterm_to_process_1_mid_training_stops_both_at_one_checkpoint(tmp_pa
     assert f"from checkpoint step {saved}" in first
     final = json.loads((run_dir / "final.json").read_text())
     assert final["steps"] == end
+
+
+@pytest.mark.slow
+def test_a_sigterm_outside_training_ends_a_process_of_a_multi_process_run(tmp_path):
+    # Outside `train` nothing of ours handles SIGTERM: it must end the process, as in a
+    # single-process run, not be caught and only logged by JAX's preemption service.
+    code = "from ablate.distributed import initialize; initialize(); print('up', flush=True); "
+    code += "import time; time.sleep(120)"
+    procs = _start_two_processes([], tmp_path, command=[sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while not all("up" in (tmp_path / f"process_{i}.txt").read_text() for i in range(2)):
+        if not all(p.poll() is None for p in procs) or time.monotonic() > deadline:
+            _fail(procs, tmp_path, "the processes never connected")
+        time.sleep(0.1)
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+    _finish(procs, tmp_path, codes=(-signal.SIGTERM, -signal.SIGTERM), timeout=30)
