@@ -274,18 +274,6 @@ class OtherProcessFailed(RuntimeError):
     """Raised on the other processes when a step that only process 0 does failed there."""
 
 
-class OtherProcessPreempted(Preempted):
-    """Raised on the other processes when process 0 was stopped by SIGTERM in such a step
-    (waiting for the run folder's lock): they exit with the preemption code too."""
-
-    def __init__(self, what: str):
-        RuntimeError.__init__(
-            self,
-            f"process 0 was stopped by SIGTERM while {what}; rerun the same command to resume",
-        )
-        self.step, self.saved = None, False
-
-
 _OK, _FAILED, _PREEMPTED = 0, 1, 2
 
 
@@ -293,11 +281,10 @@ def on_primary(action: Callable[[], T], what: str) -> T | None:
     """Run `action` on process 0 only, then agree on whether it worked.
 
     If it raised there, process 0 re-raises its error and every other process raises
-    `OtherProcessFailed` (`OtherProcessPreempted` when the error was a SIGTERM's
-    `Preempted`), so that none is left waiting in a collective for a process that has
-    stopped, and all exit with the same kind of code. Returns the action's result on
-    process 0, None on the others. Every process must call it (it is a collective, and so
-    also a barrier); with one process it only runs the action.
+    `OtherProcessFailed` (`Preempted` if it was a SIGTERM's), so that none is left waiting
+    in a collective for a process that has stopped, and all exit with the same code.
+    Returns the action's result on process 0, None on the others. Every process must call
+    it (it is a collective, and so also a barrier); with one process it only runs it.
     """
     result, error = None, None
     if is_primary():
@@ -310,7 +297,7 @@ def on_primary(action: Callable[[], T], what: str) -> T | None:
     if error is not None:
         raise error
     if status == _PREEMPTED:
-        raise OtherProcessPreempted(what)
+        raise Preempted(None, saved=False, where=f"on process 0 while {what}")
     if status == _FAILED:
         raise OtherProcessFailed(f"{what} failed on process 0 (its output says why)")
     return result

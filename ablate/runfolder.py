@@ -26,11 +26,16 @@ PLACEMENT_PREFIX = "train.mesh."
 
 
 class Preempted(RuntimeError):
-    """SIGTERM received: the state was saved at `step` and the run can be resumed."""
+    """SIGTERM received: the state was saved at `step` and the run can be resumed.
 
-    def __init__(self, step: int | None, saved: bool = True):
+    `where` says where the SIGTERM stopped another process, when it was not this one.
+    """
+
+    def __init__(self, step: int | None, saved: bool = True, where: str = ""):
         self.step, self.saved = step, saved
-        if saved:
+        if where:
+            what = where
+        elif saved:
             what = f"saved a checkpoint at step {step}"
         elif step:
             what = f"before training resumed (the checkpoint of step {step} is unchanged)"

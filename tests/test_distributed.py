@@ -335,7 +335,7 @@ def test_a_long_wait_for_the_lock_then_a_sigterm_preempts_every_process(tmp_path
         os.kill(procs[0].pid, signal.SIGTERM)
         first, second = _finish(procs, tmp_path, codes=(75, 75), timeout=300)
     assert "stopped by SIGTERM; before training started" in first
-    assert "process 0 was stopped by SIGTERM while locking the run folder" in second
+    assert "stopped by SIGTERM; on process 0 while locking the run folder;" in second
     assert not (run_dir / "config.json").exists()
 
 
