@@ -211,16 +211,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_processes(args: list[str], out: Path, command=None) -> list[subprocess.Popen]:
-    """Start `ablate ARGS` (or COMMAND) as 2 processes of 2 CPU devices each, joined on
-    loopback; their outputs go to OUT/process_0.txt and OUT/process_1.txt."""
+ABLATE = [sys.executable, "-m", "ablate.cli"]
+
+
+def _start_two_processes(argv: list[str], out: Path) -> list[subprocess.Popen]:
+    """Start ARGV as 2 processes of 2 CPU devices each, joined on loopback; their outputs
+    go to OUT/process_0.txt and OUT/process_1.txt."""
     port = _free_port()
     procs = []
     for i in range(2):
         with (out / f"process_{i}.txt").open("w") as log:
             procs.append(
                 subprocess.Popen(
-                    command or [sys.executable, "-m", "ablate.cli", *args],
+                    argv,
                     env=_env(
                         XLA_FLAGS="--xla_force_host_platform_device_count=2",
                         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -235,31 +238,32 @@ def _start_two_processes(args: list[str], out: Path, command=None) -> list[subpr
     return procs
 
 
-def _finish(procs: list[subprocess.Popen], out: Path, codes=(0, 0), timeout=600) -> list[str]:
-    """Wait for the processes; check their exit codes and return their outputs."""
-    try:
-        for p in procs:
-            p.wait(timeout=timeout)
-    finally:
-        for p in procs:
-            p.kill()
-    outputs = [(out / f"process_{i}.txt").read_text() for i in range(len(procs))]
-    assert tuple(p.returncode for p in procs) == tuple(codes), "\n\n".join(outputs)
-    return outputs
+def _outputs(procs: list[subprocess.Popen], out: Path) -> str:
+    return "\n\n".join((out / f"process_{i}.txt").read_text() for i in range(len(procs)))
 
 
 def _fail(procs: list[subprocess.Popen], out: Path, why: str) -> None:
     for p in procs:
         p.kill()
         p.wait()
-    outputs = [(out / f"process_{i}.txt").read_text() for i in range(len(procs))]
-    pytest.fail(f"{why}:\n" + "\n\n".join(outputs))
+    pytest.fail(f"{why}:\n{_outputs(procs, out)}")
+
+
+def _finish(procs: list[subprocess.Popen], out: Path, codes=(0, 0), timeout=600) -> list[str]:
+    """Wait for the processes; check their exit codes and return their outputs."""
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _fail(procs, out, f"still running after {timeout}s")
+    assert tuple(p.returncode for p in procs) == tuple(codes), _outputs(procs, out)
+    return [(out / f"process_{i}.txt").read_text() for i in range(len(procs))]
 
 
 def _two_processes(args: list[str], codes=(0, 0), timeout=600) -> list[str]:
     """Run `ablate ARGS` as 2 processes; check their exit codes and return their outputs."""
     with tempfile.TemporaryDirectory() as out:
-        return _finish(_start_two_processes(args, Path(out)), Path(out), codes, timeout)
+        return _finish(_start_two_processes([*ABLATE, *args], Path(out)), Path(out), codes, timeout)
 
 
 @pytest.mark.slow
@@ -323,7 +327,7 @@ def test_a_long_wait_for_the_lock_then_a_sigterm_preempts_every_process(tmp_path
     args = ["train", str(exp_file), "--quiet", "--workdir", str(tmp_path / "runs")]
     with (run_dir / ".ablate.lock").open("a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        procs = _start_two_processes(args, tmp_path)
+        procs = _start_two_processes([*ABLATE, *args], tmp_path)
         deadline = time.monotonic() + 300
         while "waiting for process" not in (tmp_path / "process_0.txt").read_text():
             if not all(p.poll() is None for p in procs) or time.monotonic() > deadline:
@@ -348,7 +352,7 @@ def test_a_sigterm_to_process_1_mid_training_stops_both_at_one_checkpoint(tmp_pa
     run_dir = tmp_path / "runs" / "tiny"
     args = ["train", str(exp_file), "--quiet", "--workdir", str(tmp_path / "runs")]
     long = ["--set", "train.steps=1000000", "--set", "train.checkpoint_every=100000"]
-    procs = _start_two_processes([*args, *long], tmp_path)
+    procs = _start_two_processes([*ABLATE, *args, *long], tmp_path)
     deadline = time.monotonic() + 300
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.is_file() and '"train"' in metrics.read_text()):
@@ -375,7 +379,7 @@ def test_a_sigterm_outside_training_ends_a_process_of_a_multi_process_run(tmp_pa
     # single-process run, not be caught and only logged by JAX's preemption service.
     code = "from ablate.distributed import initialize; initialize(); print('up', flush=True); "
     code += "import time; time.sleep(120)"
-    procs = _start_two_processes([], tmp_path, command=[sys.executable, "-c", code])
+    procs = _start_two_processes([sys.executable, "-c", code], tmp_path)
     deadline = time.monotonic() + 120
     while not all("up" in (tmp_path / f"process_{i}.txt").read_text() for i in range(2)):
         if not all(p.poll() is None for p in procs) or time.monotonic() > deadline:
