@@ -238,15 +238,15 @@ def _start_two_processes(argv: list[str], out: Path) -> list[subprocess.Popen]:
     return procs
 
 
-def _outputs(procs: list[subprocess.Popen], out: Path) -> str:
-    return "\n\n".join((out / f"process_{i}.txt").read_text() for i in range(len(procs)))
+def _outputs(procs: list[subprocess.Popen], out: Path) -> list[str]:
+    return [(out / f"process_{i}.txt").read_text() for i in range(len(procs))]
 
 
 def _fail(procs: list[subprocess.Popen], out: Path, why: str) -> None:
     for p in procs:
         p.kill()
         p.wait()
-    pytest.fail(f"{why}:\n{_outputs(procs, out)}")
+    pytest.fail(f"{why}:\n" + "\n\n".join(_outputs(procs, out)))
 
 
 def _finish(procs: list[subprocess.Popen], out: Path, codes=(0, 0), timeout=600) -> list[str]:
@@ -256,8 +256,9 @@ def _finish(procs: list[subprocess.Popen], out: Path, codes=(0, 0), timeout=600)
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _fail(procs, out, f"still running after {timeout}s")
-    assert tuple(p.returncode for p in procs) == tuple(codes), _outputs(procs, out)
-    return [(out / f"process_{i}.txt").read_text() for i in range(len(procs))]
+    outputs = _outputs(procs, out)
+    assert tuple(p.returncode for p in procs) == tuple(codes), "\n\n".join(outputs)
+    return outputs
 
 
 def _two_processes(args: list[str], codes=(0, 0), timeout=600) -> list[str]:
