@@ -190,11 +190,61 @@ class Task(abc.ABC):
             raise ValueError(f"{self.name}: expected one sequence of length <= {self.seq_len}")
         return x
 
+    def bag_ceiling(self) -> tuple[float, float, str] | None:
+        """(value, standard error, how) of the best accuracy from the bag of visible tokens.
+
+        The bag is the multiset of the tokens a causal reader sees, plus the target's own
+        token and index (what order-free averaging can use). None: not derived, so
+        `ablate.reference` estimates it from a sample.
+        """
+        return None
+
     def _solve(self, x: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None:
         raise TypeError(f"{self.name} has no host-side reference solver")
 
     def _valid(self, x: np.ndarray) -> bool:
         raise TypeError(f"{self.name} has no host-side validity rule")
+
+
+EXACT_MAX_COUNT = 128  # beyond this many draws the multinomial maximum is sampled
+
+
+def mode_share(n: int, m: int) -> tuple[float, float, str]:
+    """E[max_v c_v] / n for counts c of n uniform draws from m values, with its SE and how.
+
+    This is the bag ceiling of a task whose answer is one of n exchangeable draws: given only
+    the counts, P(answer = v) = c_v / n, so the best guess is a most frequent value.
+    Exact (a recursion over values of binomial splits) up to EXACT_MAX_COUNT draws.
+    """
+    from scipy.stats import binom
+
+    if n > EXACT_MAX_COUNT or m > EXACT_MAX_COUNT:
+        rng = np.random.default_rng(0)
+        draws = 20000
+        top = np.array(
+            [np.bincount(rng.integers(0, m, n), minlength=m).max() for _ in range(draws)]
+        )
+        share = top / n
+        return (
+            float(share.mean()),
+            float(share.std(ddof=1) / math.sqrt(draws)),
+            (f"estimated: {draws} sampled count vectors"),
+        )
+    r_R = np.arange(n + 1)
+    k_K = np.arange(n + 1)
+    expected_max = 0.0
+    for c in range(n):  # E[max] = sum over c of P(max > c)
+        # q[r]: P(the remaining values all get <= c of the r draws left), value by value.
+        q_R = (r_R <= c).astype(float)
+        for values_left in range(2, m + 1):
+            pmf_RK = binom.pmf(k_K[None, :], r_R[:, None], 1.0 / values_left)
+            pmf_RK[:, c + 1 :] = 0.0
+            rest_RK = np.where(
+                k_K[None, :] <= r_R[:, None], q_R[np.maximum(r_R[:, None] - k_K[None, :], 0)], 0.0
+            )
+            q_R = (pmf_RK * rest_RK).sum(1)
+        expected_max += 1.0 - q_R[n]
+    return expected_max / n, 0.0, "exact: E[largest count] / n of the exchangeable draws"
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -300,6 +350,11 @@ class AssocRecall(Task):
         src_BLS = jnp.where(last_L[None, :, None], src_B1S, -1)
         return _batch(inputs_BL, targets_BL, weights_BL, _deps_from_sources(src_BLS, seq_len))
 
+    def bag_ceiling(self):
+        if self.joint:  # a pair token names its key and value: the bag holds the answer
+            return 1.0, 0.0, "exact: each pair token carries its key and value"
+        return mode_share(self.config.n_pairs, self.config.n_values)
+
     def _pairs(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         nv = self.config.n_values
         if self.joint:
@@ -334,6 +389,7 @@ class MQARConfig(_Knobs):
     seq_len: int = 16
     n_keys: int = 8
     n_values: int = 8
+    distinct_values: bool = True
 
     def problems(self) -> list[tuple[str, str]]:
         found = _bounds(
@@ -345,6 +401,9 @@ class MQARConfig(_Knobs):
         )
         keys = f"n_keys allows {self.n_keys} distinct keys"
         found += _at_most("n_pairs", self.n_pairs, self.n_keys, keys)
+        if self.distinct_values:
+            values = f"n_values allows {self.n_values} distinct values (distinct_values = true)"
+            found += _at_most("n_pairs", self.n_pairs, self.n_values, values)
         why = "3 * n_pairs: key and value per pair, then one query per pair"
         return found + _at_least("seq_len", self.seq_len, 3 * self.n_pairs, why)
 
@@ -353,10 +412,13 @@ class MQARConfig(_Knobs):
 class MQAR(Task):
     """Multi-query associative recall (Zoology): k1 v1 .. kP vP, then every key queried once.
 
-    Ids: 0 filler, keys [1, 1 + n_keys), values after them. The P queries sit at uniformly
-    random distinct positions of the region after the context (Zoology draws power-law gaps),
-    in random order, fillers elsewhere (unscored). The target at a query is its key's value.
-    deps of a query: its matching key, that key's value, and the query itself.
+    Ids: 0 filler, keys [1, 1 + n_keys), values after them. Keys are distinct and, by
+    default, so are values (Zoology's recipe; `distinct_values = false` draws them with
+    replacement, and then the most frequent value of the context is right more often than
+    1/P without any pairing). The P queries sit at uniformly random distinct positions of
+    the region after the context (Zoology draws power-law gaps), in random order, fillers
+    elsewhere (unscored). The target at a query is its key's value. deps of a query: its
+    matching key, that key's value, and the query itself.
     """
 
     name = "mqar"
@@ -374,9 +436,15 @@ class MQAR(Task):
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         c, n_pairs, seq_len = self.config, self.config.n_pairs, self.seq_len
         region = seq_len - 2 * n_pairs
-        key_bits, value_bits, slot_bits = _random_bits(key, batch_size, c.n_keys, n_pairs, region)
+        value_width = c.n_values if c.distinct_values else n_pairs
+        key_bits, value_bits, slot_bits = _random_bits(
+            key, batch_size, c.n_keys, value_width, region
+        )
         keys_BP = 1 + _distinct(key_bits, n_pairs)
-        values_BP = 1 + c.n_keys + _below(value_bits, c.n_values)
+        if c.distinct_values:
+            values_BP = 1 + c.n_keys + _distinct(value_bits, n_pairs)
+        else:
+            values_BP = 1 + c.n_keys + _below(value_bits, c.n_values)
         context_BC = jnp.stack([keys_BP, values_BP], axis=-1).reshape(batch_size, 2 * n_pairs)
         # A slot's rank among iid draws: the P lowest-ranked slots hold queries, and the rank
         # names the pair asked, so both the slots and the query order are uniform.
@@ -397,6 +465,12 @@ class MQAR(Task):
         src_BLS = jnp.stack([2 * pair_BL, 2 * pair_BL + 1, self_BL], axis=-1)
         return _batch(inputs_BL, targets_BL, scored_BL, _deps_from_sources(src_BLS, seq_len))
 
+    def bag_ceiling(self):
+        # Without order, the value paired with the query key is any of the P context values.
+        if self.config.distinct_values:
+            return 1.0 / self.config.n_pairs, 0.0, "exact: 1 / n_pairs distinct values"
+        return mode_share(self.config.n_pairs, self.config.n_values)
+
     def _solve(self, x, targets, weights):
         context = 2 * self.config.n_pairs
         keys, values = x[0:context:2], x[1:context:2]
@@ -411,6 +485,8 @@ class MQAR(Task):
         if np.any(keys < 1) or np.any(keys > nk) or np.any(values <= nk):
             return False
         if len(np.unique(keys)) != len(keys):
+            return False
+        if self.config.distinct_values and len(np.unique(values)) != len(values):
             return False
         queries = x[context:][x[context:] != self.FILLER]
         if not np.all(np.isin(queries, keys)):  # values in the region are not queries either
@@ -495,6 +571,13 @@ class Induction(Task):
         )
         return _batch(inputs_BL, targets_BL, scored_BL, deps_BLL)
 
+    def bag_ceiling(self):
+        # At second-copy index t the bag shows which tokens appeared twice (r1..r(t+1)), not
+        # their order: the target is any of the T - 1 - t seen once.
+        T = self.config.repeat_len
+        value = sum(1.0 / (T - 1 - t) for t in range(T - 1)) / (T - 1)
+        return value, 0.0, "exact: mean over t of 1 / (tokens not yet repeated)"
+
     def _second_start(self, x) -> int | None:
         """Where the second copy starts (None if it has not started within x)."""
         after = np.flatnonzero(x[self.config.repeat_len + 1 :] != self.FILL)
@@ -578,6 +661,10 @@ class _ItemsTask(Task):
         targets_BL = jnp.concatenate([jnp.zeros_like(x_BN), self._answers(x_BN)], axis=1)
         return _static_batch(inputs_BL, targets_BL, self.scored_L, self.deps_LL)
 
+    def bag_ceiling(self):
+        # Copy and reverse: the answer is one of N exchangeable items (sort overrides this).
+        return mode_share(self.config.n_items, self.config.n_symbols)
+
     def _solve(self, x, targets, weights):
         n = self.config.n_items
         if len(x) > n:
@@ -646,6 +733,9 @@ class Sort(_ItemsTask):
 
     def _dep_rule(self, i, j):
         return j < self.config.n_items
+
+    def bag_ceiling(self):
+        return 1.0, 0.0, "exact: the sorted items are a function of their multiset"
 
     def _answers(self, x_BN):
         return jnp.sort(x_BN, axis=-1)
@@ -732,6 +822,9 @@ class SelectiveCopy(Task):
         deps_BLL = _deps_from_sources(src_BL[:, :, None], seq_len)
         return _batch(inputs_BL, targets_BL, weights_BL, deps_BLL)
 
+    def bag_ceiling(self):
+        return mode_share(self.config.n_items, self.config.n_symbols)
+
     def _solve(self, x, targets, weights):
         if len(x) > self.region:
             data = x[: self.region][x[: self.region] != self.BLANK]
@@ -758,21 +851,36 @@ class SelectiveCopy(Task):
 class MajorityConfig(_Knobs):
     """Knobs of `majority`."""
 
-    n_items: int = 16
+    n_items: int = 32
     n_symbols: int = 8
 
     def problems(self) -> list[tuple[str, str]]:
         return _bounds(self, n_items=(1, MAX_SEQ_LEN - 1), n_symbols=(2, MAX_SYMBOLS))
 
 
+def balanced_counts(n: int, m: int) -> np.ndarray:
+    """Counts of m symbols summing to n, the first a unique mode by one, the rest level.
+
+    The mode gets the fewest copies that can still lead, ceil((n + m - 1) / m); the other
+    symbols share the rest as evenly as possible, so one token says as little as possible
+    about which symbol leads.
+    """
+    mode = -(-(n + m - 1) // m)
+    q, r = divmod(n - mode, m - 1)
+    return np.array([mode] + [q + 1] * r + [q] * (m - 1 - r), np.int64)
+
+
 @_register
 class Majority(Task):
-    """N symbols then a QUERY token whose target is the most frequent symbol (always unique).
+    """N symbols then a QUERY token whose target is the most frequent symbol (a unique mode).
 
-    Ids: 0 QUERY, symbols [1, 1 + n_symbols). The sampler draws N uniform symbols, picks the
-    most frequent (ties to the earliest first occurrence) and overwrites the first other symbol
-    with it, so the mode is unique; every step treats symbols alike, so the answer is uniform
-    and chance is 1/n_symbols. deps: all data positions. Averaging suffices: a control.
+    Ids: 0 QUERY, symbols [1, 1 + n_symbols). The counts are balanced (`balanced_counts`):
+    the mode leads the others by one copy at most, and which symbol gets which count and
+    where each copy stands are uniformly random. So no position is special and one token
+    says little about the answer (with counts drawn freely, the mode of 16 draws from 8
+    symbols holds 28% of the positions: one fixed position would already give 0.28 against
+    the 1/8 chance), while the bag of tokens determines it. Chance is 1/n_symbols. deps:
+    all data positions. Averaging suffices: a control.
     """
 
     name = "majority"
@@ -789,24 +897,22 @@ class Majority(Task):
         i_L = np.arange(self.seq_len)
         self.scored_L = i_L == c.n_items
         self.deps_LL = self.scored_L[:, None] & (i_L[None, :] < c.n_items)
+        counts = balanced_counts(c.n_items, c.n_symbols)
+        self.slot_rank_N = np.repeat(np.arange(c.n_symbols), counts).astype(np.int32)
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         n, m = self.config.n_items, self.config.n_symbols
-        x_BN = _below(_random_bits(key, batch_size, n)[0], m)
-        # Scatters, not a [B, N, M] one-hot: long sequences over large alphabets stay small.
-        rows_B1 = jnp.arange(batch_size)[:, None]
-        positions_BN = jnp.broadcast_to(jnp.arange(n)[None, :], x_BN.shape)
-        counts_BM = jnp.zeros((batch_size, m), jnp.int32).at[rows_B1, x_BN].add(1)
-        first_BM = jnp.full((batch_size, m), n, jnp.int32).at[rows_B1, x_BN].min(positions_BN)
-        winner_B1 = jnp.argmax(counts_BM * (n + 1) - first_BM, axis=-1)[:, None]
-        other_BN = x_BN != winner_B1
-        promote_B1 = jnp.argmax(other_BN, axis=-1)[:, None]
-        promote_BN = other_BN & (jnp.arange(n)[None, :] == promote_B1)
-        x_BN = jnp.where(promote_BN, winner_B1, x_BN) + 1
+        symbol_bits, slot_bits = _random_bits(key, batch_size, m, n)
+        symbol_of_rank_BM = _distinct(symbol_bits, m)  # rank 0 is the mode
+        slots_BN = jnp.asarray(self.slot_rank_N)[_distinct(slot_bits, n)]
+        x_BN = jnp.take_along_axis(symbol_of_rank_BM, slots_BN, axis=1) + 1
         query_B1 = jnp.full((batch_size, 1), self.QUERY, jnp.int32)
         inputs_BL = jnp.concatenate([x_BN, query_B1], axis=1)
-        targets_BL = jnp.where(self.scored_L[None, :], winner_B1 + 1, 0)
+        targets_BL = jnp.where(self.scored_L[None, :], symbol_of_rank_BM[:, :1] + 1, 0)
         return _static_batch(inputs_BL, targets_BL, self.scored_L, self.deps_LL)
+
+    def bag_ceiling(self):
+        return 1.0, 0.0, "exact: the counts name the mode"
 
     def _solve(self, x, targets, weights):
         if len(x) == self.seq_len:
@@ -874,6 +980,9 @@ class Memorize(Task):
         targets_BL = jnp.asarray(self.table)[inputs_BL - c.n_values]
         scored_L = np.ones(c.seq_len, bool)
         return _static_batch(inputs_BL, targets_BL, scored_L, np.diag(scored_L))
+
+    def bag_ceiling(self):
+        return 1.0, 0.0, "exact: the own token determines the target"
 
     def _solve(self, x, targets, weights):
         targets[:], weights[:] = self.table[x - self.config.n_values], 1.0
