@@ -177,7 +177,15 @@ class Output(NamedTuple):
 class Attention(nnx.Module):
     """Multi-head attention whose heads are mixed by one or more registered mixers."""
 
-    def __init__(self, head_variants: tuple[str, ...], settings: MixerSettings, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        head_variants: tuple[str, ...],
+        settings: MixerSettings,
+        rngs: nnx.Rngs,
+        mixer_rngs: nnx.Rngs | None = None,
+    ):
+        """`mixer_rngs` (default: `rngs`) draws the mixers' own state, so that the shared
+        weights drawn from `rngs` do not depend on which variants the heads are."""
         D, H, K = settings.d_model, len(head_variants), settings.head_dim
         init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
         self.w_v = nnx.Param(init(rngs.params(), (D, H, K)))
@@ -198,7 +206,7 @@ class Attention(nnx.Module):
                     head_variants[s],
                     n,
                     dataclasses.replace(settings, gaussian_offsets=offsets_H[s : s + n]),
-                    rngs,
+                    rngs if mixer_rngs is None else mixer_rngs,
                 )
                 for s, n in self.head_groups
             ]
@@ -263,7 +271,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, head_variants: tuple[str, ...], cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        head_variants: tuple[str, ...],
+        cfg: ModelConfig,
+        rngs: nnx.Rngs,
+        mixer_rngs: nnx.Rngs | None = None,
+    ):
         settings = MixerSettings(
             d_model=cfg.d_model,
             head_dim=cfg.head_dim,
@@ -276,7 +290,7 @@ class Block(nnx.Module):
         # Compute in cfg.dtype, parameters in float32 (flax keeps the norm statistics in f32).
         dtype = jnp.dtype(cfg.dtype)
         self.norm_attn = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
-        self.attention = Attention(head_variants, settings, rngs)
+        self.attention = Attention(head_variants, settings, rngs, mixer_rngs)
         self.norm_mlp = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg.d_model, cfg.mlp_width, rngs, dtype=dtype)
         self.dropout = cfg.dropout
@@ -325,11 +339,14 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        # The paired design: the mixers draw from a stream of their own, so for one seed every
+        # variant starts from the same embeddings, value/output projections, MLPs and head.
+        mixer_rngs = nnx.Rngs(params=rngs.params())
         self.token_embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
         self.pos_embed = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.d_model))
         )
-        self.blocks = nnx.List([Block(v, cfg, rngs) for v in cfg.head_variants()])
+        self.blocks = nnx.List([Block(v, cfg, rngs, mixer_rngs) for v in cfg.head_variants()])
         self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         # The head multiplies in cfg.dtype (a float32 output would make its backward pass
         # multiply float32 cotangents); the logits are cast to float32 for the loss.

@@ -183,11 +183,17 @@ class Engine:
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return TrainState(jnp.zeros((), jnp.int32), params, rest, self.tx.init(params))
 
+    def batch_at(self, key: jax.Array, step: jax.Array):
+        """The training batch of `step` for the seed whose key is `key`.
+
+        A function of (seed, step) and the task alone, never of the attention variant: the
+        paired design (every variant of a seed sees the same batches in the same order).
+        """
+        return self.task.sample_at(jax.random.fold_in(key, 1), step, self.exp.train.batch_size)
+
     def _step_one(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
         step = state.step
-        batch = self.placement.rows(
-            self.task.sample_at(jax.random.fold_in(key, 1), step, self.exp.train.batch_size)
-        )
+        batch = self.placement.rows(self.batch_at(key, step))
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), step)
 
         def loss_fn(params):

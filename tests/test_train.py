@@ -204,3 +204,40 @@ def test_fourier_refused_for_causal_task():
     with pytest.raises(ConfigError) as e:
         tiny(**{"model.attention": "fourier"})
     assert "model.attention" in str(e.value) and "causal" in str(e.value)
+
+
+def _shared(state):
+    """Every parameter outside the mixers, by path (what all variants have in common)."""
+    flat = nnx.to_flat_state(state.params)
+    return {path: np.asarray(v[...]) for path, v in flat if "mixers" not in path}
+
+
+def test_paired_design_variants_of_one_seed_share_initial_values_and_batches():
+    variants = ["learned", "uniform", [["frozen", "random_fixed"], ["none", "synthesizer"]]]
+    engines = [Engine(tiny(**{"model.attention": v, "train.seeds": [5]})) for v in variants]
+    states = [e.init() for e in engines]
+    reference = _shared(states[0])
+    assert len(reference) > 10  # embeddings, w_v, w_o, MLPs, norms, head
+    for state in states[1:]:
+        shared = _shared(state)
+        assert shared.keys() == reference.keys()
+        for path, value in reference.items():
+            np.testing.assert_array_equal(shared[path], value, err_msg=str(path))
+    # With the same head layout, frozen W_q/W_k are exactly learned's initial W_q/W_k.
+    frozen = Engine(tiny(**{"model.attention": "frozen", "train.seeds": [5]})).init()
+    qk = [
+        {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(tree) if p[-1] in ("w_q", "w_k")}
+        for tree in (states[0].params, frozen.rest)
+    ]
+    assert len(qk[0]) == 4 and qk[0].keys() == qk[1].keys()
+    for path, value in qk[0].items():
+        np.testing.assert_array_equal(qk[1][path], value)
+    key = jax.random.PRNGKey(5)
+    batches = [e.batch_at(key, 7) for e in engines]
+    for batch in batches[1:]:
+        for a, b in zip(batches[0], batch):
+            np.testing.assert_array_equal(a, b)
+    # ... and the batches are not all alike: another step or seed draws others.
+    other = engines[0].batch_at(jax.random.PRNGKey(6), 7).inputs
+    assert not np.array_equal(other, batches[0].inputs)
+    assert not np.array_equal(engines[0].batch_at(key, 8).inputs, batches[0].inputs)
