@@ -6,8 +6,9 @@ serve the sweep report. Axis letters as in model.py (N layers, B batch, H heads,
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -99,60 +100,90 @@ def context_dependence(acc_learned: float, acc_variant: float, chance: float) ->
     return (acc_learned - acc_variant) / gap
 
 
-def bootstrap_interval(
-    values: Sequence[float],
-    statistic=np.mean,
-    *,
-    level: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """(statistic, low, high): percentile bootstrap interval over the given values (seeds)."""
-    x = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
-    if len(x) == 0:
-        return float("nan"), float("nan"), float("nan")
-    point = float(statistic(x))
-    if len(x) == 1:
-        return point, point, point
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n_resamples, len(x)))
-    stats = np.apply_along_axis(statistic, 1, x[idx])
-    tail = (1.0 - level) / 2.0
-    return point, float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail))
+MIN_SEEDS = 3  # fewer values give no interval: a mean of 1 or 2 seeds is stated as such
+BCA_MIN_SEEDS = 8
 
 
-def paired_context_dependence(
-    acc_learned: Sequence[float],
-    acc_variant: Sequence[float],
-    chance: float,
-    *,
-    level: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """Context dependence from per-seed accuracies, with a bootstrap interval over seeds.
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A mean over seeds with its 95% interval (low/high NaN when none can be formed)."""
 
-    Learned and variant seeds are resampled independently (seed i of one variant has no
-    special relation to seed i of another); the statistic is the dependence of the means.
+    mean: float
+    low: float
+    high: float
+    n: int
+    method: str  # "t", "bca", or "none" (fewer than MIN_SEEDS values)
+
+    @property
+    def has_interval(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
+    def describe(self) -> str:
+        """What the interval is, for a table header: '95% t-interval over 5 seeds'."""
+        seeds = f"{self.n} seed{'s' * (self.n != 1)}"
+        if not self.has_interval:
+            return f"{seeds}: no interval (needs >= {MIN_SEEDS})"
+        name = {"t": "Student-t interval", "bca": "BCa bootstrap interval"}[self.method]
+        return f"95% {name} over {seeds}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def mean_interval(values: Sequence[float], *, method: str = "t", level: float = 0.95) -> Interval:
+    """The mean of the finite values with a `level` interval over them (scipy.stats).
+
+    method "t": Student-t, mean +- t_{n-1} * s / sqrt(n) (coverage 0.95 for normal values;
+    tests/test_metrics.py simulates it). "bca": scipy's BCa bootstrap, only from BCA_MIN_SEEDS
+    values on (with 8 normal values its coverage is ~0.86, below the t-interval's: it is an
+    option for many seeds and skewed values, not the default). Fewer than MIN_SEEDS values
+    give the mean alone: no interval is claimed from one or two seeds.
     """
-    a = np.asarray(acc_learned, dtype=np.float64)
-    b = np.asarray(acc_variant, dtype=np.float64)
-    if len(a) == 0 or len(b) == 0:
-        return float("nan"), float("nan"), float("nan")
-    point = context_dependence(a.mean(), b.mean(), chance)
-    if len(a) == 1 and len(b) == 1:
-        return point, point, point
-    rng = np.random.default_rng(seed)
-    ia = rng.integers(0, len(a), size=(n_resamples, len(a)))
-    ib = rng.integers(0, len(b), size=(n_resamples, len(b)))
-    stats = np.array(
-        [context_dependence(ma, mb, chance) for ma, mb in zip(a[ia].mean(1), b[ib].mean(1))]
-    )
-    stats = stats[np.isfinite(stats)]
-    if len(stats) == 0:
-        return point, float("nan"), float("nan")
-    tail = (1.0 - level) / 2.0
-    return point, float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail))
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    n = len(x)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, "none")
+    mean = float(x.mean())
+    if n < MIN_SEEDS:
+        return Interval(mean, math.nan, math.nan, n, "none")
+    if np.all(x == x[0]):  # no spread: every resample and every t-interval is the point
+        return Interval(mean, mean, mean, n, method)
+    if method == "t":
+        low, high = stats.t.interval(level, n - 1, loc=mean, scale=stats.sem(x))
+    elif method == "bca":
+        if n < BCA_MIN_SEEDS:
+            raise ValueError(f"a BCa interval needs >= {BCA_MIN_SEEDS} values, got {n}")
+        ci = stats.bootstrap(
+            (x,), np.mean, method="BCa", confidence_level=level, random_state=0
+        ).confidence_interval
+        low, high = ci.low, ci.high
+    else:
+        raise ValueError(f"unknown interval method {method!r}; choose t or bca")
+    return Interval(mean, float(low), float(high), n, method)
+
+
+def paired_dependence(
+    learned_by_seed: Mapping[Any, float], variant_by_seed: Mapping[Any, float], chance: float
+) -> dict[str, Any]:
+    """Per-seed paired comparison of a variant with learned attention (seeds in both).
+
+    In the paired design a seed's variants share their initial weights and batches, so the
+    per-seed difference carries the comparison's own variance. Returns the per-seed
+    difference (learned - variant) and context dependence, and an Interval over seeds of
+    each. A seed whose learned accuracy is not above chance has no dependence (NaN).
+    """
+    seeds = [s for s in learned_by_seed if s in variant_by_seed]
+    diff = {s: learned_by_seed[s] - variant_by_seed[s] for s in seeds}
+    dep = {s: context_dependence(learned_by_seed[s], variant_by_seed[s], chance) for s in seeds}
+    return {
+        "seeds": seeds,
+        "difference_per_seed": diff,
+        "dependence_per_seed": dep,
+        "difference": mean_interval(list(diff.values())),
+        "dependence": mean_interval(list(dep.values())),
+    }
 
 
 def perplexity(loss: Any) -> float | None:

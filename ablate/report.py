@@ -21,42 +21,67 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ablate.config import ConfigError
-from ablate.metrics import (
-    bootstrap_interval,
-    nan_to_none,
-    paired_context_dependence,
-    perplexity,
-)
+from ablate.metrics import Interval, mean_interval, nan_to_none, paired_dependence, perplexity
 
 # File names written by ablate.sweep / ablate.train (not imported: both pull in training).
 RESULTS_FILE, SWEEP_FILE, METRICS_FILE = "results.jsonl", "sweep.json", "metrics.jsonl"
 PATTERNS_FILE = "patterns_final.npz"
 
-# Wording thresholds; context dependence is a fraction of learned attention's gain over chance.
-ALMOST_ALL = 0.8  # whole interval above this: "almost entirely"
-NEGLIGIBLE = 0.05  # a few % of the gain is within seed noise: counts as 0
-MATCHES = 0.2  # interval touching 0 and topping out below this: the variant matches learned
-LEARNED_MIN_GAIN = 0.05  # learned must close 5% of the chance-to-perfect gap to have learned
-SOLVES = 0.2  # a variant with frozen W_q/W_k keeping >= 80% of learned's gain solves the task
+# Verdict bounds on context dependence (a fraction of learned attention's gain over chance);
+# a verdict reads the interval's bounds only, never the mean.
+ESSENTIAL = 0.8  # whole interval above: the variant loses almost all of the gain
+DISPENSABLE = 0.2  # interval holds 0 and stays below this: no measurable loss
 HEAD_PART = re.compile(r"layer \d+ head \d+: (.+)")  # how model.frozen_parts names one head
-VERDICTS = {
-    "almost entirely": "performance depends almost entirely on learned attention",
-    "partly": "performance depends partly on learned attention",
-    "not measurably": "performance does not measurably depend on learned attention "
-    "(the interval includes 0)",
-    "does not need": "{v} matches learned, so the task does not need learned context "
-    "for this variant",
-    "exceeds": "{v} does better than learned attention",
-    "undefined": "which is undefined",
+LEVELS = (("chance", "chance"), ("fixed_routing_ceiling", "fixed"), ("bag_ceiling", "bag"))
+# What each registered variant lacks against learned attention (long form, table form).
+LACKS = {
+    "uniform": ("learned routing: it averages every visible position", "learned routing"),
+    "random_fixed": ("learned routing: a fixed random pattern", "learned routing"),
+    "gaussian": ("learned routing: a fixed local pattern", "learned routing"),
+    "fourier": ("learned routing: fixed Fourier mixing", "learned routing"),
+    "synthesizer": (
+        "content-dependent routing: a learned pattern, the same for every input",
+        "content-dependent routing",
+    ),
+    "frozen": ("learned W_q/W_k: its routing still depends on content", "learned W_q/W_k"),
+    "none": ("any mixing between positions", "any mixing"),
+}
+VERDICT_TEXT = {
+    "essential": "{v} loses almost all of learned attention's gain over chance (context "
+    "dependence {dep}, the whole interval above {essential}): the task needs what {v} lacks, "
+    "{lacks}",
+    "partial": "{v} loses part of learned attention's gain over chance (context dependence "
+    "{dep}: the interval excludes 0 and does not lie above {essential}); it lacks {lacks}",
+    "dispensable": "{v} loses no measurable part of learned attention's gain (context "
+    "dependence {dep}: the interval includes 0 and stays below {dispensable}): at this size "
+    "and budget the task does not need what {v} lacks, {lacks}",
+    "inconclusive": "{v}'s loss is not settled by {n} seeds (context dependence {dep}: the "
+    "interval includes 0 and losses above {dispensable}); it lacks {lacks}",
+    "better": "{v} does better than learned attention (context dependence {dep}, the whole "
+    "interval below 0); it lacks {lacks}",
+    "too few seeds": "{v}: context dependence {dep}; with {n} seed(s) there is no interval, "
+    "so no verdict",
 }
 HOW_TO_READ = """## How to read this
 
-- **Accuracy**: per scored target token on held-out batches; mean over seeds with a 95%
-  bootstrap interval over seeds in brackets. *Chance* is the best accuracy without looking
-  at the input.
-- **Context dependence** of a variant = (acc_learned - acc_variant) / (acc_learned - chance):
-  1 = the variant loses everything learned attention gains over chance, 0 = it loses
-  nothing, below 0 = it does better. Undefined when learned attention does not beat chance.
+- **Accuracy**: per scored target token on held-out batches; the mean over seeds with a 95%
+  Student-t interval over seeds in brackets (method and number of seeds in each table's
+  header; one or two seeds give the mean alone, no interval).
+- **Reference levels** (computed by `ablate.reference` for every synthetic task): *chance*,
+  the best accuracy without looking at the input; the *fixed-routing ceiling*, the best
+  accuracy of a reader that sees the target's own token and ONE fixed other position (what a
+  fixed pattern that copies a position can get); the *bag ceiling*, the best accuracy from
+  the multiset of visible tokens plus the own token and index (what order-free averaging can
+  get). Exact where the task derives them, else estimated (held-out, with a standard error).
+  A variant is *at* a level when its interval overlaps the level +- 2 SE.
+- **Context dependence** of a variant = (acc_learned - acc_variant) / (acc_learned - chance)
+  per seed (the paired design: for one seed every variant starts from the same shared
+  weights and sees the same batches), then its mean and interval over seeds. 1 = the variant
+  loses everything learned attention gains over chance, 0 = nothing, below 0 = it does
+  better. Undefined when learned attention is not above chance.
+- **Verdicts** read the interval's bounds only: *essential* (above 0.8), *partial* (excludes
+  0, not above 0.8), *dispensable* (includes 0, below 0.2), *inconclusive* (includes 0 and
+  0.2), *better* (below 0).
 - **Best-head alignment**: the attention mass the best head puts on the positions each
   target depends on (the task's ground truth), beside what uniform attention would put there.
 """
@@ -79,25 +104,83 @@ def _bounds(s: dict[str, float]) -> tuple[float, float]:
     return (s["low"], s["high"]) if ok else (s["mean"], s["mean"])
 
 
-def _stat(values: Iterable[Any]) -> dict[str, float] | None:
-    """Mean and 95% bootstrap interval over seeds (None when no finite value)."""
-    x = [float(v) for v in values if _finite(v)]
-    if not x:
-        return None
-    mean, low, high = bootstrap_interval(x)
-    return dict(mean=mean, low=low, high=high, n=len(x))
+def _stat(values: Iterable[Any]) -> dict[str, Any] | None:
+    """Mean and 95% interval over seeds as a dict (None when no finite value)."""
+    i = mean_interval([float(v) for v in values if _finite(v)])
+    return None if i.n == 0 else i.as_dict()
 
 
-def _verdict(dependence: dict[str, float]) -> str:
-    """The wording class of a context dependence interval."""
+def _interval(s: dict[str, Any]) -> Interval:
+    return Interval(**{k: s[k] for k in ("mean", "low", "high", "n", "method")})
+
+
+def verdict(dependence: dict[str, Any]) -> str:
+    """The verdict word of a context-dependence interval, from its bounds alone."""
     if not _finite(dependence["mean"]):
         return "undefined"
-    low, high = _bounds(dependence)
-    if low > ALMOST_ALL:
-        return "almost entirely"
-    if low - NEGLIGIBLE <= 0 <= high + NEGLIGIBLE:
-        return "does not need" if high <= MATCHES else "not measurably"
-    return "exceeds" if high < 0 else "partly"
+    if not _interval(dependence).has_interval:
+        return "too few seeds"
+    low, high = dependence["low"], dependence["high"]
+    if high < 0:
+        return "better"
+    if low > ESSENTIAL:
+        return "essential"
+    if low > 0:
+        return "partial"
+    return "dispensable" if high < DISPENSABLE else "inconclusive"
+
+
+def _levels(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The task's reference levels from its rows: {name: {value, se, method}} (value None
+    where not computable: real data)."""
+    first = next((r for r in rows if "bag_ceiling_method" in r), rows[0])
+    out = {}
+    for field, _ in LEVELS:
+        value = first.get(field)
+        out[field] = dict(
+            value=float(value) if _finite(value) else None,
+            se=float(first.get(f"{field}_se") or 0.0),
+            method=first.get(f"{field}_method")
+            or ("stated by the task" if field == "chance" else "not recorded (an older sweep)"),
+        )
+    return out
+
+
+def _relation(acc: dict[str, Any] | None, level: dict[str, Any]) -> str | None:
+    """below / at / above a reference level, from the accuracy interval (None: no claim)."""
+    if acc is None or level["value"] is None or not _interval(acc).has_interval:
+        return None
+    low, high = level["value"] - 2 * level["se"], level["value"] + 2 * level["se"]
+    if acc["high"] < low:
+        return "below"
+    return "above" if acc["low"] > high else "at"
+
+
+def _attention_names(attention: Any) -> set[str]:
+    """The variant names in a row's attention spec (a name, per layer, or per head)."""
+    if isinstance(attention, str):
+        return {attention}
+    if isinstance(attention, dict):
+        return _attention_names(attention.get("variant", attention.get("name", "")))
+    if isinstance(attention, list | tuple):
+        return set().union(*(_attention_names(a) for a in attention)) if attention else set()
+    return set()
+
+
+def _lacks(row: dict[str, Any], label: str) -> tuple[str, str]:
+    """(long, short) words for what a variant lacks against learned attention."""
+    names = _attention_names(row.get("attention")) or {label}
+    known = [LACKS[n] for n in sorted(names) if n in LACKS]
+    if names == {"learned"} or not known:
+        long = short = "learned attention in some heads" if names - {"learned"} else "nothing"
+    elif len(names) == 1:
+        long, short = known[0]
+    else:
+        long = "; in some heads ".join(k[0] for k in known) + " (the other heads are learned)"
+        short = ", ".join(sorted({k[1] for k in known})) + " (some heads)"
+    if any("embed" in p for p in row.get("frozen") or []):
+        long, short = long + "; its embeddings stay at init too", short + ", trained embeddings"
+    return long, short
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,41 +207,62 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _by_seed(rows: list[dict[str, Any]], field: str = "accuracy") -> dict[Any, float]:
+    return {
+        r.get("seed"): float(r[field])
+        for r in rows
+        if r.get("status") == "ok" and _finite(r.get(field))
+    }
+
+
 def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     first = next(iter(runs.values()))[0]
     all_rows = [r for rs in runs.values() for r in rs]
     ok_rows = [r for r in all_rows if r.get("status") == "ok"]
     chance = next((float(r["chance"]) for r in all_rows if _finite(r.get("chance"))), math.nan)
-    learned = [r["accuracy"] for r in runs.get("learned", []) if r.get("status") == "ok"]
-    learned = [a for a in learned if _finite(a)]
-    learned_acc = _stat(learned)
+    learned_by_seed = _by_seed(runs.get("learned", []))
+    learned_acc = _stat(learned_by_seed.values())
+    # Learned attention has learned when its interval lies above chance (with fewer than
+    # MIN_SEEDS seeds, when its mean does: stated as such).
     learns = learned_acc is not None and (
         learned_acc["low"] > chance
-        and learned_acc["mean"] - chance >= LEARNED_MIN_GAIN * (1 - chance)
+        if _interval(learned_acc).has_interval
+        else learned_acc["mean"] > chance
     )
+    levels = _levels(all_rows)
     variants = {}
     for label in sorted(runs, key=lambda v: v != "learned"):  # learned first, else as run
         rs, good = runs[label], [r for r in runs[label] if r.get("status") == "ok"]
         e = variants[label] = dict(run=rs[0]["run"], run_dir=rs[0].get("run_dir") or rs[0]["run"])
         e |= dict(seeds=[r.get("seed") for r in good], seeds_ok=len(good), seeds_total=len(rs))
         e["frozen"] = rs[0].get("frozen") or []
+        e["lacks"], e["lacks_short"] = _lacks(rs[0], label) if label != "learned" else ("", "-")
         for name in ("accuracy", "alignment_max", "alignment_max_init"):
             e[name] = _stat(r.get(name) for r in good)
         # exp(held-out loss); rows of older sweeps have only the loss.
         e["perplexity"] = _stat(r.get("perplexity", perplexity(r.get("loss"))) for r in good)
-        e["dependence"], e["verdict"] = None, None
+        e["levels"] = {short: _relation(e["accuracy"], levels[f]) for f, short in LEVELS}
+        e["dependence"] = e["difference"] = e["verdict"] = None
+        e["per_seed"] = {}
         if label != "learned" and learns and e["accuracy"]:
-            accs = [r["accuracy"] for r in good if _finite(r.get("accuracy"))]
-            mean, low, high = paired_context_dependence(learned, accs, chance)
-            n = max(len(learned), len(accs))  # collapsed only when both have one seed
-            e["dependence"] = dict(mean=mean, low=low, high=high, n=n)
-            e["verdict"] = _verdict(e["dependence"])
+            paired = paired_dependence(learned_by_seed, _by_seed(good), chance)
+            if paired["seeds"]:
+                e["dependence"] = paired["dependence"].as_dict()
+                e["difference"] = paired["difference"].as_dict()
+                e["per_seed"] = {
+                    str(s): dict(
+                        difference=paired["difference_per_seed"][s],
+                        dependence=paired["dependence_per_seed"][s],
+                    )
+                    for s in paired["seeds"]
+                }
+                e["verdict"] = verdict(e["dependence"])
     uniform = _stat(r.get("alignment_uniform") for r in ok_rows)
     grid = first.get("grid") or {}
     label = first["task"] + (
         f" ({', '.join(f'{k}={v}' for k, v in sorted(grid.items()))})" if grid else ""
     )
-    group = dict(task=first["task"], grid=grid, label=label, chance=chance)
+    group = dict(task=first["task"], grid=grid, label=label, chance=chance, levels=levels)
     group |= dict(context_need=first.get("context_need"), variants=variants)
     group["alignment_uniform"] = uniform["mean"] if uniform else None
     group["learned_learns"] = learns if "learned" in runs else None
@@ -166,13 +270,12 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return group
 
 
-def _fmt(s: dict[str, float] | None) -> str:
+def _fmt(s: dict[str, Any] | None) -> str:
     if s is None or not _finite(s["mean"]):
         return "n/a"
-    if s["n"] == 1:
-        return f"{s['mean']:.2f} (1 seed, no interval)"
-    low, high = _bounds(s)
-    return f"{s['mean']:.2f} [{low:.2f}, {high:.2f}]"
+    if not _interval(s).has_interval:
+        return f"{s['mean']:.2f} ({s['n']} seed{'s' * (s['n'] > 1)}, no interval)"
+    return f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
 
 
 def _frozen_text(parts: list[str]) -> str:
@@ -180,6 +283,34 @@ def _frozen_text(parts: list[str]) -> str:
     per_head = Counter(m.group(1) for p in parts if (m := HEAD_PART.match(p)))
     other = [p for p in parts if not HEAD_PART.match(p)]
     return ", ".join(other + [f"{w} in {n} head{'s' * (n > 1)}" for w, n in per_head.items()])
+
+
+def _level_text(g: dict[str, Any], e: dict[str, Any]) -> str:
+    """'above chance 0.12, at the bag ceiling 0.25, ...' from the accuracy interval."""
+    names = {"chance": "chance", "fixed": "the fixed-routing ceiling", "bag": "the bag ceiling"}
+    parts = []
+    for field, short in LEVELS:
+        level, rel = g["levels"][field], e["levels"][short]
+        if rel is not None:
+            parts.append(f"{rel} {names[short]} {level['value']:.2f}")
+    return ", ".join(parts)
+
+
+def _reference_surprise(k: str, e: dict[str, Any]) -> str | None:
+    """A sentence when a variant beats the level that should bound what it can do."""
+    names = _attention_names(k) | set()
+    if e["levels"].get("bag") == "above" and k == "uniform":
+        return (
+            "`uniform` exceeds the bag ceiling: causal averaging is not order-free (each "
+            "position averages its own prefix, so later layers can read order from the "
+            "prefix means)."
+        )
+    if e["levels"].get("fixed") == "above" and names & {"random_fixed", "gaussian"}:
+        return (
+            f"`{k}` exceeds the fixed-routing ceiling: its heads mix many fixed positions, "
+            "across layers, more than the one fixed position of the ceiling's reader."
+        )
+    return None
 
 
 def _statement(g: dict[str, Any]) -> str:
@@ -203,32 +334,46 @@ def _statement(g: dict[str, Any]) -> str:
         )
     elif not g["learned_learns"]:
         out.append(
-            f"{opening}, learned attention itself reaches only {_fmt(learned['accuracy'])}"
-            f" (chance {chance:.2f}): it did not learn the task, so context dependence"
+            f"{opening}, learned attention reaches only {_fmt(learned['accuracy'])}, not above"
+            f" chance {chance:.2f}: it did not learn the task, so context dependence"
             f" is undefined{reach_text}"
         )
     else:
+        where = _level_text(g, learned)
         out.append(
-            f"{opening}, learned attention reaches {_fmt(learned['accuracy'])} (chance "
-            f"{chance:.2f})" + ("." if others else "; no other variant to compare.")
+            f"{opening}, learned attention reaches {_fmt(learned['accuracy'])}"
+            + (f" ({where})" if where else f" (chance {chance:.2f})")
+            + ("." if others else "; no other variant to compare.")
         )
     for k, e in others.items():
-        if e["dependence"] is None:  # no learned reference: already said above
-            continue
-        frozen = f" (kept at init: {_frozen_text(e['frozen'])})" if e["frozen"] else ""
-        out.append(
-            f"`{k}`{frozen} reaches {_fmt(e['accuracy'])}: context dependence "
-            f"{_fmt(e['dependence'])}, {VERDICTS[e['verdict']].format(v=f'`{k}`')}."
-        )
-        qk = any("W_q" in p or "W_k" in p for p in e["frozen"])
-        if qk and g["context_need"] == "content" and e["dependence"]["mean"] <= SOLVES:
-            # DESIGN: frozen W_q/W_k alone does not mean "no learned context".
+        where = _level_text(g, e)
+        if where:
+            out.append(f"`{k}` reaches {_fmt(e['accuracy'])}: {where}.")
+        if surprise := _reference_surprise(k, e):
+            out.append(surprise)
+        if e["dependence"] is not None:
+            text = VERDICT_TEXT[e["verdict"]].format(
+                v=f"`{k}`",
+                dep=_fmt(e["dependence"]),
+                lacks=e["lacks"],
+                n=e["dependence"]["n"],
+                essential=ESSENTIAL,
+                dispensable=DISPENSABLE,
+            )
+            out.append(text[0].upper() + text[1:] + ".")
+        if any("W_q" in p or "W_k" in p for p in e["frozen"]):
+            # DESIGN: frozen W_q/W_k alone does not mean "no learned context"; one sentence.
             embeds = any("embed" in p for p in e["frozen"])
-            who = "the layers left trainable" if embeds else "the trained embeddings"
+            trains = (
+                "the value/output projections, MLPs, norms and readout still train, so "
+                "the fixed W_q/W_k of later layers read representations training shapes"
+                if embeds
+                else "the embeddings and the rest of the model still train and can steer "
+                "its fixed random routing"
+            )
             out.append(
-                f"So `{k}` solves this content task although its W_q/W_k stay at random "
-                f"init: {who} can steer the fixed random routing, and freezing these "
-                "parts does not remove learned context."
+                f"`{k}` is not a no-learned-context ablation: it keeps content-dependent "
+                f"routing (kept at init: {_frozen_text(e['frozen'])}), and {trains}."
             )
     if g["context_need"] == "unknown":
         # Real data: perplexity says more than accuracy (for language modelling above all).
@@ -240,11 +385,10 @@ def _statement(g: dict[str, Any]) -> str:
         text = f"Learned heads put {a['mean']:.2f} of their mass on the dependency positions"
         text += f" (best head) vs {init['mean']:.2f} at init" if init else " (best head)"
         if u is not None:
-            low, high = _bounds(a)
             text += f" (uniform: {u:.2f})"
-            if low > u + NEGLIGIBLE:
+            if _interval(a).has_interval and a["low"] > u:
                 text += ", more than uniform attention would"
-            elif high < u + NEGLIGIBLE:
+            elif _interval(a).has_interval and a["high"] <= u:
                 text += ": no more than uniform attention, the heads did not concentrate there"
         best = {k: e["alignment_max"]["mean"] for k, e in others.items() if e["alignment_max"]}
         aligned = [f"`{k}` {a:.2f}" for k, a in best.items()]
@@ -320,8 +464,18 @@ def _bars(groups: list[dict], field: str, path: Path, ylabel: str, colors: dict)
                 err[1].append(high - s["mean"])
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=label, color=colors[label])
     if field == "accuracy":
-        for i, g in enumerate(groups):
-            ax.hlines(g["chance"], i - 0.45, i + 0.45, "k", "--", label=None if i else "chance")
+        marks = (("chance", "k", "--"), ("fixed_routing_ceiling", "C3", ":"))
+        marks += (("bag_ceiling", "C2", "-."),)
+        names = {"chance": "chance", "fixed_routing_ceiling": "fixed-routing ceiling"}
+        names["bag_ceiling"] = "bag ceiling"
+        for field_name, color, style in marks:
+            shown = False
+            for i, g in enumerate(groups):
+                value = g["levels"][field_name]["value"]
+                if value is not None:
+                    label = None if shown else names[field_name]
+                    ax.hlines(value, i - 0.45, i + 0.45, color, style, lw=1.4, label=label)
+                    shown = True
     else:
         ax.axhline(0.0, color="k", lw=0.8)
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
@@ -399,29 +553,102 @@ def _seconds(x: Any) -> str:
     return f"{x:.1f}" if _finite(x) else "-"
 
 
+def _header(stats: Iterable[dict[str, Any] | None]) -> str:
+    """The interval method and seed count of a table's cells: one text if they agree."""
+    described = {_interval(s).describe() for s in stats if s}
+    if len(described) == 1:
+        return described.pop()
+    return "95% Student-t intervals over seeds; seeds per cell differ (see the detail tables)"
+
+
+def _level_cell(level: dict[str, Any]) -> str:
+    if level["value"] is None:
+        return "n/a"
+    return f"{level['value']:.2f}" + (f" +- {level['se']:.3f}" if level["se"] else "")
+
+
+def _answer(summary: dict) -> list[str]:
+    """The Answer section: one table, task x variant, verdicts from interval bounds."""
+    groups = summary["groups"]
+    cells = [e["accuracy"] for g in groups for e in g["variants"].values()]
+    lines = ["## Answer", "", f"Accuracy and context dependence: {_header(cells)}.", ""]
+    lines += [
+        "| task (needs) | chance / fixed / bag | variant | lacks | accuracy | vs levels "
+        "| context dependence | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        lv = g["levels"]
+        levels = " / ".join(_level_cell(lv[f]) for f, _ in LEVELS)
+        task = f"{g['label']} ({g['context_need']})"
+        for k, e in g["variants"].items():
+            rel = ", ".join(f"{r} {s}" for s, r in e["levels"].items() if r) or "-"
+            if k == "learned":
+                dep, word = "reference", "-" if g["learned_learns"] else "did not learn"
+            else:
+                dep = _fmt(e["dependence"]) if e["dependence"] else "undefined"
+                word = e["verdict"] or "-"
+            lines.append(
+                f"| {task} | {levels} | {k} | {e['lacks_short']} | {_fmt(e['accuracy'])} "
+                f"| {rel} | {dep} | {word} |"
+            )
+            task, levels = "", ""
+    lines += ["", "One paragraph per task follows, worded from the same numbers.", ""]
+    return lines
+
+
 def _markdown(summary: dict, meta: dict, plots: dict) -> str:
     cmd = meta.get("command")
     lines = [f"# Report: {meta['name']}", "", "Reproduce:", ""]
-    lines += [f"```\n{cmd}\n```" if cmd else "(no sweep.json: command unknown)", "", HOW_TO_READ]
+    lines += [f"```\n{cmd}\n```" if cmd else "(no sweep.json: command unknown)", ""]
+    lines += _answer(summary) if summary["groups"] else ["No results yet.", ""]
+    lines += [HOW_TO_READ]
     lines += ["![accuracy](report/accuracy.png)", "", "![dependence](report/dependence.png)", ""]
-    lines += [] if summary["groups"] else ["No results yet.", ""]
     for g in summary["groups"]:
         lines += [f"## {g['label']}", "", g["statement"], ""]
+        levels = [
+            f"{name} {_level_cell(g['levels'][f])} ({g['levels'][f]['method']})"
+            for f, name in zip(
+                (f for f, _ in LEVELS), ("chance", "fixed-routing ceiling", "bag ceiling")
+            )
+        ]
+        lines += ["Reference levels: " + "; ".join(levels) + ".", ""]
         real = g["context_need"] == "unknown"  # real data: perplexity, no alignment
+        stats = [e["accuracy"] for e in g["variants"].values()]
         lines += [
-            "| variant | frozen | accuracy [95% CI] | context dependence [95% CI] | "
-            + ("perplexity [95% CI]" if real else "best-head alignment")
+            f"Intervals: {_header(stats)}.",
+            "",
+            "| variant | frozen | accuracy | learned - variant (paired) | context dependence | "
+            + ("perplexity" if real else "best-head alignment")
             + " | seeds ok/total |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
         for k, e in g["variants"].items():
             dep = "reference" if k == "learned" else _fmt(e["dependence"])
+            diff = "-" if k == "learned" else _fmt(e["difference"])
             last = _fmt(e["perplexity"] if real else e["alignment_max"])
             lines.append(
                 f"| {k} | {_frozen_text(e['frozen']) or '-'} | {_fmt(e['accuracy'])} "
-                f"| {dep} | {last} | {e['seeds_ok']}/{e['seeds_total']} |"
+                f"| {diff} | {dep} | {last} | {e['seeds_ok']}/{e['seeds_total']} |"
             )
-        lines += ["", f"Chance: {g['chance']:.2f}.", ""]
+        per_seed = {k: e["per_seed"] for k, e in g["variants"].items() if e["per_seed"]}
+        if per_seed:
+            seeds = sorted({s for p in per_seed.values() for s in p}, key=str)
+            lines += [
+                "",
+                "Context dependence per seed (paired: same initial weights, same batches):",
+                "",
+            ]
+            lines += ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
+            lines += ["|---|" + "---|" * len(seeds)]
+            for k, p in per_seed.items():
+                values = [p.get(s, {}).get("dependence") for s in seeds]
+                lines.append(
+                    f"| {k} | "
+                    + " | ".join(f"{x:.2f}" if _finite(x) else "-" for x in values)
+                    + " |"
+                )
+        lines += [""]
         aligned = [(f"`{k}`", e["alignment_max"]) for k, e in g["variants"].items()]
         aligned = [(k, s) for k, s in aligned if s]
         learned = g["variants"].get("learned")

@@ -192,6 +192,8 @@ class ResultsTable:
             "loss",
             "perplexity",
             "chance",
+            "fixed_routing_ceiling",
+            "bag_ceiling",
             "alignment_max",
             "alignment_uniform",
             "alignment_max_init",
@@ -208,7 +210,19 @@ class ResultsTable:
         tmp.replace(self.path.with_name("results.csv"))
 
 
-def _point_fields(point: Point, seed: int) -> dict[str, Any]:
+def task_levels(exp: Experiment, cache: dict | None = None) -> dict[str, Any]:
+    """The task's reference levels as row fields (computed once per task and visibility)."""
+    from ablate.reference import no_levels_row, reference_levels
+
+    cache = {} if cache is None else cache
+    key = (exp.task.name, repr(exp.task.config), exp.model.causal)
+    if key not in cache:
+        levels = reference_levels(exp.task, causal=exp.model.causal)
+        cache[key] = no_levels_row() if levels is None else levels.row()
+    return cache[key]
+
+
+def _point_fields(point: Point, seed: int, levels: dict[str, Any]) -> dict[str, Any]:
     """What every row of a point says about its configuration."""
     exp = point.experiment
     return {
@@ -221,18 +235,19 @@ def _point_fields(point: Point, seed: int) -> dict[str, Any]:
         "grid": point.grid,
         "seed": seed,
         "chance": exp.task.chance,
+        **levels,
         "run_dir": point.run_name,
     }
 
 
-def _rows_for(point: Point, result, init_alignment: dict) -> list[dict[str, Any]]:
+def _rows_for(point: Point, result, init_alignment: dict, levels: dict) -> list[dict[str, Any]]:
     rows = []
     for k, seed in enumerate(result.seeds):
         alignment = np.asarray(result.final["alignment"][k], dtype=float)
         finite = alignment[np.isfinite(alignment)]
         rows.append(
             {
-                **_point_fields(point, seed),
+                **_point_fields(point, seed, levels),
                 "status": "ok",
                 "error": "",
                 "accuracy": result.final["accuracy"][k],
@@ -251,9 +266,12 @@ def _rows_for(point: Point, result, init_alignment: dict) -> list[dict[str, Any]
     return rows
 
 
-def _failed_rows(point: Point, status: str, error: str, wall: float) -> list[dict[str, Any]]:
+def _failed_rows(
+    point: Point, status: str, error: str, wall: float, levels: dict
+) -> list[dict[str, Any]]:
     return [
-        {**_point_fields(point, seed), "status": status, "error": error, "wall_seconds": wall}
+        {**_point_fields(point, seed, levels), "status": status, "error": error}
+        | {"wall_seconds": wall}
         for seed in point.experiment.train.seeds
     ]
 
@@ -352,26 +370,26 @@ def run_sweep(
         unit="run",
         disable=not (progress and primary),
     )
-    failures = 0
+    failures, level_cache = 0, {}
     for point in todo:
         bar.set_postfix_str(point.run_name)
         t0 = time.perf_counter()
+        levels = task_levels(point.experiment, level_cache)
         try:
             run_dir = safe_join(sweep_dir, point.run_name)
             result = train(point.experiment, run_dir, progress=progress)
-            rows = _rows_for(point, result, _init_alignment(run_dir))
+            rows = _rows_for(point, result, _init_alignment(run_dir), levels)
             if point.probe:
                 rows = _probe(run_dir, rows)
         except Diverged as e:
-            rows = _failed_rows(point, "diverged", str(e), time.perf_counter() - t0)
+            rows = _failed_rows(point, "diverged", str(e), time.perf_counter() - t0, levels)
         except (KeyboardInterrupt, SystemExit, Preempted):
             # Preempted: the run saved its state; the sweep stops and a rerun resumes it.
             raise
         except Exception as e:  # noqa: BLE001 - one point's failure must not stop the sweep
             tb = traceback.format_exc(limit=3)
-            rows = _failed_rows(
-                point, "failed", f"{type(e).__name__}: {e}\n{tb}", time.perf_counter() - t0
-            )
+            error = f"{type(e).__name__}: {e}\n{tb}"
+            rows = _failed_rows(point, "failed", error, time.perf_counter() - t0, levels)
         failures += rows[0]["status"] != "ok"
         if primary:
             table.replace_run(point.run_name, rows)

@@ -4,7 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ablate.metrics import attention_metrics, context_dependence, uniform_alignment
+from ablate.metrics import (
+    attention_metrics,
+    context_dependence,
+    mean_interval,
+    paired_dependence,
+    uniform_alignment,
+)
 from ablate.model import visibility
 
 
@@ -52,3 +58,44 @@ def test_context_dependence_formula():
     assert context_dependence(0.9, 0.9, 0.1) == 0.0
     assert context_dependence(0.95, 0.55, 0.1) == pytest.approx(0.4 / 0.85)
     assert np.isnan(context_dependence(0.1, 0.1, 0.1))
+
+
+def test_t_interval_covers_the_true_mean_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    hits = [
+        (i.low <= 0.3 <= i.high)
+        for i in (mean_interval(rng.normal(0.3, 0.05, 5)) for _ in range(2000))
+    ]
+    assert 0.93 <= np.mean(hits) <= 0.97
+    # The hand-written percentile bootstrap this replaced covered ~0.75 with 3 seeds: the
+    # t-interval with 3 seeds is wider than the seeds' range.
+    x = rng.normal(0.3, 0.05, 3)
+    i = mean_interval(x)
+    assert i.low < x.min() and i.high > x.max() and i.method == "t"
+
+
+def test_no_interval_from_one_or_two_seeds_and_bca_only_from_eight():
+    for x in ([0.5], [0.5, 0.7]):
+        i = mean_interval(x)
+        assert not i.has_interval and i.mean == pytest.approx(np.mean(x))
+        assert "no interval" in i.describe()
+    assert mean_interval([0.1, 0.2, 0.4]).describe() == "95% Student-t interval over 3 seeds"
+    with pytest.raises(ValueError, match="needs >= 8"):
+        mean_interval([0.1, 0.2, 0.3, 0.4], method="bca")
+    x = np.random.default_rng(1).normal(0, 1, 12)
+    bca = mean_interval(x, method="bca")
+    assert bca.low < x.mean() < bca.high and "BCa" in bca.describe()
+    assert mean_interval([0.2, None, float("nan"), 0.4, 0.3]).n == 3
+
+
+def test_paired_dependence_uses_per_seed_differences():
+    """Seed-to-seed spread shared by both variants cancels in the paired difference."""
+    learned = {0: 0.9, 1: 0.6, 2: 0.75, 3: 0.8}
+    variant = {s: a - 0.1 for s, a in learned.items()} | {9: 0.2}  # seed 9 has no partner
+    out = paired_dependence(learned, variant, chance=0.1)
+    assert out["seeds"] == [0, 1, 2, 3]
+    assert out["difference"].low == pytest.approx(0.1) == out["difference"].high
+    unpaired = mean_interval(list(learned.values()))
+    assert unpaired.high - unpaired.low > 0.2  # what an unpaired comparison would carry
+    assert out["dependence_per_seed"][1] == pytest.approx(0.1 / 0.5)
+    assert np.isnan(paired_dependence({0: 0.1}, {0: 0.1}, 0.1)["dependence_per_seed"][0])

@@ -12,6 +12,11 @@ PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 FROZEN_QK = ["layer 0 head 0: W_q, W_k", "layer 0 head 1: W_q, W_k"]
 
 
+LEVELS = {"fixed_routing_ceiling": 0.3, "fixed_routing_ceiling_se": 0.002}
+LEVELS |= {"fixed_routing_ceiling_method": "estimated: held-out lookup", "bag_ceiling": 0.25}
+LEVELS |= {"bag_ceiling_se": 0.0, "bag_ceiling_method": "exact: 1 / n_pairs"}
+
+
 def _row(task, variant, seed, acc, *, chance=0.25, need="content", status="ok", **extra):
     """One results.jsonl row shaped as ablate.sweep writes it."""
     run = f"{task}-{variant}"
@@ -27,6 +32,7 @@ def _row(task, variant, seed, acc, *, chance=0.25, need="content", status="ok", 
         "status": status,
         "error": "",
         "chance": chance,
+        **LEVELS,
         "wall_seconds": 12.5,
         "run_dir": run,
     }
@@ -131,27 +137,32 @@ def test_dependence_is_exactly_one_when_the_variant_sits_at_chance():
     assert (dep["mean"], dep["low"], dep["high"]) == pytest.approx((1.0, 1.0, 1.0))
 
 
-def test_dependence_and_interval_two_seeds_by_hand():
-    rows = [_row("t", "learned", s, a, chance=0.1) for s, a in enumerate([0.9, 1.0])]
-    rows += [_row("t", "uniform", s, a, chance=0.1) for s, a in enumerate([0.5, 0.6])]
+def test_dependence_is_paired_per_seed_with_a_t_interval_by_hand():
+    from scipy import stats
+
+    learned, uniform = [0.9, 1.0, 0.8], [0.5, 0.6, 0.6]
+    rows = [_row("t", "learned", s, a, chance=0.1) for s, a in enumerate(learned)]
+    rows += [_row("t", "uniform", s, a, chance=0.1) for s, a in enumerate(uniform)]
     v = _group(summarize(rows), "t")["variants"]
+    per_seed = [(a - b) / (a - 0.1) for a, b in zip(learned, uniform)]
     dep = v["uniform"]["dependence"]
-    assert dep["mean"] == pytest.approx((0.95 - 0.55) / (0.95 - 0.1))
-    # With 2 seeds a resampled mean is one of three values per variant: 9 possible ratios.
-    possible = [(a - b) / (a - 0.1) for a in (0.9, 0.95, 1.0) for b in (0.5, 0.55, 0.6)]
-    assert min(possible) <= dep["low"] < dep["mean"] < dep["high"] <= max(possible)
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(per_seed), scale=stats.sem(per_seed))
+    assert (dep["mean"], dep["low"], dep["high"]) == pytest.approx((np.mean(per_seed), low, high))
+    assert dep["n"] == 3 and dep["method"] == "t"
+    assert v["uniform"]["per_seed"]["2"]["dependence"] == pytest.approx(0.2 / 0.7)
+    diff = v["uniform"]["difference"]
+    assert diff["mean"] == pytest.approx(np.mean(np.subtract(learned, uniform)))
     acc = v["learned"]["accuracy"]
-    assert acc["mean"] == pytest.approx(0.95)
-    assert 0.9 <= acc["low"] < 0.95 < acc["high"] <= 1.0
+    assert acc["mean"] == pytest.approx(0.9) and acc["low"] < 0.8 and acc["high"] > 1.0
 
 
 def test_full_report_files_and_numbers(tmp_path):
     accs = {
-        ("assoc", "learned"): [1.0, 0.96],
-        ("assoc", "uniform"): [0.25, 0.27],
-        ("assoc", "frozen"): [0.6, 0.7],
-        ("majority", "learned"): [0.9, 0.92],
-        ("majority", "uniform"): [0.9, 0.91],
+        ("assoc", "learned"): [1.0, 0.96, 0.98],
+        ("assoc", "uniform"): [0.25, 0.27, 0.26],
+        ("assoc", "frozen"): [0.6, 0.7, 0.65],
+        ("majority", "learned"): [0.9, 0.92, 0.91],
+        ("majority", "uniform"): [0.9, 0.91, 0.92],
     }
     sweep = _sweep(tmp_path / "s", accs, needs={"majority": "none"})
     path = write_report(sweep)
@@ -173,43 +184,109 @@ def test_full_report_files_and_numbers(tmp_path):
     summary = json.loads((sweep / "report" / "summary.json").read_text())
     assoc = _group(summary, "assoc")["variants"]
     assert assoc["learned"]["accuracy"]["mean"] == pytest.approx(0.98)
-    assert assoc["uniform"]["dependence"]["mean"] == pytest.approx((0.98 - 0.26) / (0.98 - 0.25))
-    assert assoc["frozen"]["dependence"]["mean"] == pytest.approx((0.98 - 0.65) / (0.98 - 0.25))
+    per_seed = [(a - b) / (a - 0.25) for a, b in zip([1.0, 0.96, 0.98], [0.25, 0.27, 0.26])]
+    assert assoc["uniform"]["dependence"]["mean"] == pytest.approx(np.mean(per_seed))
     assert assoc["learned"]["dependence"] is None
     assert assoc["learned"]["alignment_max"]["mean"] == pytest.approx(0.8)
-    assert _group(summary, "majority")["variants"]["uniform"]["verdict"] == "does not need"
+    assert _group(summary, "majority")["variants"]["uniform"]["verdict"] == "dispensable"
     assert "0.80 of their mass" in text and "0.12 at init" in text and "uniform: 0.10" in text
+    # The report opens with the answer: one table, before how to read it and the details.
+    assert text.index("## Answer") < text.index("## How to read") < text.index("## assoc")
+    answer = text[text.index("## Answer") : text.index("## How to read")]
+    assert "95% Student-t interval over 3 seeds" in answer
+    assert "| assoc (content) | 0.25 / 0.30 +- 0.002 / 0.25 | learned |" in answer
+    assert (
+        "| uniform | learned routing | 0.26 [0.24, 0.28] | at chance, below fixed, at bag"
+        in answer
+    )
+    assert "| essential |" in answer and "| dispensable |" in answer
+    assert "Reference levels: chance 0.25" in text and "exact: 1 / n_pairs" in text
 
 
-def test_statements_follow_the_numbers(tmp_path):
-    learned = {("assoc", "learned"): [1.0, 0.98, 0.99]}
-    at_chance = _sweep(tmp_path / "a", learned | {("assoc", "uniform"): [0.25, 0.26, 0.25]})
-    matching = _sweep(tmp_path / "b", learned | {("assoc", "uniform"): [0.99, 1.0, 0.98]})
-    a = json.loads(write_report(at_chance).with_name("report").joinpath("summary.json").read_text())
-    b = json.loads((write_report(matching).parent / "report" / "summary.json").read_text())
-    text_a, text_b = a["groups"][0]["statement"], b["groups"][0]["statement"]
-    assert "almost entirely" in text_a and "does not need" not in text_a
-    assert "does not need learned context" in text_b and "almost entirely" not in text_b
-    assert text_a in (at_chance / "REPORT.md").read_text()
+def _dependence_rows(per_seed_dependence, learned=1.0, chance=0.25):
+    """Rows whose per-seed context dependence of `uniform` is exactly the given values."""
+    rows = [
+        _row("t", "learned", s, learned, chance=chance) for s in range(len(per_seed_dependence))
+    ]
+    gap = learned - chance
+    rows += [
+        _row("t", "uniform", s, learned - d * gap, chance=chance)
+        for s, d in enumerate(per_seed_dependence)
+    ]
+    return summarize(rows)["groups"][0]
 
 
-def test_frozen_solving_a_content_task_names_the_frozen_parts(tmp_path):
-    accs = {("assoc", "learned"): [1.0, 1.0], ("assoc", "frozen"): [0.99, 1.0]}
+@pytest.mark.parametrize(
+    "per_seed,word,phrase",
+    [
+        ([0.9, 0.95, 1.0], "essential", "loses almost all"),
+        ([0.03, 0.05, 0.04], "partial", "interval excludes 0"),  # excludes 0, close to it
+        ([-0.02, 0.01, 0.03], "dispensable", "includes 0 and stays below 0.2"),
+        ([-0.1, 0.1, 0.3], "inconclusive", "not settled by 3 seeds"),
+        ([-0.3, -0.2, -0.25], "better", "does better than learned"),
+        ([0.5, 0.6], "too few seeds", "no interval, so no verdict"),
+    ],
+)
+def test_every_verdict_branch_is_chosen_from_the_interval_bounds(per_seed, word, phrase):
+    learned = 0.8 if word == "better" else 1.0
+    g = _dependence_rows(per_seed, learned=learned)
+    uniform = g["variants"]["uniform"]
+    assert uniform["verdict"] == word
+    assert phrase in g["statement"]
+    if word != "too few seeds":
+        assert "averages every visible position" in g["statement"]  # what uniform lacks
+    if word in ("partial", "dispensable"):
+        low, high = uniform["dependence"]["low"], uniform["dependence"]["high"]
+        assert (low > 0) == (word == "partial") and high < 0.2
+
+
+def test_none_is_read_as_lacking_any_mixing_never_as_lacking_learned_attention():
+    rows = [_row("t", "learned", s, 1.0) for s in range(3)]
+    rows += [_row("t", "none", s, 0.25 + 0.01 * s) for s in range(3)]
+    g = summarize(rows)["groups"][0]
+    assert "the task needs what `none` lacks, any mixing between positions" in g["statement"]
+    assert "learned attention in" not in g["statement"]
+
+
+def test_variants_are_read_against_the_reference_levels():
+    rows = [_row("t", "learned", s, a) for s, a in enumerate([1.0, 0.99, 1.0])]
+    rows += [_row("t", "uniform", s, a) for s, a in enumerate([0.4, 0.42, 0.41])]
+    rows += [_row("t", "random_fixed", s, a) for s, a in enumerate([0.3, 0.29, 0.31])]
+    g = summarize(rows)["groups"][0]
+    v = g["variants"]
+    assert v["uniform"]["levels"] == {"chance": "above", "fixed": "above", "bag": "above"}
+    assert v["random_fixed"]["levels"] == {"chance": "above", "fixed": "at", "bag": "above"}
+    assert "`uniform` exceeds the bag ceiling: causal averaging is not order-free" in g["statement"]
+    assert (
+        "`random_fixed` reaches 0.30 [0.28, 0.32]: above chance 0.25, at the fixed"
+        in g["statement"]
+    )
+    assert "exceeds the fixed-routing" not in g["statement"]
+
+
+def test_frozen_gets_one_consistent_sentence_naming_what_stays_trainable(tmp_path):
+    accs = {("assoc", "learned"): [1.0, 1.0, 0.99], ("assoc", "frozen"): [0.99, 1.0, 0.98]}
     statement = json.loads(
         (write_report(_sweep(tmp_path, accs)).parent / "report" / "summary.json").read_text()
     )["groups"][0]["statement"]
-    assert "W_q, W_k in 2 heads" in statement and "embeddings can steer" in statement
-    # The same accuracies on a task that needs no context are no claim about routing.
-    rows = [_row("maj", v, s, 1.0, need="none") for v in ("learned", "frozen") for s in (0, 1)]
-    assert "steer" not in summarize(rows)["groups"][0]["statement"]
+    assert "W_q, W_k in 2 heads" in statement and "embeddings and the rest" in statement
+    assert "`frozen` is not a no-learned-context ablation" in statement
+    assert statement.count("not a no-learned-context ablation") == 1
+    # With the embeddings frozen too, the sentence says what still trains.
+    frozen = FROZEN_QK + ["token_embed", "pos_embed"]
+    rows = [_row("t", "learned", s, 1.0) for s in range(3)]
+    rows += [_row("t", "frozen", s, 0.5, frozen=frozen) for s in range(3)]
+    g = summarize(rows)["groups"][0]
+    assert "value/output projections, MLPs, norms and readout still train" in g["statement"]
+    assert "embeddings stay at init too" in g["statement"]
 
 
 def test_learned_at_chance_makes_dependence_undefined():
-    rows = [_row("t", "learned", s, 0.25) for s in range(2)]
-    rows += [_row("t", "uniform", s, 0.25) for s in range(2)]
+    rows = [_row("t", "learned", s, a) for s, a in enumerate([0.25, 0.3, 0.24])]
+    rows += [_row("t", "uniform", s, 0.25) for s in range(3)]
     g = summarize(rows)["groups"][0]
     assert g["variants"]["uniform"]["dependence"] is None
-    assert "did not learn the task" in g["statement"]
+    assert "not above chance 0.25: it did not learn the task" in g["statement"]
 
 
 def test_single_seed_and_task_without_learned(tmp_path):
@@ -222,6 +299,7 @@ def test_single_seed_and_task_without_learned(tmp_path):
     t, u = _group(summary, "t"), _group(summary, "u")
     assert "1 seed, no interval" in t["statement"]
     assert t["variants"]["uniform"]["dependence"]["mean"] == pytest.approx(1.0)
+    assert t["variants"]["uniform"]["verdict"] == "too few seeds"
     assert "no successful run with learned attention" in u["statement"]
     # No metrics files and None alignments: still a report, saying there are no curves.
     text = write_report(_write(tmp_path, rows, curves=False, patterns=False)).read_text()
@@ -274,6 +352,8 @@ def test_grid_points_are_separate_groups():
     assert labels == ["t (model.n_layers=1)", "t (model.n_layers=2)"]
 
 
+REAL = {"fixed_routing_ceiling": None, "bag_ceiling": None}
+REAL |= {f"{k}_method": "not computable: real data has no known generating rule" for k in REAL}
 # What a real-data row holds: no dependency mask, so no alignment.
 NO_MASK = dict(
     alignment=[[None]], alignment_max=None, alignment_uniform=None, alignment_max_init=None
@@ -282,7 +362,7 @@ NO_MASK = dict(
 
 def test_real_data_shows_perplexity_not_alignment(tmp_path):
     rows = [
-        _row("stdlib_lm", v, s, acc, need="unknown", chance=1 / 256, perplexity=p, **NO_MASK)
+        _row("stdlib_lm", v, s, acc, need="unknown", chance=1 / 256, perplexity=p, **NO_MASK) | REAL
         for v, values in {
             "learned": [(0.48, 7.2), (0.49, 7.4)],
             "uniform": [(0.41, 9.8)] * 2,
@@ -290,7 +370,9 @@ def test_real_data_shows_perplexity_not_alignment(tmp_path):
         for s, (acc, p) in enumerate(values)
     ]
     text = (write_report(_write(tmp_path, rows))).read_text()
-    assert "| perplexity [95% CI] |" in text and "best-head alignment |" not in text.split("##")[2]
+    detail = text[text.index("## stdlib_lm") :]
+    assert "| perplexity | seeds ok/total |" in detail and "best-head alignment |" not in detail
+    assert "fixed-routing ceiling n/a (not computable: real data" in detail
     g = summarize(rows)["groups"][0]
     assert g["variants"]["learned"]["perplexity"]["mean"] == pytest.approx(7.3)
     assert "`uniform` 9.80" in g["statement"] and "lower is better" in g["statement"]
