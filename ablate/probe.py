@@ -14,12 +14,14 @@ where heads are still separate. Kinds of ablation:
 Pattern kinds do not apply to heads without a pattern (`fourier`): their results are NaN.
 Every ablation of every kind, and the pruning prefixes, is one row of stacked edit arrays;
 one compiled call evaluates all rows (vmapped) for all seeds (vmapped). Head importance is
-Michel et al. (2019): |d loss / d gate| at gate = 1, averaged over the eval batches; the
-pruning curve removes heads (gate 0) from the least important up, and in a random order.
+Michel et al. (2019): E_x |d loss(x) / d gate| at gate = 1, the absolute value taken per
+example x (one sequence), on ranking batches held out from the eval batches; the pruning curve,
+measured on the eval batches, removes heads (gate 0) from the least important up, and in a
+random order.
 
 Axis letters as in model.py (K is the head dim there), plus A ablation rows, R replacement
-sources (`SOURCES`), E eval batches, P pruning prefixes; as in train.py, a leading K on
-host-side arrays (`gate_KANH`, `importance_KNH`) is the seed axis.
+sources (`SOURCES`), E eval (or ranking) batches, P pruning prefixes; as in train.py, a
+leading K on host-side arrays (`gate_KANH`, `importance_KNH`) is the seed axis.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,9 @@ SOURCES = ("mean", "uniform", "random", "mean_pattern", "resample")
 METRICS = ("accuracy", "loss", "sequence_accuracy")
 # Folded into the eval key: the reference batches are a stream the eval batches never use.
 REFERENCE_STREAM = 0x52454600
+# Likewise for the batches that rank heads: a pruning curve measured on the batches its
+# order was chosen on would flatter the order.
+RANKING_STREAM = 0x52414E4B
 RANDOM_SEED = 0
 TB_RECORD = "probe_written.json"
 
@@ -163,16 +168,20 @@ class Prober:
         self.settings = MixerSettings(cfg.d_model, cfg.head_dim, cfg.seq_len, cfg.causal)
         eval_key = jax.random.PRNGKey(exp.train.eval_seed)
         reference_key = jax.random.fold_in(eval_key, REFERENCE_STREAM)
+        ranking_key = jax.random.fold_in(eval_key, RANKING_STREAM)
         # Made once by a small program of their own and passed in: inside the big programs
         # the sampler and the random pattern would be compiled again (seconds on a CPU).
         E = exp.train.eval_batches
-        self.eval_batches, self.reference_inputs, self.fixed_patterns = jax.jit(
-            lambda: (
-                _batches(exp, eval_key, E),
-                _batches(exp, reference_key, E)[0],
-                self._fixed_patterns(),
-            )
-        )()
+        self.eval_batches, self.reference_inputs, self.ranking_batches, self.fixed_patterns = (
+            jax.jit(
+                lambda: (
+                    _batches(exp, eval_key, E),
+                    _batches(exp, reference_key, E)[0],
+                    _batches(exp, ranking_key, E),
+                    self._fixed_patterns(),
+                )
+            )()
+        )
         self._evaluate = jax.jit(jax.vmap(self._evaluate_one, in_axes=(0,) * 4 + (None,) * 3))
         self._gradients = jax.jit(jax.vmap(self._gradients_one, in_axes=(0, 0, None)))
 
@@ -247,18 +256,15 @@ class Prober:
         model = nnx.merge(self.graphdef, params, rest)
         no_mix_RNH = jnp.zeros((len(SOURCES), self.N, self.H))
 
-        def one(batch):
-            inputs, targets, weights = batch
+        def loss(gate_NH, example):
+            inputs_L, targets_L, weights_L = example
+            ablations = self._ablations(gate_NH, no_mix_RNH, None, None)
+            logits = model(inputs_L[None], ablations=ablations).logits
+            return token_metrics(logits, targets_L[None], weights_L[None])["loss"]
 
-            def loss(gate_NH):
-                ablations = self._ablations(gate_NH, no_mix_RNH, None, None)
-                logits = model(inputs, ablations=ablations).logits
-                return token_metrics(logits, targets, weights)["loss"]
-
-            return jax.grad(loss)(jnp.ones((self.N, self.H)))
-
-        grads_ENH = jax.lax.map(one, batches)
-        return grads_ENH.mean(0), jnp.abs(grads_ENH).mean(0)
+        # A sequence with nothing scored has no loss to explain; it would only dilute the mean.
+        counted_EB = batches[2].sum(-1) > 0
+        return per_example_gate_importance(loss, jnp.ones((self.N, self.H)), batches, counted_EB)
 
     def evaluate(self, gate_KANH, mix_KARNH) -> dict[str, np.ndarray]:
         """Metrics (K, A) of every edit row, in one compiled call."""
@@ -282,8 +288,31 @@ class Prober:
         return self.evaluate(*self.edits([kind] * np.shape(masks_ANH)[-3], masks_ANH))
 
     def gate_gradients(self) -> tuple[np.ndarray, np.ndarray]:
-        """(d loss / d gate, Michel importance E|d loss / d gate|), both (K, N, H)."""
-        return jax.device_get(self._gradients(self.params, self.rest, self.eval_batches))
+        """(E_x d loss(x) / d gate, Michel importance E_x |d loss(x) / d gate|), both (K, N, H).
+
+        On the ranking batches, never on the eval batches that `evaluate` measures.
+        """
+        return jax.device_get(self._gradients(self.params, self.rest, self.ranking_batches))
+
+
+def per_example_gate_importance(
+    loss_fn: Callable[[jax.Array, Any], jax.Array],
+    gate_NH: jax.Array,
+    examples: Any,
+    counted_EB: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """(mean gradient, Michel importance: mean |gradient|) over the counted examples.
+
+    `loss_fn(gate_NH, example)` is one example's loss; `examples` is a pytree with leading
+    axes (E, B): batches go one at a time (lax.map), the B examples of one side by side
+    (vmap). The absolute value is taken per example: of the batch-mean gradient, examples
+    pulling a gate in opposite directions would cancel.
+    """
+    per_example = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
+    grads_EBNH = jax.lax.map(lambda batch: per_example(gate_NH, batch), examples)
+    w_EB11 = counted_EB.astype(grads_EBNH.dtype)[:, :, None, None]
+    n = jnp.maximum(w_EB11.sum(), 1.0)
+    return (grads_EBNH * w_EB11).sum((0, 1)) / n, (jnp.abs(grads_EBNH) * w_EB11).sum((0, 1)) / n
 
 
 def _batches(exp: Experiment, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -387,6 +416,12 @@ def probe_run(
         "drop": {kind: d.tolist() for kind, d in drop.items()},
         "gradient": gradient_KNH.tolist(),
         "importance": importance_KNH.tolist(),
+        "importance_definition": "mean over examples of |d loss(x) / d gate| at gate 1",
+        "importance_batches": (
+            f"ranking stream ({exp.train.eval_batches} batches of {exp.train.batch_size}), "
+            "held out from the measured eval batches"
+        ),
+        "measured_batches": "eval batches: baseline, every ablation and both pruning curves",
         "pruning": {
             "importance_order": [names[o].tolist() for o in orders["importance"]],
             "accuracy_importance_order": pruning_K2P[:, :P].tolist(),

@@ -7,7 +7,9 @@ import csv
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -132,23 +134,127 @@ def test_vmapped_single_head_ablations_equal_one_at_a_time(probed, prober):
         assert np.ptp(losses) > 1e-3, kind
 
 
-def test_gate_gradient_importance_matches_finite_differences(probed, prober):
-    gradient_NH = np.asarray(probed["gradient"][0])
+def test_importance_is_per_example_where_the_batch_mean_gradient_cancels():
+    # Two batches of five examples. Gate (0, 1): examples pull it with slope +c or -c in
+    # pairs, so every batch-mean gradient is 0 there; gate (1, 0): all pull one way, slope c.
+    # The fifth example of each batch scores nothing: it must not count, however large.
+    sign_EB = np.array([[1, -1, 1, -1, 1], [-1, 1, -1, 1, 1]], np.float32)
+    c_EB = np.array([[1.0, 1.0, 2.0, 2.0, 100.0], [3.0, 3.0, 0.5, 0.5, 100.0]], np.float32)
+    counted_EB = np.array([[True] * 4 + [False]] * 2)
+
+    def loss(gate_NH, example):
+        sign, c = example
+        return sign * c * gate_NH[0, 1] + 0.5 * c * gate_NH[1, 0] ** 2 + jnp.tanh(gate_NH[1, 1])
+
+    gate_NH = jnp.ones((N, H))
+    gradient_NH, importance_NH = jax.jit(
+        lambda: probe.per_example_gate_importance(loss, gate_NH, (sign_EB, c_EB), counted_EB)
+    )()
+    # Independently: jax.grad example by example, in a Python loop.
+    grads_XNH = np.stack(
+        [
+            jax.grad(loss)(gate_NH, (sign_EB[e, b], c_EB[e, b]))
+            for e in range(2)
+            for b in range(5)
+            if counted_EB[e, b]
+        ]
+    )
+    np.testing.assert_allclose(importance_NH, np.abs(grads_XNH).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(gradient_NH, grads_XNH.mean(0), rtol=1e-6, atol=1e-7)
+    mean_c = c_EB[counted_EB].mean()
+    assert importance_NH[0, 1] == pytest.approx(mean_c) and importance_NH[1, 0] == pytest.approx(
+        mean_c
+    )
+    assert importance_NH[1, 1] == pytest.approx(1 - np.tanh(1.0) ** 2) and importance_NH[0, 0] == 0
+    # |the batch-mean gradient| (the old importance) sees nothing on gate (0, 1).
+    old_E = [
+        jax.grad(
+            lambda g, e=e: jnp.mean(jax.vmap(loss, (None, 0))(g, (sign_EB[e, :4], c_EB[e, :4])))
+        )(gate_NH)[0, 1]
+        for e in range(2)
+    ]
+    assert np.abs(old_E).max() < 1e-6 and gradient_NH[0, 1] == pytest.approx(0, abs=1e-6)
+
+
+def ranking_losses(prober, gate_NH):
+    """Every ranking-batch sequence's loss (E, B) under `gate_NH`: plain batched forwards."""
+    params, rest = (jax.tree.map(lambda x: x[0], s) for s in (prober.params, prober.rest))
+    model = nnx.merge(prober.graphdef, params, rest)
+    no_mix_RNH = jnp.zeros((len(probe.SOURCES), N, H))
+
+    @jax.jit
+    def losses(gate_NH, batch):
+        inputs_BL, targets_BL, weights_BL = batch
+        ablations = prober._ablations(gate_NH, no_mix_RNH, None, None)
+        ce_BL = optax.softmax_cross_entropy_with_integer_labels(
+            model(inputs_BL, ablations=ablations).logits, targets_BL
+        )
+        return (ce_BL * weights_BL).sum(-1) / jnp.maximum(weights_BL.sum(-1), 1.0)
+
+    batches = zip(*(np.asarray(x) for x in prober.ranking_batches))
+    return np.stack([losses(jnp.asarray(gate_NH, jnp.float32), b) for b in batches])
+
+
+def test_gate_gradient_importance_matches_per_example_finite_differences(probed, prober):
     eps = 1e-2
-    no_mix = np.zeros((1, 1, len(probe.SOURCES), N, H), np.float32)
-    fd_NH = np.zeros((N, H))
+    fd_EBNH = np.zeros((*prober.ranking_batches[0].shape[:2], N, H))
     for layer in range(N):
         for head in range(H):
             losses = []
             for sign in (1, -1):
-                gate = np.ones((1, 1, N, H), np.float32)
-                gate[0, 0, layer, head] += sign * eps
-                losses.append(prober.evaluate(gate, no_mix)["loss"][0, 0])
-            fd_NH[layer, head] = (losses[0] - losses[1]) / (2 * eps)
-    np.testing.assert_allclose(gradient_NH, fd_NH, rtol=3e-2, atol=2e-4)
-    assert np.abs(gradient_NH).max() > 1e-2
+                gate_NH = np.ones((N, H), np.float32)
+                gate_NH[layer, head] += sign * eps
+                losses.append(ranking_losses(prober, gate_NH))
+            fd_EBNH[..., layer, head] = (losses[0] - losses[1]) / (2 * eps)
+    fd_XNH = fd_EBNH[np.asarray(prober.ranking_batches[2]).sum(-1) > 0]
+    gradient_NH = np.asarray(probed["gradient"][0])
     importance_NH = np.asarray(probed["importance"][0])
-    assert np.all(importance_NH >= np.abs(gradient_NH) - 1e-7)  # E|g| >= |E g|
+    np.testing.assert_allclose(gradient_NH, fd_XNH.mean(0), rtol=3e-2, atol=2e-4)
+    np.testing.assert_allclose(importance_NH, np.abs(fd_XNH).mean(0), rtol=3e-2, atol=2e-4)
+    assert np.abs(gradient_NH).max() > 1e-2
+    # Per-example gradients of this trained model do disagree in sign: E|g| > |E g| clearly
+    # on some head, so the two assertions above tell the two definitions apart.
+    assert np.all(importance_NH >= np.abs(gradient_NH) - 1e-7)
+    assert (importance_NH - np.abs(gradient_NH)).max() > 1e-3
+
+
+def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, probed, prober):
+    ranking, measured = (np.asarray(b[0]) for b in (prober.ranking_batches, prober.eval_batches))
+    assert ranking.shape == measured.shape
+    for other in (measured, np.asarray(prober.reference_inputs)):
+        assert (ranking != other).any(-1).mean() > 0.9  # nearly every sequence differs
+    # The published importance is the ranking batches', not the eval batches'.
+    _, on_eval_KNH = jax.device_get(
+        prober._gradients(prober.params, prober.rest, prober.eval_batches)
+    )
+    np.testing.assert_allclose(probed["importance"], prober.gate_gradients()[1], rtol=1e-6)
+    assert not np.allclose(probed["importance"], on_eval_KNH, rtol=0.05)
+
+    # The pruning curve is measured on the eval batches: it starts at the engine's unablated
+    # eval accuracy, and every point is the eval-batch accuracy of that prefix removed.
+    final = json.loads((run_dir / FINAL_FILE).read_text())["final"]
+    curve = np.asarray(probed["pruning"]["accuracy_importance_order"][0])
+    assert curve[0] == final["accuracy"][0]
+    flat = [
+        int(n) * H + int(h)
+        for n, h in (x.split(":") for x in probed["pruning"]["importance_order"][0])
+    ]
+    prefix_PNH = probe._prefix_masks(np.asarray(flat), N, H)
+    gate_1PNH, mix_1PRNH = prober.edits(["zero"] * len(prefix_PNH), prefix_PNH)
+    on_eval = prober.evaluate(gate_1PNH, mix_1PRNH)["accuracy"][0]
+    data = (prober.ranking_batches, prober.reference_inputs, prober.fixed_patterns)
+    on_ranking = jax.device_get(
+        prober._evaluate(prober.params, prober.rest, gate_1PNH, mix_1PRNH, *data)
+    )
+    np.testing.assert_allclose(curve, on_eval, atol=1e-6)
+    assert np.abs(curve - on_ranking["accuracy"][0]).max() > 1e-3  # the batch sets disagree
+
+    saved = json.loads((run_dir / "probe" / "probe.json").read_text())
+    assert (
+        "ranking stream" in saved["importance_batches"]
+        and "held out" in saved["importance_batches"]
+    )
+    assert "pruning" in saved["measured_batches"]
 
 
 def test_most_important_head_hurts_more_than_the_least_important(probed):
