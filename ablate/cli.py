@@ -77,6 +77,21 @@ def _list(args) -> int:
     for name in task_names():
         cls = TASKS[name]
         print(f"  {name:16s} [{cls.context_need}] {(cls.__doc__ or '').strip().splitlines()[0]}")
+    if args.levels:
+        from ablate.reference import reference_levels
+        from ablate.tasks import make_task
+
+        print("reference levels at the default knobs (causal reading; +- standard error):")
+        for name in task_names():
+            if not TASKS[name].has_dependencies:
+                print(f"  {name:16s} not computable: real data has no known generating rule")
+                continue
+            levels = reference_levels(make_task(name))
+            print(
+                f"  {name:16s} chance {levels.chance}, fixed routing {levels.fixed_routing}, "
+                f"bag {levels.bag}",
+                flush=True,
+            )
     return EXIT_OK
 
 
@@ -149,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(ablate bench --help for its flags)",
     )
 
-    p = sub.add_parser("list", help="list attention variants and tasks")
+    p = sub.add_parser("list", help="list attention variants, tasks and their reference levels")
+    p.add_argument(
+        "--no-levels",
+        dest="levels",
+        action="store_false",
+        help="skip the reference levels (computing them takes a few seconds per task)",
+    )
     p.set_defaults(func=_list)
     return parser
 

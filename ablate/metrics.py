@@ -130,14 +130,22 @@ class Interval:
         return dataclasses.asdict(self)
 
 
-def mean_interval(values: Sequence[float], *, method: str = "t", level: float = 0.95) -> Interval:
+def mean_interval(
+    values: Sequence[float],
+    *,
+    method: str = "t",
+    level: float = 0.95,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> Interval:
     """The mean of the finite values with a `level` interval over them (scipy.stats).
 
     method "t": Student-t, mean +- t_{n-1} * s / sqrt(n) (coverage 0.95 for normal values;
     tests/test_metrics.py simulates it). "bca": scipy's BCa bootstrap, only from BCA_MIN_SEEDS
     values on (with 8 normal values its coverage is ~0.86, below the t-interval's: it is an
     option for many seeds and skewed values, not the default). Fewer than MIN_SEEDS values
-    give the mean alone: no interval is claimed from one or two seeds.
+    give the mean alone: no interval is claimed from one or two seeds. `bounds` is the range
+    the mean can take (an accuracy lies in [0, 1]): the interval is cut to it, which keeps
+    its coverage.
     """
     from scipy import stats
 
@@ -161,7 +169,8 @@ def mean_interval(values: Sequence[float], *, method: str = "t", level: float = 
         low, high = ci.low, ci.high
     else:
         raise ValueError(f"unknown interval method {method!r}; choose t or bca")
-    return Interval(mean, float(low), float(high), n, method)
+    low, high = max(float(low), bounds[0]), min(float(high), bounds[1])
+    return Interval(mean, low, high, n, method)
 
 
 def paired_dependence(

@@ -101,8 +101,10 @@ class Sample:
     scored: np.ndarray
 
 
-def draw(task: Task, n_sequences: int = N_SEQUENCES, seed: int = 0) -> Sample:
-    """n sequences of `task`, drawn on the device in chunks by its own sampler."""
+def draw(task: Task, n_sequences: int | None = None, seed: int = 0) -> Sample:
+    """n sequences of `task` (default N_SEQUENCES), drawn on the device in chunks by its own
+    sampler."""
+    n_sequences = n_sequences or N_SEQUENCES
     chunk = min(CHUNK, n_sequences)
     sample = jax.jit(lambda key: task.sample(key, chunk)[:3])
     parts = [
@@ -240,7 +242,7 @@ def estimate_bag(splits: _Splits) -> Level:
 
 
 def reference_levels(
-    task: Task, *, causal: bool = True, n_sequences: int = N_SEQUENCES, seed: int = 0
+    task: Task, *, causal: bool = True, n_sequences: int | None = None, seed: int = 0
 ) -> ReferenceLevels | None:
     """The task's three reference levels; None for tasks without a generating rule (real data)."""
     if not task.has_dependencies:
@@ -256,7 +258,7 @@ def reference_levels(
     return ReferenceLevels(chance, estimate_fixed_routing(splits), bag)
 
 
-def audit(task: Task, *, n_sequences: int = N_SEQUENCES, seed: int = 0) -> list[str]:
+def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[str]:
     """What is wrong with a task's claim about the context it needs (empty: nothing).
 
     - the task's chance level agrees with the estimated best constant predictor;

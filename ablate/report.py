@@ -52,6 +52,9 @@ VERDICT_TEXT = {
     "{lacks}",
     "partial": "{v} loses part of learned attention's gain over chance (context dependence "
     "{dep}: the interval excludes 0 and does not lie above {essential}); it lacks {lacks}",
+    "minor": "{v} loses a small but measurable part of learned attention's gain over chance "
+    "(context dependence {dep}: the interval excludes 0 and stays below {dispensable}); it "
+    "lacks {lacks}",
     "dispensable": "{v} loses no measurable part of learned attention's gain (context "
     "dependence {dep}: the interval includes 0 and stays below {dispensable}): at this size "
     "and budget the task does not need what {v} lacks, {lacks}",
@@ -79,9 +82,9 @@ HOW_TO_READ = """## How to read this
   weights and sees the same batches), then its mean and interval over seeds. 1 = the variant
   loses everything learned attention gains over chance, 0 = nothing, below 0 = it does
   better. Undefined when learned attention is not above chance.
-- **Verdicts** read the interval's bounds only: *essential* (above 0.8), *partial* (excludes
-  0, not above 0.8), *dispensable* (includes 0, below 0.2), *inconclusive* (includes 0 and
-  0.2), *better* (below 0).
+- **Verdicts** read the interval's bounds only: *essential* (above 0.8), *partial* (above 0,
+  reaching 0.2 but not wholly above 0.8), *minor* (above 0, below 0.2), *dispensable* (includes
+  0, below 0.2), *inconclusive* (includes 0 and 0.2), *better* (below 0).
 - **Best-head alignment**: the attention mass the best head puts on the positions each
   target depends on (the task's ground truth), beside what uniform attention would put there.
 """
@@ -104,9 +107,10 @@ def _bounds(s: dict[str, float]) -> tuple[float, float]:
     return (s["low"], s["high"]) if ok else (s["mean"], s["mean"])
 
 
-def _stat(values: Iterable[Any]) -> dict[str, Any] | None:
-    """Mean and 95% interval over seeds as a dict (None when no finite value)."""
-    i = mean_interval([float(v) for v in values if _finite(v)])
+def _stat(values: Iterable[Any], bounds=(0.0, 1.0)) -> dict[str, Any] | None:
+    """Mean and 95% interval over seeds as a dict (None when no finite value); the interval
+    is cut to `bounds`, the range of the quantity (accuracy and alignment: [0, 1])."""
+    i = mean_interval([float(v) for v in values if _finite(v)], bounds=bounds)
     return None if i.n == 0 else i.as_dict()
 
 
@@ -126,7 +130,7 @@ def verdict(dependence: dict[str, Any]) -> str:
     if low > ESSENTIAL:
         return "essential"
     if low > 0:
-        return "partial"
+        return "minor" if high < DISPENSABLE else "partial"
     return "dispensable" if high < DISPENSABLE else "inconclusive"
 
 
@@ -240,7 +244,9 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for name in ("accuracy", "alignment_max", "alignment_max_init"):
             e[name] = _stat(r.get(name) for r in good)
         # exp(held-out loss); rows of older sweeps have only the loss.
-        e["perplexity"] = _stat(r.get("perplexity", perplexity(r.get("loss"))) for r in good)
+        e["perplexity"] = _stat(
+            (r.get("perplexity", perplexity(r.get("loss"))) for r in good), (1.0, math.inf)
+        )
         e["levels"] = {short: _relation(e["accuracy"], levels[f]) for f, short in LEVELS}
         e["dependence"] = e["difference"] = e["verdict"] = None
         e["per_seed"] = {}
@@ -474,7 +480,9 @@ def _bars(groups: list[dict], field: str, path: Path, ylabel: str, colors: dict)
                 value = g["levels"][field_name]["value"]
                 if value is not None:
                     label = None if shown else names[field_name]
-                    ax.hlines(value, i - 0.45, i + 0.45, color, style, lw=1.4, label=label)
+                    ax.hlines(
+                        value, i - 0.45, i + 0.45, color, style, lw=1.4, label=label, zorder=3
+                    )
                     shown = True
     else:
         ax.axhline(0.0, color="k", lw=0.8)

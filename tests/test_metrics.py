@@ -99,3 +99,9 @@ def test_paired_dependence_uses_per_seed_differences():
     assert unpaired.high - unpaired.low > 0.2  # what an unpaired comparison would carry
     assert out["dependence_per_seed"][1] == pytest.approx(0.1 / 0.5)
     assert np.isnan(paired_dependence({0: 0.1}, {0: 0.1}, 0.1)["dependence_per_seed"][0])
+
+
+def test_an_interval_is_cut_to_the_range_of_the_quantity():
+    x = [0.97, 1.0, 1.0, 0.99]
+    free, cut = mean_interval(x), mean_interval(x, bounds=(0.0, 1.0))
+    assert free.high > 1.0 and cut.high == 1.0 and cut.low == free.low

@@ -145,3 +145,18 @@ def test_list_names_every_variant_and_task(capsys):
     for name in [*MIXERS, *task_names()]:
         assert f"  {name} " in out, name
     assert "stdlib_lm" in out and "[unknown]" in out
+
+
+def test_list_states_every_synthetic_tasks_reference_levels(capsys, monkeypatch):
+    from ablate import reference
+    from ablate.cli import main
+
+    monkeypatch.setattr(reference, "N_SEQUENCES", 3 * 1024)  # the numbers are not the point
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    levels = out[out.index("reference levels") :]
+    assert "  mqar             chance 0.125, fixed routing 0." in levels
+    assert ", bag 0.250" in levels.split("mqar")[1].splitlines()[0]
+    assert "stdlib_lm        not computable" in levels
+    assert main(["list", "--no-levels"]) == 0
+    assert "reference levels" not in capsys.readouterr().out
