@@ -122,6 +122,9 @@ class Mixer(nnx.Module):
     has_pattern: ClassVar[bool] = True
     #: False for mixers that cannot serve a causal model.
     supports_causal: ClassVar[bool] = True
+    #: True where the pattern is softmax of query-key scores: the loss's pull on the head is
+    #: then read on the scores (what W_q/W_k training follows), else on the pattern itself.
+    qk_scores: ClassVar[bool] = False
 
     def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
         self.n_heads = n_heads
@@ -139,6 +142,7 @@ class Learned(Mixer):
     """softmax(Q K^T / sqrt(K) + mask), with trainable W_q and W_k."""
 
     weight_type: ClassVar[type[nnx.Variable]] = nnx.Param
+    qk_scores = True
 
     def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
         super().__init__(n_heads, settings, rngs)

@@ -89,6 +89,47 @@ def uniform_alignment(deps_BLS: jax.Array, visible_BLS: jax.Array, weights_BL: j
     return jnp.where(n_rows > 0, (share_BL * rows_BL).sum() / jnp.maximum(n_rows, 1.0), jnp.nan)
 
 
+def descent_direction(
+    grad_BHLS: jax.Array, probs_BHLS: jax.Array, visible_BLS: jax.Array, qk_scores_H
+) -> jax.Array:
+    """Where the loss pushes each head's attention: minus the gradient, per target row.
+
+    grad_BHLS is dL/dp, the loss's gradient with respect to the pattern (other patterns held
+    fixed). Since o_i = sum_j p_ij v_j, dL/dp_ij = <dL/do_i, v_j>: the push is towards the
+    positions whose values would lower the loss. For a head whose pattern is softmax(scores)
+    (qk_scores_H), the direction is on the scores, -dL/ds = -p * (g - <p, g>), which is what
+    W_q/W_k training follows. Any other pattern is read on the simplex: -(g - mean_V(i) g)
+    over the visible positions (a row-constant push would change nothing).
+    """
+    visible_B1LS = visible_BLS[:, None].astype(jnp.float32)
+    g, p = grad_BHLS.astype(jnp.float32), probs_BHLS.astype(jnp.float32)
+    on_scores = -p * (g - (p * g).sum(-1, keepdims=True))
+    mean_BHL1 = (g * visible_B1LS).sum(-1, keepdims=True) / jnp.maximum(
+        visible_B1LS.sum(-1, keepdims=True), 1.0
+    )
+    on_pattern = -(g - mean_BHL1)
+    qk_1H11 = jnp.asarray(qk_scores_H, bool)[None, :, None, None]
+    return jnp.where(qk_1H11, on_scores, on_pattern) * visible_B1LS
+
+
+def gradient_alignment(
+    direction_BHLS: jax.Array, deps_BLS: jax.Array, weights_BL: jax.Array
+) -> jax.Array:
+    """Per head, the share of the descent direction's positive part on the dependency
+    positions (context positions j != i, as for alignment), averaged over scored rows.
+
+    A row with no positive part (no pull at all) does not count; NaN where no row counts.
+    Compare with `uniform_alignment`, the share a uniform push over V(i) would put there.
+    """
+    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL)
+    up_BHLS = jnp.maximum(direction_BHLS, 0.0)
+    total_BHL = up_BHLS.sum(-1)
+    share_BHL = (up_BHLS * context_BLS[:, None]).sum(-1) / jnp.maximum(total_BHL, 1e-30)
+    w_BHL = rows_BL[:, None] * (total_BHL > 0)
+    n_H = w_BHL.sum((0, 2))
+    return jnp.where(n_H > 0, (share_BHL * w_BHL).sum((0, 2)) / jnp.maximum(n_H, 1.0), jnp.nan)
+
+
 def context_dependence(acc_learned: float, acc_variant: float, chance: float) -> float:
     """(acc_learned - acc_variant) / (acc_learned - chance): 1 = all of it, 0 = none.
 

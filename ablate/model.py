@@ -114,7 +114,7 @@ class ModelConfig:
             if part in FREEZABLE:
                 continue
             layer = part.removeprefix("layer.")
-            if part.startswith("layer.") and layer.isdigit() and int(layer) < self.n_layers:
+            if part.startswith("layer.") and layer.isdecimal() and int(layer) < self.n_layers:
                 continue
             allowed = ", ".join([*FREEZABLE, f"layer.0 .. layer.{self.n_layers - 1}"])
             found.append((f"freeze[{i}]", f"{part!r} is not allowed; choose from {allowed}"))
@@ -216,6 +216,12 @@ class Attention(nnx.Module):
     def has_pattern_H(self) -> tuple[bool, ...]:
         return tuple(
             m.has_pattern for m, (_, n) in zip(self.mixers, self.head_groups) for _ in range(n)
+        )
+
+    @property
+    def qk_scores_H(self) -> tuple[bool, ...]:
+        return tuple(
+            m.qk_scores for m, (_, n) in zip(self.mixers, self.head_groups) for _ in range(n)
         )
 
     def __call__(

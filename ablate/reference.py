@@ -263,8 +263,12 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
 
     - the task's chance level agrees with the estimated best constant predictor;
     - `none`: no single fixed other position (without the own token) beats chance by more
-      than NONE_MARGIN: the answer is not sitting at a fixed place;
-    - `content`: fixed routing closes at most CONTENT_MAX_SHARE of the gap from chance to 1;
+      than NONE_MARGIN (the answer is not sitting at a fixed place), and the bag of visible
+      tokens determines the answer (bag ceiling >= POSITION_MIN: averaging suffices);
+    - `bag`: the bag determines the answer (bag ceiling >= POSITION_MIN) and fixed routing
+      closes at most CONTENT_MAX_SHARE of the gap from chance to 1;
+    - `content`: fixed routing and the bag each close at most CONTENT_MAX_SHARE of the gap
+      from chance to 1 (neither one fixed position nor order-free counting answers it);
     - `position`: fixed routing reaches at least POSITION_MIN.
     """
     splits = _Splits(draw(task, n_sequences, seed), causal=True)
@@ -273,6 +277,8 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
     if abs(chance.value - task.chance) > 4 * chance.se + 0.01:
         found.append(f"chance is stated as {task.chance:.3f} but the best constant gets {chance}")
     need = task.context_need
+    derived = task.bag_ceiling()
+    bag = Level(*derived) if derived is not None else estimate_bag(splits)
     if need == "none":
         other = estimate_fixed_routing(splits, own=False)
         if other.value > task.chance + NONE_MARGIN:
@@ -280,16 +286,20 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
                 f"a `none` task, yet one fixed other position gives {other} (chance "
                 f"{task.chance:.3f}, allowed up to +{NONE_MARGIN})"
             )
-    elif need in ("content", "position"):
+    if need in ("none", "bag") and bag.value < POSITION_MIN:
+        found.append(f"a `{need}` task, yet the bag of tokens reaches only {bag}")
+    if need in ("content", "position", "bag"):
         fixed = estimate_fixed_routing(splits)
-        share = (fixed.value - task.chance) / max(1 - task.chance, 1e-9)
-        if need == "content" and share > CONTENT_MAX_SHARE:
-            found.append(
-                f"a `content` task, yet fixed routing reaches {fixed}: {share:.2f} of the gap "
-                f"from chance to 1 (allowed up to {CONTENT_MAX_SHARE})"
-            )
+        limited = [("fixed routing", fixed)] + ([("the bag of tokens", bag)] * (need == "content"))
+        for name, level in limited:
+            share = (level.value - task.chance) / max(1 - task.chance, 1e-9)
+            if need in ("content", "bag") and share > CONTENT_MAX_SHARE:
+                found.append(
+                    f"a `{need}` task, yet {name} reaches {level}: {share:.2f} of the gap "
+                    f"from chance to 1 (allowed up to {CONTENT_MAX_SHARE})"
+                )
         if need == "position" and fixed.value < POSITION_MIN:
             found.append(f"a `position` task, yet fixed routing reaches only {fixed}")
-    else:
-        found.append(f"context_need {need!r} is not one of none, content, position")
+    if need not in ("none", "bag", "content", "position"):
+        found.append(f"context_need {need!r} is not one of none, bag, content, position")
     return found

@@ -31,6 +31,7 @@ PATTERNS_FILE = "patterns_final.npz"
 # a verdict reads the interval's bounds only, never the mean.
 ESSENTIAL = 0.8  # whole interval above: the variant loses almost all of the gain
 DISPENSABLE = 0.2  # interval holds 0 and stays below this: no measurable loss
+PULL = ("gradient_alignment_max_init", "gradient_alignment_max_peak", "gradient_alignment_max")
 HEAD_PART = re.compile(r"layer \d+ head \d+: (.+)")  # how model.frozen_parts names one head
 LEVELS = (("chance", "chance"), ("fixed_routing_ceiling", "fixed"), ("bag_ceiling", "bag"))
 # What each registered variant lacks against learned attention (long form, table form).
@@ -76,7 +77,14 @@ HOW_TO_READ = """## How to read this
   fixed pattern that copies a position can get); the *bag ceiling*, the best accuracy from
   the multiset of visible tokens plus the own token and index (what order-free averaging can
   get). Exact where the task derives them, else estimated (held-out, with a standard error).
-  A variant is *at* a level when its interval overlaps the level +- 2 SE.
+  A variant is *at* a level when its interval overlaps the level +- 2 SE. They are the levels
+  of those idealised readers, not bounds on the variants: a two-layer `uniform` model with
+  position embeddings is not order-free (the MLP between two averages binds tokens to their
+  positions, and causal averaging adds each prefix's mean), and a fixed pattern with several
+  heads and layers reads more than one position; a variant above its level says so.
+- **Intervals are over seeds**, each seed evaluated on the same held-out sequences (their
+  number is in the table header): they cover seed-to-seed variation, not the choice of test
+  sequences; a zero width means every seed scored the same on them.
 - **Context dependence** of a variant = (acc_learned - acc_variant) / (acc_learned - chance)
   per seed (the paired design: for one seed every variant starts from the same shared
   weights and sees the same batches), then its mean and interval over seeds. 1 = the variant
@@ -87,7 +95,20 @@ HOW_TO_READ = """## How to read this
   0, below 0.2), *inconclusive* (includes 0 and 0.2), *better* (below 0).
 - **Best-head alignment**: the attention mass the best head puts on the positions each
   target depends on (the task's ground truth), beside what uniform attention would put there.
+- **Gradient alignment** (the loss's pull): per head, the share of the descent direction of
+  the loss on its attention (on the scores of learned/frozen heads, on the pattern of any
+  other head) that falls on the dependency positions, beside the share a uniform push would
+  give. Since o_i = sum_j p_ij v_j, dL/dp_ij = <dL/do_i, v_j>: training raises attention where
+  a position's value would lower the loss. Its rise before alignment and accuracy move is the
+  measured "why".
 """
+NEEDS = {
+    "content": "needs content",
+    "position": "needs position",
+    "bag": "needs only the bag of tokens",
+    "none": "control: no pairwise context",
+    "unknown": "real data",
+}
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -241,8 +262,11 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         e |= dict(seeds=[r.get("seed") for r in good], seeds_ok=len(good), seeds_total=len(rs))
         e["frozen"] = rs[0].get("frozen") or []
         e["lacks"], e["lacks_short"] = _lacks(rs[0], label) if label != "learned" else ("", "-")
-        for name in ("accuracy", "alignment_max", "alignment_max_init"):
+        for name in ("accuracy", "alignment_max", "alignment_max_init", *PULL):
             e[name] = _stat(r.get(name) for r in good)
+        e["gradient_alignment_peak_step"] = _stat(
+            (r.get("gradient_alignment_peak_step") for r in good), (0.0, math.inf)
+        )
         # exp(held-out loss); rows of older sweeps have only the loss.
         e["perplexity"] = _stat(
             (r.get("perplexity", perplexity(r.get("loss"))) for r in good), (1.0, math.inf)
@@ -269,6 +293,7 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         f" ({', '.join(f'{k}={v}' for k, v in sorted(grid.items()))})" if grid else ""
     )
     group = dict(task=first["task"], grid=grid, label=label, chance=chance, levels=levels)
+    group["eval_sequences"] = first.get("eval_sequences")
     group |= dict(context_need=first.get("context_need"), variants=variants)
     group["alignment_uniform"] = uniform["mean"] if uniform else None
     group["learned_learns"] = learns if "learned" in runs else None
@@ -307,9 +332,9 @@ def _reference_surprise(k: str, e: dict[str, Any]) -> str | None:
     names = _attention_names(k) | set()
     if e["levels"].get("bag") == "above" and k == "uniform":
         return (
-            "`uniform` exceeds the bag ceiling: causal averaging is not order-free (each "
-            "position averages its own prefix, so later layers can read order from the "
-            "prefix means)."
+            "`uniform` exceeds the bag ceiling: a two-layer uniform model is not order-free "
+            "(the MLP between its averages binds tokens to their position embeddings, and "
+            "causal averaging adds each prefix's mean)."
         )
     if e["levels"].get("fixed") == "above" and names & {"random_fixed", "gaussian"}:
         return (
@@ -319,14 +344,33 @@ def _reference_surprise(k: str, e: dict[str, Any]) -> str | None:
     return None
 
 
+def _pull_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
+    """The loss's pull on learned heads (gradient alignment) at init, peak and end."""
+    init, peak, end = (learned[name] for name in PULL)
+    u = g["alignment_uniform"]
+    if peak is None or u is None or u > 0.9:
+        return None
+    step = learned["gradient_alignment_peak_step"]
+    text = (
+        f"The loss's pull on learned heads (the share of its descent direction on the "
+        f"dependency positions, best head; a uniform push gives {u:.2f})"
+    )
+    text += f" was {_fmt(init)} at init" if init else ""
+    text += f", peaked at {_fmt(peak)}"
+    text += f" (step {step['mean']:.0f} on average)" if step else ""
+    text += f" and ended at {_fmt(end)}" if end else ""
+    if _interval(peak).has_interval:
+        if peak["low"] > u:
+            text += ": training pushed attention towards the context the task depends on"
+        elif peak["high"] <= u:
+            text += ": the loss never pulled attention towards the dependency positions"
+    return text + "."
+
+
 def _statement(g: dict[str, Any]) -> str:
     """The plain-words paragraph for one task, every clause chosen from the numbers."""
     v, chance, learned = g["variants"], g["chance"], g["variants"].get("learned")
-    need = {
-        "none": "needs no pairwise context",
-        "unknown": "real data: what it needs is the question",
-    }
-    need = need.get(g["context_need"], f"needs {g['context_need']}")
+    need = NEEDS.get(g["context_need"], f"needs {g['context_need']}")
     opening = f"On {g['label']} ({need})"
     # Variants without an ok seed are named in the closing sentence on failures.
     others = {k: e for k, e in v.items() if k != "learned" and e["accuracy"]}
@@ -392,7 +436,12 @@ def _statement(g: dict[str, Any]) -> str:
         text += f" (best head) vs {init['mean']:.2f} at init" if init else " (best head)"
         if u is not None:
             text += f" (uniform: {u:.2f})"
-            if _interval(a).has_interval and a["low"] > u:
+            if u > 0.9:
+                text += (
+                    ": the dependency positions are almost every visible position, so "
+                    "alignment cannot tell here"
+                )
+            elif _interval(a).has_interval and a["low"] > u:
                 text += ", more than uniform attention would"
             elif _interval(a).has_interval and a["high"] <= u:
                 text += ": no more than uniform attention, the heads did not concentrate there"
@@ -401,6 +450,8 @@ def _statement(g: dict[str, Any]) -> str:
         out.append(
             text + (f"; best heads of other variants: {', '.join(aligned)}." if aligned else ".")
         )
+    if learned is not None and (pull := _pull_text(g, learned)):
+        out.append(pull)
     lost = [
         f"`{k}` ({e['seeds_total'] - e['seeds_ok']} of {e['seeds_total']})"
         for k, e in v.items()
@@ -442,6 +493,7 @@ def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
         "step": steps,
         "accuracy": [mean(s, lambda r: r.get("accuracy")) for s in steps],
         "alignment": [mean(s, lambda r: best(r.get("alignment"))) for s in steps],
+        "pull": [mean(s, lambda r: best(r.get("gradient_alignment"))) for s in steps],
         "uniform": [mean(s, lambda r: r.get("uniform_alignment")) for s in steps],
         "perplexity": [mean(s, lambda r: perplexity(r.get("loss"))) for s in steps],
     }
@@ -497,27 +549,42 @@ def _bars(groups: list[dict], field: str, path: Path, ylabel: str, colors: dict)
 
 
 def _curve_plot(g: dict, curves: dict[str, dict], path: Path, colors: dict) -> None:
-    """Accuracy and best-head alignment over training, one line per variant (perplexity in
-    place of alignment for real data, which has no dependency mask)."""
-    fig = Figure(figsize=(10.0, 3.6))
-    ax_acc, ax_right = fig.subplots(1, 2)
-    right = "perplexity" if g["context_need"] == "unknown" else "alignment"
+    """Over training, one line per variant: accuracy, best-head alignment and the loss's pull
+    (best-head gradient alignment), beside uniform; perplexity instead of the last two for
+    real data, which has no dependency mask."""
+    real = g["context_need"] == "unknown"
+    fig = Figure(figsize=(10.0 if real else 14.0, 3.6))
+    axes = fig.subplots(1, 2 if real else 3)
+    panels = ["perplexity"] if real else ["alignment", "pull"]
+    ylabels = {
+        "perplexity": "eval perplexity",
+        "alignment": "best-head alignment",
+        "pull": "loss's pull on the dependencies\n(best-head gradient alignment)",
+    }
+    ax_acc = axes[0]
     for label, c in curves.items():
         ax_acc.plot(c["step"], c["accuracy"], label=label, color=colors[label])
-        # Step 0 (a random model: perplexity ~ vocabulary size) would flatten the rest.
-        points = [(s, y) for s, y in zip(c["step"], c[right]) if right == "alignment" or s > 0]
-        if any(_finite(y) for _, y in points):
-            ax_right.plot(*zip(*points), label=label, color=colors[label])
+        for ax, right in zip(axes[1:], panels):
+            # Step 0 (a random model: perplexity ~ vocabulary size) would flatten the rest.
+            points = [(s, y) for s, y in zip(c["step"], c[right]) if right != "perplexity" or s > 0]
+            if any(_finite(y) for _, y in points):
+                ax.plot(*zip(*points), label=label, color=colors[label])
     ax_acc.axhline(g["chance"], color="k", ls="--", lw=0.8, label="chance")
+    for field, color, style, name in (
+        ("fixed_routing_ceiling", "C3", ":", "fixed-routing ceiling"),
+        ("bag_ceiling", "C2", "-.", "bag ceiling"),
+    ):
+        if g["levels"][field]["value"] is not None:
+            ax_acc.axhline(g["levels"][field]["value"], color=color, ls=style, lw=0.8, label=name)
     ref = next((c for c in curves.values() if any(_finite(u) for u in c["uniform"])), None)
-    if ref and right == "alignment":
-        ax_right.plot(ref["step"], ref["uniform"], color="gray", ls=":", label="uniform")
-    ylabel = "eval perplexity" if right == "perplexity" else "best-head alignment"
-    for ax, name in ((ax_acc, "eval accuracy"), (ax_right, ylabel)):
+    if ref and not real:
+        for ax in axes[1:]:
+            ax.plot(ref["step"], ref["uniform"], color="gray", ls=":", label="uniform")
+    for ax, name in zip(axes, ["eval accuracy"] + [ylabels[p] for p in panels]):
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.suptitle(f"{g['label']} (mean over ok seeds)")
     _save(fig, path)
 
@@ -579,7 +646,9 @@ def _answer(summary: dict) -> list[str]:
     """The Answer section: one table, task x variant, verdicts from interval bounds."""
     groups = summary["groups"]
     cells = [e["accuracy"] for g in groups for e in g["variants"].values()]
-    lines = ["## Answer", "", f"Accuracy and context dependence: {_header(cells)}.", ""]
+    held = {g.get("eval_sequences") for g in groups} - {None}
+    on = f", each seed on the same {held.pop()} held-out sequences" if len(held) == 1 else ""
+    lines = ["## Answer", "", f"Accuracy and context dependence: {_header(cells)}{on}.", ""]
     lines += [
         "| task (needs) | chance / fixed / bag | variant | lacks | accuracy | vs levels "
         "| context dependence | verdict |",
@@ -588,7 +657,7 @@ def _answer(summary: dict) -> list[str]:
     for g in groups:
         lv = g["levels"]
         levels = " / ".join(_level_cell(lv[f]) for f, _ in LEVELS)
-        task = f"{g['label']} ({g['context_need']})"
+        task = f"{g['label']} ({NEEDS.get(g['context_need'], g['context_need'])})"
         for k, e in g["variants"].items():
             rel = ", ".join(f"{r} {s}" for s, r in e["levels"].items() if r) or "-"
             if k == "learned":
@@ -623,8 +692,9 @@ def _markdown(summary: dict, meta: dict, plots: dict) -> str:
         lines += ["Reference levels: " + "; ".join(levels) + ".", ""]
         real = g["context_need"] == "unknown"  # real data: perplexity, no alignment
         stats = [e["accuracy"] for e in g["variants"].values()]
+        on = f", each on the same {g['eval_sequences']} held-out sequences"
         lines += [
-            f"Intervals: {_header(stats)}.",
+            f"Intervals: {_header(stats)}{on if g.get('eval_sequences') else ''}.",
             "",
             "| variant | frozen | accuracy | learned - variant (paired) | context dependence | "
             + ("perplexity" if real else "best-head alignment")

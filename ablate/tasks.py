@@ -137,7 +137,10 @@ class Task(abc.ABC):
     pad_id: ClassVar[int | None] = None
 
     name: ClassVar[str]
-    context_need: ClassVar[str]  # "content", "position" or "none"
+    # "content" (content-dependent routing needed), "position" (fixed routing suffices),
+    # "bag" (the bag of visible tokens determines the answer; fixed positions hold candidates)
+    # or "none" (a control: the bag determines it and no fixed position gives anything away).
+    context_need: ClassVar[str]
     leaks_future: ClassVar[bool] = False
     Config: ClassVar[type]
     vocab_size: int
@@ -311,6 +314,12 @@ class AssocRecall(Task):
     one token (one hop: match the query against the pair token); "separate" writes key then
     value (two hops: find the key, read the token after it). Keys in a sequence are distinct,
     values uniform and independent. deps: the queried pair's position(s) and the query itself.
+
+    With "joint" pair tokens the bag of tokens holds the answer (a pair token names its key
+    and value), so an order-free reader could answer, while each fixed position holds one
+    candidate answer: that configuration is labelled `bag` (no pairwise routing needed in
+    principle; whether a finite model can read the answer from an average is what its variants
+    measure). "separate" is a `content` task.
     """
 
     name = "assoc_recall"
@@ -325,6 +334,8 @@ class AssocRecall(Task):
         self.vocab_size = self.pair_base + (c.n_keys * c.n_values if self.joint else 0)
         self.seq_len = (1 if self.joint else 2) * c.n_pairs + 1
         self.chance = 1.0 / c.n_values
+        if self.joint:
+            self.context_need = "bag"
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         c, n_pairs, seq_len = self.config, self.config.n_pairs, self.seq_len
@@ -721,11 +732,13 @@ class Sort(_ItemsTask):
 
     Any data token can move any order statistic, so every data position is a dependency. The
     chance level is the mean over k of the mode probability of the k-th order statistic of N
-    uniform draws, since a position-aware constant predictor gets exactly that.
+    uniform draws, since a position-aware constant predictor gets exactly that. The multiset
+    of items determines the output, so an order-free reader (counts and the output index)
+    suffices: labelled `bag`.
     """
 
     name = "sort"
-    context_need = "content"
+    context_need = "bag"
 
     def __init__(self, config: ItemsConfig | None = None):
         super().__init__(config)

@@ -1,5 +1,6 @@
 """Alignment, entropy, distance and context dependence against hand-computed values."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,3 +106,38 @@ def test_an_interval_is_cut_to_the_range_of_the_quantity():
     x = [0.97, 1.0, 1.0, 0.99]
     free, cut = mean_interval(x), mean_interval(x, bounds=(0.0, 1.0))
     assert free.high > 1.0 and cut.high == 1.0 and cut.low == free.low
+
+
+def test_descent_direction_on_scores_is_minus_the_softmax_chain_rule():
+    """For a qk head, the direction is -dL/ds for p = softmax(s + mask); for any other head
+    it is -dL/dp centred over the visible positions (a row-constant push does nothing)."""
+    from ablate.attention import masked_softmax
+    from ablate.metrics import descent_direction
+
+    rng = np.random.default_rng(0)
+    B, H, L = 2, 2, 5
+    visible = visibility(L, True, None, B)
+    scores = jnp.asarray(rng.normal(size=(B, H, L, L)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(B, H, L, L)), jnp.float32)  # dL/dp of L = sum(p * g)
+    p = masked_softmax(scores, visible)
+    expected = -jax.grad(lambda s: (masked_softmax(s, visible) * g).sum())(scores)
+    got = descent_direction(g, p, visible, [True, True])
+    np.testing.assert_allclose(got, expected * visible[:, None], atol=1e-6)
+    centred = descent_direction(g, p, visible, [False, False])
+    np.testing.assert_allclose((centred * visible[:, None]).sum(-1), 0.0, atol=1e-5)
+    np.testing.assert_array_equal(centred * ~visible[:, None], 0.0)
+    shifted = descent_direction(g + 3.0, p, visible, [False, False])  # a constant per row
+    np.testing.assert_allclose(shifted, centred, atol=1e-5)
+
+
+def test_gradient_alignment_is_the_share_of_the_positive_push_on_the_dependencies():
+    deps = jnp.zeros((1, 3, 3), bool).at[0, 2, 0].set(True).at[0, 2, 2].set(True)
+    weights = jnp.zeros((1, 3)).at[0, 2].set(1.0)
+    direction = jnp.zeros((1, 2, 3, 3))
+    direction = direction.at[0, 0, 2].set(jnp.array([0.3, 0.1, -0.4]))  # 0.3 of 0.4 on j = 0
+    direction = direction.at[0, 1, 2].set(jnp.array([-0.2, 0.5, 0.9]))  # none on j = 0
+    from ablate.metrics import gradient_alignment
+
+    np.testing.assert_allclose(gradient_alignment(direction, deps, weights), [0.75, 0.0], atol=1e-6)
+    # A head with no push anywhere has no share to report.
+    assert np.isnan(gradient_alignment(jnp.zeros((1, 1, 3, 3)), deps, weights)).all()

@@ -33,6 +33,7 @@ def _row(task, variant, seed, acc, *, chance=0.25, need="content", status="ok", 
         "error": "",
         "chance": chance,
         **LEVELS,
+        "eval_sequences": 128,
         "wall_seconds": 12.5,
         "run_dir": run,
     }
@@ -46,6 +47,10 @@ def _row(task, variant, seed, acc, *, chance=0.25, need="content", status="ok", 
             "alignment_max": align,
             "alignment_uniform": 0.1,
             "alignment_max_init": 0.12,
+            "gradient_alignment_max_init": 0.15 if align else None,
+            "gradient_alignment_max_peak": 0.6 + 0.01 * seed if align else None,
+            "gradient_alignment_peak_step": 50 if align else None,
+            "gradient_alignment_max": 0.4 if align else None,
             "steps": 100,
             "compile_seconds": 2.0,
         }
@@ -194,8 +199,13 @@ def test_full_report_files_and_numbers(tmp_path):
     # The report opens with the answer: one table, before how to read it and the details.
     assert text.index("## Answer") < text.index("## How to read") < text.index("## assoc")
     answer = text[text.index("## Answer") : text.index("## How to read")]
-    assert "95% Student-t interval over 3 seeds" in answer
-    assert "| assoc (content) | 0.25 / 0.30 +- 0.002 / 0.25 | learned |" in answer
+    assert "95% Student-t interval over 3 seeds, each seed on the same 128 held-out" in answer
+    # The loss's pull on learned heads, from the rows' gradient alignment.
+    assert "a uniform push gives 0.10) was 0.15 [0.15, 0.15] at init, peaked at 0.61" in text
+    assert "(step 50 on average) and ended at 0.40" in text
+    assert "training pushed attention towards the context" in text
+    assert "| assoc (needs content) | 0.25 / 0.30 +- 0.002 / 0.25 | learned |" in answer
+    assert "| majority (control: no pairwise context) |" in answer
     assert (
         "| uniform | learned routing | 0.26 [0.24, 0.28] | at chance, below fixed, at bag" in answer
     )
@@ -257,7 +267,10 @@ def test_variants_are_read_against_the_reference_levels():
     v = g["variants"]
     assert v["uniform"]["levels"] == {"chance": "above", "fixed": "above", "bag": "above"}
     assert v["random_fixed"]["levels"] == {"chance": "above", "fixed": "at", "bag": "above"}
-    assert "`uniform` exceeds the bag ceiling: causal averaging is not order-free" in g["statement"]
+    assert (
+        "`uniform` exceeds the bag ceiling: a two-layer uniform model is not order-free"
+        in g["statement"]
+    )
     assert (
         "`random_fixed` reaches 0.30 [0.28, 0.32]: above chance 0.25, at the fixed"
         in g["statement"]
@@ -381,3 +394,19 @@ def test_real_data_shows_perplexity_not_alignment(tmp_path):
     old = [{k: v for k, v in r.items() if k != "perplexity"} for r in rows]
     mean = summarize(old)["groups"][0]["variants"]["uniform"]["perplexity"]["mean"]
     assert mean == pytest.approx(np.exp(1 - 0.41))
+
+
+def test_no_alignment_claim_where_the_dependencies_cover_every_position():
+    rows = [_row("maj", "learned", s, 1.0, need="none", alignment_uniform=0.97) for s in range(3)]
+    rows = [r | {"alignment_max": 0.975} for r in rows]
+    g = summarize(rows)["groups"][0]
+    assert "alignment cannot tell here" in g["statement"]
+    assert "more than uniform" not in g["statement"] and "pull" not in g["statement"]
+
+
+def test_a_pull_that_stays_at_the_uniform_share_is_said_so():
+    rows = [
+        _row("t", "learned", s, 1.0, gradient_alignment_max_peak=0.05 + 0.01 * s) for s in range(3)
+    ]
+    g = summarize(rows)["groups"][0]
+    assert "the loss never pulled attention towards the dependency positions" in g["statement"]

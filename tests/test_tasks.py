@@ -291,7 +291,7 @@ def test_unknown_task_lists_valid_names_and_paths_nest():
 @pytest.mark.parametrize("name", SYNTHETIC)
 def test_configs_are_frozen_plain_data_with_defaults(name):
     cls = tasks.TASKS[name]
-    assert cls.name == name and cls.context_need in ("content", "position", "none")
+    assert cls.name == name and cls.context_need in ("content", "position", "bag", "none")
     config = cls.Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.__setattr__(dataclasses.fields(config)[0].name, 1)
