@@ -12,6 +12,7 @@ A dataclass states its own value rules in a `problems()` method returning
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 import types
@@ -36,6 +37,17 @@ class ConfigError(ValueError):
         if not prefix:
             return self
         return ConfigError([(f"{prefix}.{p}" if p else prefix, m) for p, m in self.problems])
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def dotted(path: str, key: str) -> str:
+    """`path.key`, the key quoted as TOML quotes it unless it is bare (`model."a b"`)."""
+    key = str(key)
+    if not _BARE_KEY.fullmatch(key):
+        key = json.dumps(key, ensure_ascii=False)
+    return f"{path}.{key}" if path else key
 
 
 def check(obj: Any) -> None:
@@ -118,7 +130,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError([(path, f"expected a table, got {value!r}")])
         _, value_tp = get_args(tp) or (str, Any)
-        return {str(k): _convert(value_tp, v, f"{path}.{k}") for k, v in value.items()}
+        return {str(k): _convert(value_tp, v, dotted(path, k)) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -127,6 +139,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if value != value:  # NaN passes every comparison a value rule makes
+                raise ConfigError([(path, "expected a number, got nan")])
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -145,7 +159,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     for key in data:
         if key not in fields:
             problems.append(
-                (f"{dot}{key}", f"unknown field; {cls.__name__} has: {', '.join(sorted(fields))}")
+                (
+                    dotted(path, key),
+                    f"unknown field; {cls.__name__} has: {', '.join(sorted(fields))}",
+                )
             )
     kwargs = {}
     for name in fields:
@@ -246,14 +263,19 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     out = _deep_copy(data)
     for text in overrides:
         parts, value = parse_override(text)
-        node = out
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
-                raise ConfigError([(".".join(parts), f"{p!r} is a value, not a table")])
-            node = child
-        node[parts[-1]] = value
+        set_dotted(out, parts, value, ".".join(parts))
     return out
+
+
+def set_dotted(data: dict[str, Any], parts: Sequence[str], value: Any, path: str) -> None:
+    """data[parts[0]]...[parts[-1]] = value, making missing tables; `path` names it in errors."""
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError([(path, f"{p!r} is a value, not a table")])
+        node = child
+    node[parts[-1]] = value
 
 
 def _deep_copy(data: Any) -> Any:

@@ -14,7 +14,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from ablate.config import ConfigError, apply_overrides, check, from_dict, load_toml, to_dict
+from ablate.config import (
+    ConfigError,
+    apply_overrides,
+    check,
+    dotted,
+    from_dict,
+    load_toml,
+    to_dict,
+)
 from ablate.distributed import MeshConfig
 from ablate.model import ModelConfig
 from ablate.tasks import Task, make_task
@@ -132,10 +140,10 @@ def build_experiment(data: Mapping[str, Any], *, default_name: str = "run") -> E
     problems: list[tuple[str, str]] = []
     for key in data:
         if key not in SECTIONS:
-            problems.append((key, f"unknown section; allowed: {', '.join(SECTIONS)}"))
+            problems.append((dotted("", key), f"unknown section; allowed: {', '.join(SECTIONS)}"))
 
     name = data.get("name", default_name)
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         problems.append(
             ("name", f"{name!r} must be letters, digits, '_', '-', '.' (no path separators)")
         )

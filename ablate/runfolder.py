@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ablate.config import ConfigError
@@ -20,7 +22,8 @@ from ablate.logging import flatten
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".ablate.lock"
-LOCK_WAIT_SECONDS = 60.0
+LOCK_WAIT_SECONDS = 60.0  # default; the environment variable below overrides it
+LOCK_WAIT_ENV = "ABLATE_LOCK_WAIT_SECONDS"
 # Placement, not the experiment: a run may resume on another mesh.
 PLACEMENT_PREFIX = "train.mesh."
 
@@ -80,16 +83,35 @@ class SigtermFlag:
         signal.signal(signal.SIGTERM, signal.SIG_IGN if self.raised else self._previous)
 
 
+def lock_wait_seconds(environ: Mapping[str, str] = os.environ) -> float:
+    """How long a run waits for another process to release its folder, in seconds.
+
+    A preempted predecessor may still be saving when its replacement starts; the wait covers
+    that. `ABLATE_LOCK_WAIT_SECONDS` sets it (default LOCK_WAIT_SECONDS).
+    """
+    raw = environ.get(LOCK_WAIT_ENV, "").strip()
+    if not raw:
+        return LOCK_WAIT_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise ConfigError([(LOCK_WAIT_ENV, f"must be a number of seconds >= 0, got {raw!r}")])
+    return seconds
+
+
 class RunLock:
     """An exclusive lock on the run folder, so two processes never write one run."""
 
     def __init__(self, run_dir: Path, sigterm: SigtermFlag):
+        wait = lock_wait_seconds()  # a bad setting is refused before the folder is made
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = (run_dir / LOCK_FILE).open("a+")
         except OSError as e:
             raise OSError(e.errno, f"cannot create or open the run folder {run_dir}: {e}") from e
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        deadline = time.monotonic() + wait
         told = False
         while True:
             try:
@@ -106,7 +128,7 @@ class RunLock:
                     self._file.close()
                     raise RunFolderBusy(
                         f"run folder {run_dir} is in use by another ablate process "
-                        f"(pid {holder}); waited {LOCK_WAIT_SECONDS:.0f}s"
+                        f"(pid {holder}); waited {wait:g}s"
                     ) from None
                 if not told:
                     note(f"waiting for process {holder} to release {run_dir}")

@@ -22,6 +22,7 @@ failed points are retried (their old rows replaced, never duplicated).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -33,7 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from ablate.config import ConfigError, apply_overrides, load_toml, to_dict
+from ablate.config import (
+    ConfigError,
+    apply_overrides,
+    dotted,
+    load_toml,
+    one_of,
+    set_dotted,
+    to_dict,
+)
 from ablate.distributed import check_mesh, is_primary, on_primary
 from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
 from ablate.metrics import nan_to_none, perplexity
@@ -56,91 +65,207 @@ class Point:
     probe: bool = False
 
 
-def _variant_entry(entry: Any, path: str) -> tuple[str, dict[str, Any]]:
-    """(label, model overrides) for a variant given as a name or a table."""
+VARIANT_KEYS = ("label", "attention", "freeze")
+# The tables a grid field or a task's override may name (`model.n_layers`, `train.steps`).
+FIELD_SECTIONS = ("task", "model", "optim", "train")
+
+
+def _name_problem(value: Any) -> str | None:
+    """Why `value` cannot name a run folder, or None."""
+    if isinstance(value, str) and NAME_RE.fullmatch(value):
+        return None
+    return f"{value!r} must be a string of letters, digits, '_', '-', '.' (no path separators)"
+
+
+def _entries(data: Mapping[str, Any], key: str, what: str, problems: list) -> list[Any]:
+    """sweep.`key` as a non-empty list (else [] and a problem)."""
+    value = data[key]
+    if not isinstance(value, list) or not value:
+        problems.append((f"sweep.{key}", f"must be a non-empty list of {what}, got {value!r}"))
+        return []
+    return value
+
+
+def _fields(value: Any, path: str, problems: list, *, lists: bool) -> dict[str, Any]:
+    """A table of dotted fields (`"model.n_layers" = ...`) checked, as {field: value}."""
+    if not isinstance(value, Mapping):
+        shape = '"section.field" = [values, ...]' if lists else '"section.field" = value'
+        problems.append((path, f"must be a table of {shape}, got {value!r}"))
+        return {}
+    out = {}
+    for key, v in value.items():
+        parts = key.split(".")
+        if len(parts) < 2 or parts[0] not in FIELD_SECTIONS or not all(parts):
+            problems.append(
+                (
+                    dotted(path, key),
+                    f"must be a quoted dotted field of {', '.join(FIELD_SECTIONS)}, "
+                    'like "model.n_layers"',
+                )
+            )
+        elif lists and (not isinstance(v, list) or not v):
+            problems.append((dotted(path, key), f"must be a non-empty list of values, got {v!r}"))
+        else:
+            out[key] = v
+    return out
+
+
+def _variant_entry(entry: Any, path: str, problems: list) -> tuple[str, dict[str, Any]] | None:
+    """(label, model overrides) for a variant given as a name or a table; None if refused."""
     if isinstance(entry, str):
         return entry, {"attention": entry}
-    if isinstance(entry, Mapping):
-        unknown = set(entry) - {"label", "attention", "freeze"}
-        if unknown:
-            raise ConfigError(
-                [
-                    (
-                        path,
-                        f"unknown keys {sorted(unknown)}; a variant table has "
-                        "label, attention, freeze",
-                    )
-                ]
+    if not isinstance(entry, Mapping):
+        problems.append(
+            (
+                path,
+                f"expected a variant name or a table of {', '.join(VARIANT_KEYS)}, got {entry!r}",
             )
-        if "label" not in entry or "attention" not in entry:
-            raise ConfigError([(path, "a variant table needs label and attention")])
-        model = {"attention": entry["attention"]}
-        if "freeze" in entry:
-            model["freeze"] = entry["freeze"]
-        return str(entry["label"]), model
-    raise ConfigError([(path, f"expected a variant name or table, got {entry!r}")])
+        )
+        return None
+    found = [
+        (dotted(path, k), f"unknown key; a variant table has {', '.join(VARIANT_KEYS)}")
+        for k in entry
+        if k not in VARIANT_KEYS
+    ]
+    found += [
+        (f"{path}.{k}", "required in a variant table")
+        for k in ("label", "attention")
+        if k not in entry
+    ]
+    if "label" in entry and (message := _name_problem(entry["label"])):
+        found.append((f"{path}.label", message))
+    problems.extend(found)
+    if found:
+        return None
+    return entry["label"], {k: entry[k] for k in ("attention", "freeze") if k in entry}
+
+
+def _task_entry(
+    entry: Any, path: str, index: int, problems: list
+) -> tuple[str, str, dict, dict] | None:
+    """(path, label, task table, overrides) of a task entry; None if refused."""
+    if not isinstance(entry, Mapping):
+        problems.append(
+            (path, f"expected a task table (name, its knobs, label, overrides), got {entry!r}")
+        )
+        return None
+    task = dict(entry)
+    n_problems = len(problems)
+    overrides = _fields(task.pop("overrides", {}), f"{path}.overrides", problems, lists=False)
+    if "label" in task:
+        label = task.pop("label")
+        if message := _name_problem(label):
+            problems.append((f"{path}.label", message))
+    else:  # the task's name; one that is unknown is the task's to report
+        name = task.get("name")
+        label = name if _name_problem(name) is None else f"task{index}"
+    if len(problems) > n_problems:
+        return None
+    return path, label, task, overrides
 
 
 def expand(data: Mapping[str, Any], default_name: str = "sweep") -> tuple[str, list[Point]]:
-    """The sweep's name and every point, all validated (every problem raised at once)."""
-    sweep = dict(data.get("sweep", {}))
+    """The sweep's name and every point, all validated (every problem raised at once).
+
+    The shape of the file is checked first (each section a table, `sweep.tasks` and
+    `sweep.variants` lists of the allowed entries, grid values lists), so that every point
+    merges plain tables; then each point is validated as an experiment.
+    """
     problems: list[tuple[str, str]] = []
+    sweep = data.get("sweep", {})
+    if not isinstance(sweep, Mapping):
+        problems.append(("sweep", f"must be a table (a [sweep] section), got {sweep!r}"))
+        sweep = {}
+    # A section of the wrong shape is reported once here and left out of the points.
+    base = {}
+    for key, value in data.items():
+        if key in FIELD_SECTIONS and not isinstance(value, Mapping):
+            problems.append((key, f"must be a table (a [{key}] section), got {value!r}"))
+        elif key != "sweep":
+            base[key] = value
     allowed = {"name", "variants", "tasks", "grid", "probe"}
     for key in sweep:
         if key not in allowed:
             problems.append(
-                (f"sweep.{key}", f"unknown field; allowed: {', '.join(sorted(allowed))}")
+                (dotted("sweep", key), f"unknown field; allowed: {', '.join(sorted(allowed))}")
             )
     name = sweep.get("name", default_name)
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        problems.append(("sweep.name", f"{name!r} must be letters, digits, '_', '-', '.'"))
-    base = {k: v for k, v in data.items() if k != "sweep"}
-    tasks = sweep.get("tasks") or [base.get("task", {})]
-    variants = sweep.get("variants") or [base.get("model", {}).get("attention", "learned")]
-    probe = sweep.get("probe", False)
-    probe = ["learned"] if probe is True else ([] if probe is False else probe)
-    if not isinstance(probe, list) or not all(isinstance(v, str) for v in probe):
-        problems.append(("sweep.probe", "must be true, false or a list of variant labels"))
-        probe = []
-    grid = sweep.get("grid", {})
-    if not isinstance(grid, Mapping) or not all(isinstance(v, list) for v in grid.values()):
-        problems.append(("sweep.grid", "must be a table of field = [values, ...]"))
-        grid = {}
+    if message := _name_problem(name):
+        problems.append(("sweep.name", message))
 
-    points, labels = [], set()
+    if "tasks" in sweep:
+        entries = _entries(sweep, "tasks", "task tables", problems)
+        tasks = [(f"sweep.tasks[{i}]", e) for i, e in enumerate(entries)]
+    elif "task" in base or "task" not in data:
+        tasks = [("task", base.get("task", {}))]
+    else:
+        tasks = []  # [task] is not a table: reported above
+    tasks = [t for i, (path, e) in enumerate(tasks) if (t := _task_entry(e, path, i, problems))]
+
+    if "variants" in sweep:
+        entries = _entries(sweep, "variants", "variant names or tables", problems)
+        variants = [
+            v
+            for i, e in enumerate(entries)
+            if (v := _variant_entry(e, f"sweep.variants[{i}]", problems)) is not None
+        ]
+        all_variants = len(variants) == len(entries)
+    else:  # the base model's attention, as it is (a name, or one entry per layer)
+        attention = base.get("model", {}).get("attention", "learned")
+        variants = [(attention if _name_problem(attention) is None else "model", {})]
+        all_variants = True
+
+    probe = sweep.get("probe", False)
+    if isinstance(probe, list) and all(isinstance(v, str) for v in probe):
+        labels = [label for label, _ in variants]
+        if all_variants:  # else the refused variants' labels are unknown
+            problems += [
+                (f"sweep.probe[{i}]", one_of(v, labels))
+                for i, v in enumerate(probe)
+                if v not in labels
+            ]
+    elif isinstance(probe, bool):
+        probe = ["learned"] if probe else []
+    else:
+        problems.append(
+            ("sweep.probe", f"must be true, false or a list of variant labels, got {probe!r}")
+        )
+        probe = []
+    grid = _fields(sweep.get("grid", {}), "sweep.grid", problems, lists=True)
+
+    points, run_names = [], set()
     grid_keys = sorted(grid)
-    for t_idx, task_entry in enumerate(tasks):
-        if not isinstance(task_entry, Mapping):
-            problems.append((f"sweep.tasks[{t_idx}]", f"expected a task table, got {task_entry!r}"))
-            continue
-        task_entry = dict(task_entry)
-        task_overrides = task_entry.pop("overrides", {})
-        task_label = str(task_entry.pop("label", task_entry.get("name", "task")))
-        for v_idx, v_entry in enumerate(variants):
-            try:
-                label, model_over = _variant_entry(v_entry, f"sweep.variants[{v_idx}]")
-            except ConfigError as e:
-                if t_idx == 0:
-                    problems.extend(e.problems)
-                continue
+    for task_path, task_label, task_table, task_overrides in tasks:
+        for label, model_over in variants:
             for values in itertools.product(*(grid[k] for k in grid_keys)):
                 point_grid = dict(zip(grid_keys, values))
                 suffix = "".join(f"-{k.split('.')[-1]}{v}" for k, v in point_grid.items())
                 run_name = f"{task_label}-{label}{suffix}"
-                if run_name in labels:
+                if _name_problem(run_name):  # labels are checked: a grid value made it so
                     problems.append(
-                        (f"sweep.tasks[{t_idx}]", f"two points share the run name {run_name!r}")
+                        (
+                            "sweep.grid",
+                            f"the values {point_grid} make the run name {run_name!r}: a folder "
+                            "name needs letters, digits, '_', '-', '.'",
+                        )
                     )
                     continue
-                labels.add(run_name)
-                point = dict(base)
-                point["task"] = task_entry
-                point["model"] = {**base.get("model", {}), **model_over}
+                if run_name in run_names:
+                    problems.append((task_path, f"two points share the run name {run_name!r}"))
+                    continue
+                run_names.add(run_name)
+                point = copy.deepcopy(dict(base))
+                point["task"] = copy.deepcopy(task_table)
+                point["model"] = {**point.get("model", {}), **copy.deepcopy(model_over)}
                 point["name"] = run_name
-                overrides = [f"{k}={json.dumps(v)}" for k, v in point_grid.items()]
-                overrides += [f"{k}={json.dumps(v)}" for k, v in dict(task_overrides).items()]
+                fields = [(dotted("sweep.grid", k), k, v) for k, v in point_grid.items()]
+                fields += [
+                    (dotted(f"{task_path}.overrides", k), k, v) for k, v in task_overrides.items()
+                ]
                 try:
-                    exp = build_experiment(apply_overrides(point, overrides))
+                    for path, key, value in fields:
+                        set_dotted(point, key.split("."), copy.deepcopy(value), path)
+                    exp = build_experiment(point)
                 except ConfigError as e:
                     problems.extend((f"{p} (in point {run_name})", m) for p, m in e.problems)
                     continue
@@ -197,6 +322,10 @@ class ResultsTable:
             "alignment_max",
             "alignment_uniform",
             "alignment_max_init",
+            "gradient_alignment_max_init",
+            "gradient_alignment_max_peak",
+            "gradient_alignment_peak_step",
+            "gradient_alignment_max",
             "steps",
             "wall_seconds",
             "compile_seconds",
@@ -236,11 +365,12 @@ def _point_fields(point: Point, seed: int, levels: dict[str, Any]) -> dict[str, 
         "seed": seed,
         "chance": exp.task.chance,
         **levels,
+        "eval_sequences": exp.train.eval_batches * exp.train.batch_size,
         "run_dir": point.run_name,
     }
 
 
-def _rows_for(point: Point, result, init_alignment: dict, levels: dict) -> list[dict[str, Any]]:
+def _rows_for(point: Point, result, history: dict, levels: dict) -> list[dict[str, Any]]:
     rows = []
     for k, seed in enumerate(result.seeds):
         alignment = np.asarray(result.final["alignment"][k], dtype=float)
@@ -257,7 +387,8 @@ def _rows_for(point: Point, result, init_alignment: dict, levels: dict) -> list[
                 "alignment": nan_to_none(alignment.tolist()),
                 "alignment_max": float(finite.max()) if finite.size else None,
                 "alignment_uniform": nan_to_none(result.final["uniform_alignment"][k]),
-                "alignment_max_init": init_alignment.get(seed),
+                "alignment_max_init": None,
+                **history.get(seed, {}),
                 "steps": result.steps,
                 "wall_seconds": result.wall_seconds,
                 "compile_seconds": result.compile_seconds,
@@ -290,17 +421,38 @@ def _probe(run_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _init_alignment(run_dir: Path) -> dict[int, float]:
-    """Best head alignment at step 0 per seed, read from the run's metrics file."""
-    out = {}
+def _best_head(per_head: Any) -> float | None:
+    values = [a for r in per_head or [] for a in r if a is not None]
+    return max(values) if values else None
+
+
+def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Per seed, from the run's metrics file: best-head alignment at step 0, and the best
+    head's gradient alignment (the loss's pull on the dependency positions) at step 0, at
+    its peak (with the step) and at the last eval."""
+    out: dict[int, dict[str, Any]] = {}
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return out
+    evals: dict[int, dict[int, dict]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        if row.get("kind") == "eval" and row.get("step") == 0:
-            values = [a for r in row["alignment"] for a in r if a is not None]
-            out[row["seed"]] = max(values) if values else None
+        if row.get("kind") == "eval":
+            evals.setdefault(row["seed"], {})[row["step"]] = row  # the last one wins
+    for seed, by_step in evals.items():
+        steps = sorted(by_step)
+        pull = {s: _best_head(by_step[s].get("gradient_alignment")) for s in steps}
+        known = [s for s in steps if pull[s] is not None]
+        peak = max(known, key=lambda s: pull[s]) if known else None
+        out[seed] = {
+            "alignment_max_init": _best_head(by_step[steps[0]].get("alignment"))
+            if steps[0] == 0
+            else None,
+            "gradient_alignment_max_init": pull.get(0),
+            "gradient_alignment_max_peak": None if peak is None else pull[peak],
+            "gradient_alignment_peak_step": peak,
+            "gradient_alignment_max": pull[steps[-1]],
+        }
     return out
 
 
@@ -378,7 +530,7 @@ def run_sweep(
         try:
             run_dir = safe_join(sweep_dir, point.run_name)
             result = train(point.experiment, run_dir, progress=progress)
-            rows = _rows_for(point, result, _init_alignment(run_dir), levels)
+            rows = _rows_for(point, result, _eval_history(run_dir), levels)
             if point.probe:
                 rows = _probe(run_dir, rows)
         except Diverged as e:

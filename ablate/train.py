@@ -56,12 +56,14 @@ from ablate.logging import (
 )
 from ablate.metrics import (
     attention_metrics,
+    descent_direction,
+    gradient_alignment,
     nan_to_none,
     perplexity,
     token_metrics,
     uniform_alignment,
 )
-from ablate.model import Transformer, visibility
+from ablate.model import HeadAblation, Transformer, visibility
 from ablate.runfolder import (  # noqa: F401  (CONFIG_FILE, Preempted: part of this API)
     CONFIG_FILE,
     Preempted,
@@ -144,6 +146,9 @@ class Engine:
         self.graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
         self.has_pattern_NH = np.array(
             [block.attention.has_pattern_H for block in abstract.blocks], dtype=bool
+        )
+        self.qk_scores_NH = np.array(
+            [block.attention.qk_scores_H for block in abstract.blocks], dtype=bool
         )
         tc = exp.train
         # Refuses a mesh that does not fit the devices, seeds or batch (before any compile).
@@ -253,10 +258,44 @@ class Engine:
             B, L = batch.inputs.shape
             visible = visibility(L, self.exp.model.causal, valid_BL, B)
             m["uniform_alignment"] = uniform_alignment(batch.deps, visible, batch.weights)
+            grads = self._pattern_gradients(model, batch, valid_BL, out.patterns)
+            m["gradient_alignment"] = jnp.stack(
+                [
+                    gradient_alignment(
+                        descent_direction(g, p, visible, qk_H), batch.deps, batch.weights
+                    )
+                    for g, p, qk_H in zip(grads, out.patterns, self.qk_scores_NH)
+                ]
+            )
             return m
 
         per_batch = jax.lax.map(one, jnp.arange(self.exp.train.eval_batches))
         return jax.tree.map(lambda x: x.mean(0), per_batch)
+
+    def _pattern_gradients(self, model, batch, valid_BL, patterns) -> tuple[jax.Array, ...]:
+        """dL/dp per layer: the eval loss's gradient with respect to each head's pattern, the
+        other patterns held at their values (each pattern is fed back in through the ablation
+        hook, so the forward values are unchanged)."""
+        N, H = self.has_pattern_NH.shape
+        B, L = batch.inputs.shape
+        mix_NH = jnp.asarray(self.has_pattern_NH, jnp.float32)
+        no_output_BLHK = jnp.zeros((B, L, H, self.exp.model.head_dim), patterns[0].dtype)
+
+        def loss(deltas):
+            ablations = tuple(
+                HeadAblation(
+                    jnp.ones(H),
+                    mix_NH[n],
+                    jax.lax.stop_gradient(p) + d,
+                    jnp.zeros(H),
+                    no_output_BLHK,
+                )
+                for n, (p, d) in enumerate(zip(patterns, deltas))
+            )
+            out = model(batch.inputs, valid_BL=valid_BL, ablations=ablations)
+            return token_metrics(out.logits, batch.targets, batch.weights)["loss"]
+
+        return jax.grad(loss)(tuple(jnp.zeros_like(p) for p in patterns))
 
     def _patterns_one(self, params, rest):
         model = nnx.merge(self.graphdef, params, rest)
@@ -322,7 +361,7 @@ class Engine:
     def evaluate(self, state: TrainState) -> dict[str, np.ndarray]:
         """Held-out metrics per seed (leading axis K); per-head arrays are (K, N, H)."""
         out = jax.device_get(self._evaluate(state.params, state.rest))
-        for name in ("alignment", "entropy", "distance"):
+        for name in ("alignment", "entropy", "distance", "gradient_alignment"):
             out[name] = np.where(self.has_pattern_NH[None], out[name], np.nan)
         return out
 
@@ -659,11 +698,14 @@ class _Logger:
                 f"the model's vocabulary ({self.engine.exp.model.vocab_size}); nothing of this "
                 "step was saved"
             )
-        for name in ("loss", "grad_norm"):
-            bad = ~np.isfinite(merged[name])
-            if bad.any():
-                seed_idx, offset = np.argwhere(bad)[0]
-                raise Diverged(first + int(offset), self.seeds[seed_idx], name)
+        # The earliest bad step of any of them: a NaN gradient makes the next loss NaN too.
+        # param_norm is of the parameters after the step's update.
+        checked = {"loss": "loss", "grad_norm": "grad_norm", "param_norm": "a parameter"}
+        bad = np.stack([~np.isfinite(merged[name]) for name in checked], -1)  # seed, step, name
+        if bad.any():
+            offset = int(np.argwhere(bad.any(axis=(0, 2)))[0, 0])
+            seed_idx, which = (int(i) for i in np.argwhere(bad[:, offset])[0])
+            raise Diverged(first + offset, self.seeds[seed_idx], list(checked.values())[which])
 
     def training(self, pending, step: int, steps_per_sec: float, compile_s: float) -> dict:
         if self.file is None:  # not process 0: nothing to write
@@ -705,7 +747,7 @@ class _Logger:
                 for head in range(H):
                     if not self.engine.has_pattern_NH[layer, head]:
                         continue
-                    for name in ("alignment", "entropy", "distance"):
+                    for name in ("alignment", "entropy", "distance", "gradient_alignment"):
                         scalars[f"attention/{name}/layer{layer}_head{head}"] = out[name][
                             k, layer, head
                         ]

@@ -686,9 +686,11 @@ def test_divergence_stops_with_the_exact_step_and_keeps_the_last_good_checkpoint
     _, state, _ = restore(run_dir, exp, 200)
     engine = Engine(exp)
     state, metrics = engine.train_chunk(state)
-    loss = np.asarray(metrics["loss"])  # (seeds, steps 201..210)
-    assert not np.isfinite(loss).all()
-    first_bad = 200 + 1 + int(np.argwhere(~np.isfinite(loss))[:, 1].min())
+    # (seeds, steps 201..210): the loss, or the parameters the step's update left
+    names = ("loss", "grad_norm", "param_norm")
+    bad = np.any([~np.isfinite(np.asarray(metrics[n])) for n in names], axis=0)
+    assert bad.any()
+    first_bad = 200 + 1 + int(np.argwhere(bad)[:, 1].min())
     assert reported == first_bad
 
     assert checkpoint_steps(run_dir)[-1] == 200  # no checkpoint of a diverged state
@@ -699,6 +701,188 @@ def test_divergence_stops_with_the_exact_step_and_keeps_the_last_good_checkpoint
     rows = metric_rows(run_dir)
     assert max(r["step"] for r in rows) == 200
     assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+
+
+NAN_AT = textwrap.dedent(
+    """
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+
+    from ablate import train
+    from ablate.cli import main
+
+    what, bad_step, bad_seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    building = {}  # while a training step is traced: whether it is the one to poison
+    step_one = train.Engine._step_one
+
+    def poisoned_step_one(self, state, key):
+        building["bad"] = (state.step + 1 == bad_step) & jnp.all(key == jax.random.PRNGKey(bad_seed))
+        try:
+            return step_one(self, state, key)
+        finally:
+            del building["bad"]
+
+    def nan_gradient(loss, bad):
+        # The same value, and a NaN derivative where `bad`: sqrt at 0 of a zero that
+        # depends on the parameters (the inner where keeps the other steps' gradients exact).
+        zero = jnp.square(loss - jax.lax.stop_gradient(loss))
+        return loss + jnp.where(bad, jnp.sqrt(jnp.where(bad, zero, 1.0)), 0.0)
+
+    token_metrics = train.token_metrics
+
+    def poisoned_metrics(*args, **kwargs):
+        metrics = token_metrics(*args, **kwargs)
+        if what == "grad_norm" and "bad" in building:
+            metrics["loss"] = nan_gradient(metrics["loss"], building["bad"])
+        return metrics
+
+    apply_updates = train.optax.apply_updates
+
+    def poisoned_updates(params, updates):
+        new = apply_updates(params, updates)
+        if what == "params" and "bad" in building:
+            new = jax.tree.map(lambda p: jnp.where(building["bad"], jnp.nan, p), new)
+        return new
+
+    train.Engine._step_one = poisoned_step_one
+    train.token_metrics = poisoned_metrics
+    train.optax.apply_updates = poisoned_updates
+    sys.exit(main(sys.argv[4:]))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["grad_norm", "params"])
+def test_nan_grad_norm_or_parameters_stop_at_the_exact_step(what, reference, tmp_path, env):
+    """5: a NaN gradient (the loss still finite) or a NaN parameter after an update, in
+    seed 1 at step 37 (mid-window: logs every 20 steps): exit 4 naming step 37 and seed 1,
+    not step 38 where the loss follows; nothing of it saved, checkpoint 30 kept as it was."""
+    exp_file, ref_dir = reference
+    script = tmp_path / "nan_at.py"
+    script.write_text(NAN_AT)
+    run_dir = tmp_path / "runs" / "rel"
+    args = ["train", exp_file, "--workdir", tmp_path / "runs", "--quiet"]
+    proc = run(args, env, tmp_path, prefix=[sys.executable, script, what, "37", "1"])
+    assert proc.popen.returncode == EXIT_DIVERGED, proc.describe()
+    named = {"grad_norm": "grad_norm", "params": "a parameter"}[what]
+    assert f"training diverged at step 37 (seed 1): {named} is not finite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert checkpoint_steps(run_dir) == [30]
+    assert not (run_dir / "final.json").exists()
+    assert last_train_step(run_dir) == 20  # the window holding step 37 was never logged
+    exp = load_exp(exp_file)
+    _, kept, _ = restore(run_dir, exp)
+    _, ref_state, _ = restore(ref_dir, exp, 30)
+    for x, y in zip(leaves(kept), leaves(ref_state), strict=True):
+        # The poisoned program is another program: equal up to float reassociation.
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_keeps_the_newest_checkpoint_and_resumes_bit_identically(
+    reference, tmp_path, env
+):
+    """Ctrl-C (SIGINT) mid-training: exit 130, the newest checkpoint intact (equal to the
+    uninterrupted run's at that step); the rerun resumes from it and ends identical."""
+    exp_file, ref_dir = reference
+    workdir = tmp_path / "runs"
+    run_dir = workdir / "rel"
+    args = ["train", exp_file, "--workdir", workdir, "--quiet"]
+
+    def training_past_a_checkpoint():
+        done = checkpoint_steps(run_dir)
+        return bool(done) and done[-1] >= 60 and last_train_step(run_dir) > done[-1]
+
+    proc = Proc(args, env, tmp_path)
+    kill_when(proc, training_past_a_checkpoint, "training past checkpoint 60", sig=signal.SIGINT)
+    assert proc.wait() == 130, proc.describe()
+    assert "ablate: interrupted" in proc.stderr and "Traceback" not in proc.stderr
+    newest = checkpoint_steps(run_dir)[-1]
+    assert 60 <= newest < 200 and not (run_dir / "final.json").exists()
+    exp = load_exp(exp_file)
+    step, state, _ = restore(run_dir, exp)  # the newest one that passes its checksums
+    assert step == newest
+    _, ref_state, _ = restore(ref_dir, exp, newest)
+    for x, y in zip(leaves(state), leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+    proc = run(args, env, tmp_path)
+    assert proc.popen.returncode == 0, proc.describe()
+    assert f"from checkpoint step {newest}" in proc.stderr
+    assert_bit_identical(run_dir, ref_dir, exp)
+
+
+def test_lock_wait_setting_is_validated(tmp_path, env):
+    """ABLATE_LOCK_WAIT_SECONDS: seconds >= 0 (default 60); anything else exits 2 at once,
+    before the run folder is made."""
+    from ablate.config import ConfigError
+    from ablate.runfolder import LOCK_WAIT_ENV, LOCK_WAIT_SECONDS, lock_wait_seconds
+
+    assert lock_wait_seconds({}) == LOCK_WAIT_SECONDS == 60
+    assert lock_wait_seconds({LOCK_WAIT_ENV: " 2.5 "}) == 2.5
+    assert lock_wait_seconds({LOCK_WAIT_ENV: "0"}) == 0
+    for bad in ("nan", "inf", "1e999", "2s"):
+        with pytest.raises(ConfigError, match=LOCK_WAIT_ENV):
+            lock_wait_seconds({LOCK_WAIT_ENV: bad})
+    exp_file = write_experiment(tmp_path / "rel.toml")
+    for bad in ("soon", "-1"):  # through the command: exit 2, nothing made
+        proc = run(
+            ["train", exp_file, "--workdir", tmp_path / "runs"],
+            {**env, LOCK_WAIT_ENV: bad},
+            tmp_path,
+        )
+        assert proc.popen.returncode == EXIT_CONFIG, proc.describe()
+        assert f"{LOCK_WAIT_ENV}: must be a number of seconds >= 0, got {bad!r}" in proc.stderr
+        assert not (tmp_path / "runs" / "rel").exists()
+
+
+@pytest.mark.slow
+def test_run_folder_in_use_by_another_process_exits_74_and_the_first_finishes_untouched(
+    reference, tmp_path, env
+):
+    """8: a second `ablate train` of a folder another process is training waits its lock
+    time (ABLATE_LOCK_WAIT_SECONDS), then exits 74 naming the holder, writing nothing; a
+    third, started while the first still holds the folder, gets it once the first is done
+    (the wait a preempted predecessor still saving needs). The first ends as if alone."""
+    exp_file, ref_dir = reference
+    workdir = tmp_path / "runs"
+    run_dir = workdir / "rel"
+    lock = run_dir / ".ablate.lock"
+    args = ["train", exp_file, "--workdir", workdir, "--quiet"]
+    first = Proc(args, env, tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+    while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+        assert first.alive() and time.monotonic() < deadline, first.describe()
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)  # it holds the lock, frozen, while the others try
+    try:
+        before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+        t0 = time.monotonic()
+        second = run(args, {**env, "ABLATE_LOCK_WAIT_SECONDS": "3"}, tmp_path)
+        waited = time.monotonic() - t0
+        assert second.popen.returncode == EXIT_IO, second.describe()
+        assert f"waiting for process {first.pid} to release {run_dir}" in second.stderr
+        assert (
+            f"run folder {run_dir} is in use by another ablate process (pid {first.pid}); "
+            "waited 3s" in second.stderr
+        )
+        assert "Traceback" not in second.stderr and waited >= 3
+        after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+        assert after == before
+
+        third = Proc(args, {**env, "ABLATE_LOCK_WAIT_SECONDS": str(TIMEOUT)}, tmp_path)
+        while f"waiting for process {first.pid}" not in third.stderr:
+            assert third.alive() and time.monotonic() < deadline, third.describe()
+            time.sleep(0.1)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait() == 0, first.describe()
+    assert third.wait() == 0, third.describe()
+    assert "from checkpoint step 200" in third.stderr  # found the run done: nothing retrained
+    assert_bit_identical(run_dir, ref_dir, load_exp(exp_file))
 
 
 FULL_DISK = textwrap.dedent(
@@ -718,31 +902,36 @@ FULL_DISK = textwrap.dedent(
 
 @pytest.mark.slow
 def test_disk_full_during_a_save_is_a_clear_error_and_keeps_older_checkpoints(tmp_path, env):
-    """8: writes beyond 100 kB fail (RLIMIT_FSIZE, like a full disk): the first checkpoint
-    of the resumed run cannot be written; exit 74 naming the path, older steps intact.
+    """8 and 9: a run killed once its checkpoint 30 is complete resumes with writes beyond
+    100 kB failing (RLIMIT_FSIZE, like a full disk): checkpoint 60 cannot be written; exit 74
+    naming the path, checkpoint 30 intact. With space again it resumes from 30 and ends
+    identical to an uninterrupted run: params, every metrics row and TensorBoard scalar.
 
     Its own, wider model: orbax splits a checkpoint's data into a varying number of files
     (by write timing): the reference run's largest file per checkpoint ranged 32-93 kB;
     this one's ~3 MB of state leaves every split with a file far above the limit."""
     data = json.loads(json.dumps(BASE))
     data["model"].update(d_model=64, n_layers=2)
-    data["train"]["steps"] = 30
+    data["train"]["steps"] = 90
     exp_file = write_experiment(tmp_path / "rel.toml", data)
+    proc = run(["train", exp_file, "--workdir", tmp_path / "ref", "--quiet"], env, tmp_path)
+    assert proc.popen.returncode == 0, proc.describe()
+    ref_dir = tmp_path / "ref" / "rel"
+    limit = 100_000
+    logs = [p for p in ref_dir.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    assert max(p.stat().st_size for p in logs) < limit / 2  # room to log, none to save
+    assert max(p.stat().st_size for p in (ref_dir / "checkpoints" / "30").rglob("*")) > 4 * limit
+
     workdir = tmp_path / "runs"
     run_dir = workdir / "rel"
     ckpts = run_dir / "checkpoints"
     args = ["train", exp_file, "--workdir", workdir, "--quiet"]
-    proc = run(args, env, tmp_path)
-    assert proc.popen.returncode == 0, proc.describe()
-    limit = 100_000
-    logs = [p for p in run_dir.rglob("*") if p.is_file() and ckpts not in p.parents]
-    assert max(p.stat().st_size for p in logs) < limit / 2  # room to log, none to save
-    assert max(p.stat().st_size for p in (ckpts / "30").rglob("*")) > 4 * limit
+    proc = Proc(args, env, tmp_path)
+    kill_when(proc, lambda: checkpoint_steps(run_dir) == [30], "the first checkpoint")
+    proc.wait()
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK.format(limit=limit))
-    args += ["--set", "train.steps=90"]
-    prefix = [sys.executable, script]
-    proc = run([*args, "--allow-config-change"], env, tmp_path, prefix=prefix)
+    proc = run(args, env, tmp_path, prefix=[sys.executable, script])
     assert proc.popen.returncode == EXIT_IO, proc.describe()
     assert "could not write checkpoint step 60" in proc.stderr
     assert "File too large" in proc.stderr and str(ckpts) in proc.stderr
@@ -753,6 +942,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_keeps_older_checkpoints(tm
     assert "from checkpoint step 30" in proc.stderr
     assert checkpoint_steps(run_dir) == [30, 60, 90]
     assert not any(".orbax-checkpoint-tmp" in p.name for p in ckpts.iterdir())
+    assert_bit_identical(run_dir, ref_dir, load_exp(exp_file))
 
 
 @pytest.mark.slow
@@ -834,16 +1024,21 @@ NO_PICKLE = textwrap.dedent(
 
 @pytest.mark.slow
 def test_resume_loads_no_pickle_and_tensorboard_listens_on_localhost_only(reference, tmp_path, env):
-    """11: restoring a checkpoint and training on never unpickles; `ablate tensorboard`
-    listens on 127.0.0.1 and nowhere else."""
+    """11 and 9: restoring a checkpoint and training on never unpickles, and the run ends
+    identical to the uninterrupted one; `ablate tensorboard` listens on 127.0.0.1 and
+    nowhere else."""
     exp_file, workdir, run_dir = copy_run(reference, tmp_path)
+    # As if killed after checkpoint 150, its logs and TensorBoard already past it.
+    for step in (180, 200):
+        shutil.rmtree(run_dir / "checkpoints" / str(step))
+    (run_dir / "final.json").unlink()
     script = tmp_path / "no_pickle.py"
     script.write_text(NO_PICKLE)
-    args = ["train", exp_file, "--workdir", workdir, "--quiet", "--set", "train.steps=220"]
-    proc = run([*args, "--allow-config-change"], env, tmp_path, prefix=[sys.executable, script])
+    args = ["train", exp_file, "--workdir", workdir, "--quiet"]
+    proc = run(args, env, tmp_path, prefix=[sys.executable, script])
     assert proc.popen.returncode == 0, proc.describe()
-    assert "from checkpoint step 200" in proc.stderr
-    assert checkpoint_steps(run_dir)[-1] == 220
+    assert "from checkpoint step 150" in proc.stderr
+    assert_bit_identical(run_dir, reference[1], load_exp(exp_file))  # promise 9
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
