@@ -98,9 +98,10 @@ HOW_TO_READ = """## How to read this
 - **Gradient alignment** (the loss's pull): per head, the share of the descent direction of
   the loss on its attention (on the scores of learned/frozen heads, on the pattern of any
   other head) that falls on the dependency positions, beside the share a uniform push would
-  give. Since o_i = sum_j p_ij v_j, dL/dp_ij = <dL/do_i, v_j>: training raises attention where
-  a position's value would lower the loss. Its rise before alignment and accuracy move is the
-  measured "why".
+  give. Since o_i = sum_j p_ij v_j, dL/dp_ij = <dL/do_i, v_j>: first-order training raises
+  attention where a position's value would lower the loss. Read its curve beside alignment's
+  and accuracy's (only as finely as the evals are spaced); score- and pattern-based pulls are
+  not on one scale.
 """
 NEEDS = {
     "content": "needs content",

@@ -9,8 +9,8 @@
 #         number of GPUs must divide the seed count (train.seeds)
 # ablate checks both before anything is made and says what to change.
 #
-# Pick GPUs with CUDA_VISIBLE_DEVICES=0,1,... . Without GPUs, ABLATE_CPU_DEVICES=3 makes the
-# CPU pose as 3 devices (to try a mesh). The same experiment file runs unchanged on one
+# Pick GPUs with CUDA_VISIBLE_DEVICES=0,1,... . Without GPUs, ABLATE_CPU_DEVICES=5 makes the
+# CPU pose as 5 devices (to try a mesh). The same experiment file runs unchanged on one
 # device: the mesh is only `--set train.mesh.*`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

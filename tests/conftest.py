@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Sweeps in tests (and their subprocesses) compute reference levels on fewer sequences; the
+# tests of the levels themselves pass their sample sizes explicitly.
+os.environ.setdefault("ABLATE_REFERENCE_SEQUENCES", str(3 * 2048))
 
 import jax  # noqa: E402
 

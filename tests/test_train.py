@@ -243,7 +243,10 @@ def test_paired_design_variants_of_one_seed_share_initial_values_and_batches():
     assert not np.array_equal(engines[0].batch_at(key, 8).inputs, batches[0].inputs)
 
 
-@pytest.mark.parametrize("attention", ["learned", "frozen", "random_fixed"])
+@pytest.mark.parametrize(
+    "attention",
+    ["learned", *(pytest.param(v, marks=pytest.mark.slow) for v in ("frozen", "random_fixed"))],
+)
 def test_pattern_gradients_match_finite_differences(attention):
     """dL/dp from the eval's gradient hook equals central differences of the eval loss."""
     import jax.numpy as jnp
