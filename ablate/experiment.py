@@ -77,6 +77,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     heatmap_every: int = 0
     compile_cache: bool = True
+    # Measure the loss's pull on each head (gradient alignment) at every eval: one backward
+    # pass per eval batch, and a larger eval program to compile; false leaves it NaN.
+    gradient_alignment: bool = True
     # Devices per mesh axis (placement only: a run may resume on another mesh).
     mesh: MeshConfig = MeshConfig()
 

@@ -258,7 +258,8 @@ class Engine:
             B, L = batch.inputs.shape
             visible = visibility(L, self.exp.model.causal, valid_BL, B)
             m["uniform_alignment"] = uniform_alignment(batch.deps, visible, batch.weights)
-            if not self.task.has_dependencies:  # real data: no mask to pull towards
+            if not (self.task.has_dependencies and self.exp.train.gradient_alignment):
+                # Real data has no mask to pull towards; or the pull was not asked for.
                 m["gradient_alignment"] = jnp.full(self.has_pattern_NH.shape, jnp.nan)
                 return m
             grads = self._pattern_gradients(model, batch, valid_BL, out.patterns)

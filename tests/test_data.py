@@ -191,6 +191,7 @@ def test_resume_continues_on_the_exact_next_batch(tmp_path):
                 "log_every": 5,
                 "eval_every": 0,
                 "eval_batches": 1,
+                "gradient_alignment": False,
                 "checkpoint_every": 5,
                 "compile_cache": False,
             },

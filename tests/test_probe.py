@@ -31,6 +31,7 @@ TRAINED = {
     "train.log_every": 50,
     "train.checkpoint_every": 200,
     "train.eval_batches": 2,
+    "train.gradient_alignment": False,
 }
 N, H = 2, 2
 

@@ -41,6 +41,7 @@ BASE = {
         "log_every": 20,
         "eval_every": 50,
         "eval_batches": 1,
+        "gradient_alignment": False,
         "checkpoint_every": 30,
         "keep_checkpoints": 8,
         "compile_cache": True,

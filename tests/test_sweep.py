@@ -30,6 +30,7 @@ steps_per_dispatch = 10
 log_every = 10
 eval_every = 10
 eval_batches = 1
+gradient_alignment = false   # measured and tested in test_train
 checkpoint_every = 20
 compile_cache = false
 """
@@ -160,3 +161,31 @@ def test_list_states_every_synthetic_tasks_reference_levels(capsys, monkeypatch)
     assert "stdlib_lm        not computable" in levels
     assert main(["list", "--no-levels"]) == 0
     assert "reference levels" not in capsys.readouterr().out
+
+
+def test_eval_history_reads_the_pull_at_init_its_peak_and_the_end(tmp_path):
+    from ablate.sweep import _eval_history
+
+    lines = [
+        {"kind": "train", "step": 0, "seed": 3},
+        *(
+            {
+                "kind": "eval",
+                "step": step,
+                "seed": 3,
+                "alignment": [[0.1, 0.2], [None, 0.15]],
+                "gradient_alignment": [[pull, 0.1], [None, None]],
+            }
+            for step, pull in ((0, 0.2), (100, 0.7), (200, 0.5))
+        ),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _eval_history(tmp_path) == {
+        3: {
+            "alignment_max_init": 0.2,
+            "gradient_alignment_max_init": 0.2,
+            "gradient_alignment_max_peak": 0.7,
+            "gradient_alignment_peak_step": 100,
+            "gradient_alignment_max": 0.5,
+        }
+    }

@@ -31,6 +31,7 @@ def tiny(**over):
             "eval_batches": 2,
             "checkpoint_every": 10,
             "compile_cache": False,
+            "gradient_alignment": False,  # on where a test reads it
         },
     }
     for dotted, value in over.items():
@@ -293,6 +294,7 @@ def test_the_loss_points_at_the_context_before_accuracy_leaves_the_bag_level():
             "train.steps_per_dispatch": 25,
             "train.log_every": 25,
             "train.checkpoint_every": 25,
+            "train.gradient_alignment": True,
             "optim.warmup_steps": 50,
         }
     )
