@@ -73,13 +73,16 @@ def _list(args) -> int:
     print("attention variants:")
     for name, cls in MIXERS.items():
         print(f"  {name:14s} {(cls.__doc__ or '').strip().splitlines()[0]}")
-    print("tasks:")
+    from ablate.tasks import make_task
+
+    print("tasks (what each needs at its default knobs):")
     for name in task_names():
         cls = TASKS[name]
-        print(f"  {name:16s} [{cls.context_need}] {(cls.__doc__ or '').strip().splitlines()[0]}")
+        # A synthetic task's need can depend on its knobs (assoc_recall's pair tokens).
+        need = make_task(name).context_need if cls.has_dependencies else cls.context_need
+        print(f"  {name:16s} [{need}] {(cls.__doc__ or '').strip().splitlines()[0]}")
     if args.levels:
         from ablate.reference import reference_levels
-        from ablate.tasks import make_task
 
         print("reference levels at the default knobs (causal reading; +- standard error):")
         for name in task_names():

@@ -1,6 +1,6 @@
 """The loss's pull on attention over early training, densely: mqar at context_quick's shape.
 
-    python scripts/pull_timeline.py            # about 1 minute on a 2-core CPU
+    python scripts/pull_timeline.py            # about 30 s on a 2-core CPU
 
 context_quick evaluates every 100 steps, too coarse to see what comes first. This trains the
 same model (d_model 64, 4 heads, 2 layers, batch 32, lr 3e-3, 50 warmup steps) on the same
