@@ -244,6 +244,17 @@ def estimate_bag(splits: _Splits) -> Level:
     return _ratio(c, s, _estimated(len(x), what) + " (a lower bound where bags rarely repeat)")
 
 
+def bag_level(task: Task, splits: _Splits) -> Level:
+    """The task's derived bag ceiling (for the causal reading it is written for), else the
+    held-out estimate on `splits`."""
+    derived = task.bag_ceiling() if splits.causal else None
+    return estimate_bag(splits) if derived is None else Level(*map(_plain, derived))
+
+
+def _plain(x):
+    return x if isinstance(x, str) else float(x)
+
+
 def reference_levels(
     task: Task, *, causal: bool = True, n_sequences: int | None = None, seed: int = 0
 ) -> ReferenceLevels | None:
@@ -252,12 +263,7 @@ def reference_levels(
         return None
     splits = _Splits(draw(task, n_sequences, seed), causal)
     chance = Level(float(task.chance), 0.0, "exact: derived by the task")
-    derived = task.bag_ceiling() if causal else None
-    if derived is not None:
-        value, se, how = derived
-        bag = Level(float(value), float(se), how)
-    else:
-        bag = estimate_bag(splits)
+    bag = bag_level(task, splits)
     return ReferenceLevels(chance, estimate_fixed_routing(splits), bag)
 
 
@@ -280,8 +286,7 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
     if abs(chance.value - task.chance) > 4 * chance.se + 0.01:
         found.append(f"chance is stated as {task.chance:.3f} but the best constant gets {chance}")
     need = task.context_need
-    derived = task.bag_ceiling()
-    bag = Level(*derived) if derived is not None else estimate_bag(splits)
+    bag = bag_level(task, splits)
     if need == "none":
         other = estimate_fixed_routing(splits, own=False)
         if other.value > task.chance + NONE_MARGIN:

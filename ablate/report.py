@@ -330,7 +330,7 @@ def _level_text(g: dict[str, Any], e: dict[str, Any]) -> str:
 
 def _reference_surprise(k: str, e: dict[str, Any]) -> str | None:
     """A sentence when a variant beats the level that should bound what it can do."""
-    names = _attention_names(k) | set()
+    names = _attention_names(k)
     if e["levels"].get("bag") == "above" and k == "uniform":
         return (
             "`uniform` exceeds the bag ceiling: a two-layer uniform model is not order-free "
