@@ -26,6 +26,9 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,28 @@ def _files(step_dir: Path) -> dict[str, str]:
     }
 
 
+@contextmanager
+def sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished.
+
+    A KeyboardInterrupt raised inside orbax's save leaves its event loop and coroutines half
+    built (they print tracebacks at exit) and the step unfinished; held, the save and its
+    manifest complete and the interrupt is raised right after, so the newest checkpoint is
+    whole. Outside the main thread signals cannot be handled, and the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 class Checkpointer:
     """Save and restore the training state pytree plus a small JSON `meta` dict per step."""
 
@@ -113,6 +138,10 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Write `state` and `meta` at `step` (synchronously), its manifest, then prune."""
+        with sigint_deferred():
+            self._save(step, state, meta)
+
+    def _save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         step_dir = self.directory / str(step)
         try:
             if broadcast(int(step_dir.exists())):

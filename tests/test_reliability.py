@@ -782,6 +782,30 @@ def test_nan_grad_norm_or_parameters_stop_at_the_exact_step(what, reference, tmp
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_ctrl_c_inside_a_save_is_held_until_the_step_and_its_manifest_are_written(
+    tmp_path, monkeypatch
+):
+    """A SIGINT that lands inside orbax's save (as a Ctrl-C at the wrong moment does) is raised
+    only after the save: the step is complete, with its manifest, and verifies."""
+    import jax.numpy as jnp
+
+    from ablate.checkpoint import MANIFEST, Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    real_save = ckpt.manager.save
+
+    def save_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.manager, "save", save_hit_by_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(5, {"w": jnp.arange(3.0)}, {"step": 5})
+    assert (tmp_path / "checkpoints" / "5" / MANIFEST).is_file()
+    assert ckpt.verify(5) is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.slow
 def test_ctrl_c_exits_130_keeps_the_newest_checkpoint_and_resumes_bit_identically(
     reference, tmp_path, env
