@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import signal
@@ -36,6 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ablate.distributed import barrier, broadcast, is_primary, on_primary
+from ablate.runfolder import write_atomic
 
 MANIFEST = "ablate-manifest.json"
 CORRUPT_NOTE = "ABLATE_CORRUPT.txt"
@@ -64,13 +64,7 @@ def _digest(path: Path) -> str:
 def _write_manifest(step_dir: Path) -> None:
     """The checksum manifest of a finished save (written last: a step without one is unfinished)."""
     digests = _files(step_dir)  # before the temporary file exists
-    manifest = step_dir / MANIFEST
-    tmp = manifest.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps(digests, indent=0))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, manifest)
+    write_atomic(step_dir / MANIFEST, json.dumps(digests, indent=0))
 
 
 def _files(step_dir: Path) -> dict[str, str]:

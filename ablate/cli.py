@@ -1,8 +1,9 @@
 """The `ablate` command: parses arguments and calls the library; nothing else lives here.
 
 Exit codes: 0 done, 1 unexpected error, 2 bad config or arguments, 3 bad data,
-4 training diverged (NaN/Inf), 74 the run folder cannot be written (disk full, not a
-folder, in use by another process), 75 stopped by SIGTERM after saving (rerun to resume).
+4 training diverged (NaN/Inf), 74 the run folder cannot be written or holds a damaged file
+(disk full, not a folder, in use by another process, a damaged checkpoint or JSON-lines
+file), 75 stopped by SIGTERM after saving (rerun to resume).
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         from ablate.checkpoint import CheckpointError
         from ablate.data import DataError
         from ablate.distributed import OtherProcessFailed
+        from ablate.runfolder import DamagedFile
         from ablate.train import Diverged, Preempted
 
         codes = [
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             (Diverged, EXIT_DIVERGED),
             (Preempted, EXIT_PREEMPTED),
             (OtherProcessFailed, EXIT_ERROR),
-            ((CheckpointError, OSError), EXIT_IO),
+            ((CheckpointError, OSError, DamagedFile), EXIT_IO),
         ]
         for kind, code in codes:
             if isinstance(e, kind):

@@ -50,6 +50,18 @@ def dotted(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'d_model': 64}} -> {'model.d_model': 64}."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
 def check(obj: Any) -> None:
     """Raise ConfigError if `obj.problems()` reports anything."""
     found = list(obj.problems())

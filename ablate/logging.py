@@ -1,6 +1,6 @@
 """Run logs: TensorBoard event files (no TensorFlow needed) and metrics as JSON lines.
 
-TensorBoard is written with the `tensorboard` package alone: scalar, image and text
+TensorBoard is written with the `tensorboard` package alone: scalar and image
 summaries and the hparams plugin's protos go into one EventFileWriter per seed folder, so
 seeds overlay as runs and the HParams tab compares them. A step is never written twice,
 since readers disagree on duplicates: before a resume, `truncate_events` cuts every event
@@ -11,7 +11,6 @@ run writes the later steps into a fresh file.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import struct
@@ -20,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
@@ -28,24 +26,20 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import summary_v2 as scalar_summary
-from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from ablate.runfolder import append_jsonl, read_jsonl, write_atomic, write_jsonl
 
 
 class TensorBoardWriter:
-    """Scalars, images, text and hparams for one TensorBoard run folder."""
+    """Scalars, images and hparams for one TensorBoard run folder."""
 
-    def __init__(self, logdir: str | Path, skip_through_step: int = -1):
+    def __init__(self, logdir: str | Path):
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._writer = EventFileWriter(str(self.logdir), flush_secs=30)
-        # Steps at or below this are not written (for callers that keep old events instead
-        # of truncating them with `truncate_events`).
-        self.skip_through_step = skip_through_step
 
     def _add(self, summary: summary_pb2.Summary, step: int) -> None:
-        if step <= self.skip_through_step:
-            return
         event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
         self._writer.add_event(event)
 
@@ -66,9 +60,6 @@ class TensorBoardWriter:
         metadata = image_metadata.create_summary_metadata(display_name=tag, description="")
         value = summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
         self._add(summary_pb2.Summary(value=[value]), step)
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        self._add(text_summary.text_pb(tag, text), step)
 
     def hparams(
         self, hparams: Mapping[str, Any], trial_id: str, metrics: tuple[str, ...] = ()
@@ -91,7 +82,6 @@ class TensorBoardWriter:
 
 
 _EVENT_FILE_MARK = "tfevents"  # what TensorBoard's readers look for in a file name
-_REWRITE = "ablate-rewrite.tmp"  # no mark: readers never see a half-rewritten file
 
 
 def _read_records(path: Path) -> tuple[list[bytes], bool]:
@@ -117,14 +107,13 @@ def _read_records(path: Path) -> tuple[list[bytes], bool]:
     return records, pos == len(data)
 
 
-def _write_records(path: Path, records: list[bytes]) -> None:
-    with path.open("wb") as f:
-        for payload in records:
-            header = struct.pack("<Q", len(payload))
-            f.write(header + struct.pack("<I", masked_crc32c(header)))
-            f.write(payload + struct.pack("<I", masked_crc32c(payload)))
-        f.flush()
-        os.fsync(f.fileno())
+def _records_bytes(records: list[bytes]) -> bytes:
+    out = []
+    for payload in records:
+        header = struct.pack("<Q", len(payload))
+        out += [header, struct.pack("<I", masked_crc32c(header))]
+        out += [payload, struct.pack("<I", masked_crc32c(payload))]
+    return b"".join(out)
 
 
 def _is_hparams(event: event_pb2.Event) -> bool:
@@ -134,14 +123,13 @@ def _is_hparams(event: event_pb2.Event) -> bool:
 def truncate_events(logdir: str | Path, step: int, *, drop_hparams: bool = False) -> int:
     """Drop summaries past `step` (and hparams sessions if asked) from every event file.
 
-    Each file is rewritten beside itself and swapped in with an atomic rename, so a kill
-    during truncation leaves every file either old or new; running it again finishes the job.
+    Each file is replaced atomically (`write_atomic`), so a kill during truncation leaves
+    every file either old or new; running it again finishes the job.
     Returns the number of events dropped.
     """
     logdir = Path(logdir)
     if not logdir.is_dir():
         return 0
-    (logdir / _REWRITE).unlink(missing_ok=True)
     dropped = 0
     for path in sorted(logdir.iterdir()):
         if _EVENT_FILE_MARK not in path.name or not path.is_file():
@@ -156,9 +144,7 @@ def truncate_events(logdir: str | Path, step: int, *, drop_hparams: bool = False
             else:
                 kept.append(payload)
         if len(kept) < len(records) or not clean:
-            tmp = logdir / _REWRITE
-            _write_records(tmp, kept)
-            os.replace(tmp, path)
+            write_atomic(path, _records_bytes(kept))
     return dropped
 
 
@@ -168,54 +154,6 @@ def _hparam_value(v: Any) -> bool | int | float | str:
     return json.dumps(v)
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'model': {'d_model': 64}} -> {'model.d_model': 64}."""
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def patterns_png(
-    probs_HLS: np.ndarray,
-    deps_LS: np.ndarray,
-    title: str,
-    *,
-    has_pattern_H: np.ndarray | None = None,
-) -> tuple[bytes, int, int]:
-    """One row of head patterns beside the task's dependency mask, as (png, width, height)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    H = probs_HLS.shape[0]
-    fig, axes = plt.subplots(1, H + 1, figsize=(1.9 * (H + 1), 2.1), dpi=80, squeeze=False)
-    for h in range(H):
-        ax = axes[0, h]
-        if has_pattern_H is not None and not has_pattern_H[h]:
-            ax.text(0.5, 0.5, "no pattern", ha="center", va="center", fontsize=7)
-        else:
-            ax.imshow(probs_HLS[h], cmap="viridis", vmin=0.0, vmax=1.0)
-        ax.set_title(f"head {h}", fontsize=7)
-    axes[0, H].imshow(deps_LS, cmap="Reds", vmin=0, vmax=1)
-    axes[0, H].set_title("dependencies", fontsize=7)
-    for ax in axes[0]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    width, height = fig.canvas.get_width_height()
-    plt.close(fig)
-    return buf.getvalue(), width, height
-
-
 class MetricsFile:
     """Metrics as JSON lines, one row per (step, seed, kind); resumable without duplicates."""
 
@@ -223,34 +161,19 @@ class MetricsFile:
         self.path = Path(path)
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line cut short by a kill: everything after it is rewritten
-        return rows
+        """The rows written so far (a last line cut by a kill is left out: `read_jsonl`)."""
+        return read_jsonl(self.path)
 
-    def truncate_after(self, step: int) -> int:
-        """Drop rows past `step` (they will be recomputed); returns the last step seen before."""
-        rows = self.rows()
-        last = max((r["step"] for r in rows), default=-1)
-        kept = [r for r in rows if r["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
-        return last
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step` (they will be recomputed) and a cut last line.
+
+        A negative step (a run starting afresh) empties the file without reading it.
+        """
+        kept = [r for r in self.rows() if r["step"] <= step] if step >= 0 else []
+        write_jsonl(self.path, kept)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        # One write per call: a kill leaves at most one cut line, at the end.
-        text = "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
-        with self.path.open("a") as f:
-            f.write(text)
-            f.flush()
+        append_jsonl(self.path, rows)
 
     def sync(self) -> None:
         """Force the rows written so far to disk (called before each checkpoint)."""
@@ -260,11 +183,3 @@ class MetricsFile:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    raise TypeError(f"not JSON serialisable: {type(v)}")

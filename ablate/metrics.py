@@ -252,3 +252,8 @@ def nan_to_none(x: Any) -> Any:
     if isinstance(x, float | np.floating):
         return float(x) if math.isfinite(x) else None
     return x
+
+
+def finite(x: Any) -> bool:
+    """Whether x is a finite number (a value read back from JSON may be None or NaN)."""
+    return isinstance(x, int | float) and math.isfinite(x)

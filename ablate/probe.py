@@ -48,7 +48,19 @@ from ablate.experiment import Experiment, build_experiment
 from ablate.logging import TensorBoardWriter
 from ablate.metrics import nan_to_none, token_metrics
 from ablate.model import HeadAblation, visibility
-from ablate.train import CONFIG_FILE, Engine, TrainState
+from ablate.plots import drop_heatmap_png, pruning_png
+from ablate.runfolder import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DROP_PNG,
+    PROBE_DIR,
+    PROBE_FILE,
+    PROBE_RECORD,
+    PRUNING_PNG,
+    seed_dir,
+    write_atomic,
+)
+from ablate.train import Engine, TrainState
 
 KINDS = ("zero", "mean", "uniform", "random", "mean_pattern", "resample")
 PATTERN_KINDS = frozenset({"uniform", "random", "mean_pattern", "resample"})
@@ -61,7 +73,6 @@ REFERENCE_STREAM = 0x52454600
 # order was chosen on would flatter the order.
 RANKING_STREAM = 0x52414E4B
 RANDOM_SEED = 0
-TB_RECORD = "probe_written.json"
 
 Group = tuple[tuple[int, int], ...]
 
@@ -72,7 +83,7 @@ def read_experiment(run_dir: str | Path) -> Experiment:
     if not (run_dir / CONFIG_FILE).is_file():
         what = "does not exist" if not run_dir.exists() else f"has no {CONFIG_FILE}"
         raise ConfigError([("run_dir", f"{run_dir} {what}: not a run folder of `ablate train`")])
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINT_DIR
     if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise ConfigError([("run_dir", f"{ckpt_dir} holds no checkpoint: train the run first")])
     return build_experiment(json.loads((run_dir / CONFIG_FILE).read_text()))
@@ -81,7 +92,7 @@ def read_experiment(run_dir: str | Path) -> Experiment:
 def load_run(run_dir: str | Path) -> tuple[Experiment, TrainState, int]:
     """(experiment, latest good training state of every seed, its step) of a run folder."""
     exp = read_experiment(run_dir)
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=exp.train.keep_checkpoints)
+    ckpt = Checkpointer(Path(run_dir) / CHECKPOINT_DIR, keep=exp.train.keep_checkpoints)
     # Probing runs on one device of each process: every seed's state is restored there
     # (whatever mesh wrote it); in a multi-process run each process computes the same
     # numbers and process 0 writes them.
@@ -430,7 +441,7 @@ def probe_run(
         },
         "rows": rows,
     }
-    out_dir = Path(run_dir) / "probe" if out_dir is None else Path(out_dir)
+    out_dir = Path(run_dir) / PROBE_DIR if out_dir is None else Path(out_dir)
     if not is_primary():
         return result
     result["files"] = _write_outputs(result, drop, pruning_K2P, out_dir)
@@ -442,23 +453,24 @@ def probe_run(
 def _write_outputs(result: dict, drop: dict, pruning_K2P: np.ndarray, out_dir: Path) -> list[str]:
     """probe.json (NaN as null), probe.csv (one row per kind, seed, ablation) and the PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("drop_*.png"):  # a previous probe's kinds would contradict the table
+    # The images of a previous probe's other kinds would contradict the table.
+    for stale in out_dir.glob(DROP_PNG.format(kind="*")):
         stale.unlink()
-    files = [out_dir / "probe.json", out_dir / "probe.csv", out_dir / "pruning.png"]
-    files[0].write_text(json.dumps(nan_to_none(result), indent=1))
-    with files[1].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-        writer.writeheader()
-        writer.writerows(result["rows"])
-    files[2].write_bytes(_pruning_png(pruning_K2P, result["seeds"], result["chance"])[0])
+    files = [out_dir / PROBE_FILE, out_dir / "probe.csv", out_dir / PRUNING_PNG]
+    write_atomic(files[0], json.dumps(nan_to_none(result), indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(result["rows"][0]))
+    writer.writeheader()
+    writer.writerows(result["rows"])
+    write_atomic(files[1], table.getvalue())
+    write_atomic(files[2], pruning_png(pruning_K2P, result["seeds"], result["chance"])[0])
     titles = [f"seed {s}" for s in result["seeds"]]
     for kind, drop_KNH in drop.items():
         if len(titles) > 1:
             drop_KNH = np.concatenate([drop_KNH, drop_KNH.mean(0, keepdims=True)])
-        files.append(out_dir / f"drop_{kind}.png")
-        files[-1].write_bytes(
-            _heatmap_png(drop_KNH, titles + ["mean"] * (len(titles) > 1), kind)[0]
-        )
+        files.append(out_dir / DROP_PNG.format(kind=kind))
+        png = drop_heatmap_png(drop_KNH, titles + ["mean"] * (len(titles) > 1), kind)[0]
+        write_atomic(files[-1], png)
     return [str(f) for f in files]
 
 
@@ -466,79 +478,23 @@ def _write_tensorboard(run_dir: Path, result: dict, drop: dict, pruning_K2P: np.
     """Per seed, one image per tag at the checkpoint's step, never the same (step, tag) twice."""
     step = result["step"]
     for k, seed in enumerate(result["seeds"]):
-        logdir = run_dir / f"seed_{seed}"
+        logdir = seed_dir(run_dir, seed)
         # Readers disagree on a step written twice (NOTES.md): a rerun skips what is there.
-        record = logdir / TB_RECORD
+        record = logdir / PROBE_RECORD
         written = json.loads(record.read_text()) if record.is_file() else []
         todo = [t for t in [*drop, "pruning"] if [step, f"probe/{t}"] not in written]
         if not todo:
             continue
-        writer = TensorBoardWriter(logdir, skip_through_step=-1)
+        writer = TensorBoardWriter(logdir)
         for tag in todo:
             if tag == "pruning":
-                png = _pruning_png(pruning_K2P[k : k + 1], [seed], result["chance"])
+                png = pruning_png(pruning_K2P[k : k + 1], [seed], result["chance"])
             else:
-                png = _heatmap_png(drop[tag][k : k + 1], [f"seed {seed}"], tag)
+                png = drop_heatmap_png(drop[tag][k : k + 1], [f"seed {seed}"], tag)
             writer.image(f"probe/{tag}", *png, step)
             written.append([step, f"probe/{tag}"])
         writer.close()
-        record.write_text(json.dumps(written))
-
-
-def _png(draw) -> tuple[bytes, int, int]:
-    """(png, width, height) of the figure `draw(plt)` returns (matplotlib loaded on demand)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = draw(plt)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    width, height = fig.canvas.get_width_height()
-    plt.close(fig)
-    return buf.getvalue(), width, height
-
-
-def _heatmap_png(drop_KNH: np.ndarray, titles: list[str], kind: str) -> tuple[bytes, int, int]:
-    """Accuracy drop per layer (rows) and head (columns), one panel per seed (or the mean)."""
-    K, N, H = drop_KNH.shape
-    finite = np.abs(drop_KNH[np.isfinite(drop_KNH)])
-    vmax = max(float(finite.max()) if finite.size else 0.0, 1e-3)
-
-    def draw(plt):
-        size = (1.0 * H * K + 2.2, 0.7 * N + 1.8)
-        fig, axes = plt.subplots(1, K, figsize=size, dpi=90, squeeze=False, layout="constrained")
-        for ax, drop_NH, title in zip(axes[0], drop_KNH, titles):
-            image = ax.imshow(drop_NH, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-            for (n, h), v in np.ndenumerate(drop_NH):
-                text = "n/a" if np.isnan(v) else f"{v:.2f}"
-                color = "white" if abs(v) > 0.6 * vmax else "black"  # NaN compares False
-                ax.text(h, n, text, ha="center", va="center", fontsize=7, color=color)
-            ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(H), yticks=range(N))
-        fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="accuracy drop")
-        fig.suptitle(f"{kind} ablation: accuracy drop per head", fontsize=9)
-        return fig
-
-    return _png(draw)
-
-
-def _pruning_png(pruning_K2P: np.ndarray, seeds, chance: float) -> tuple[bytes, int, int]:
-    """Accuracy as heads are removed, least important first, beside a random order."""
-    P = pruning_K2P.shape[1] // 2
-
-    def draw(plt):
-        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90, layout="constrained")
-        for k, seed in enumerate(seeds):
-            (line,) = ax.plot(pruning_K2P[k, :P], "-o", ms=3, label=f"by importance, seed {seed}")
-            ax.plot(pruning_K2P[k, P:], "--", color=line.get_color(), label=f"random, seed {seed}")
-        ax.axhline(chance, color="gray", lw=0.8, ls=":", label="chance")
-        ax.set(xlabel="heads removed", ylabel="accuracy", title="pruning (Michel et al. 2019)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7)
-        return fig
-
-    return _png(draw)
+        write_atomic(record, json.dumps(written))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 Reads `results.jsonl` (one row per run and seed), `sweep.json` (the command) and, per run
 folder, `metrics.jsonl` (curves) and the optional `patterns_final.npz` (heatmaps); never a
-model. Writes `REPORT.md` in the sweep folder and `report/` (PNG plots, `summary.json`).
+model. Writes `REPORT.md` in the sweep folder and `report/` (PNG plots drawn by
+ablate.plots, `summary.json`).
 Rows are grouped by (task, grid point); failed or diverged rows are listed and left out of
 every statistic. Every sentence is chosen by thresholds on measured numbers and intervals.
 """
@@ -18,14 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from ablate.config import ConfigError
-from ablate.metrics import Interval, mean_interval, nan_to_none, paired_dependence, perplexity
-
-# File names written by ablate.sweep / ablate.train (not imported: both pull in training).
-RESULTS_FILE, SWEEP_FILE, METRICS_FILE = "results.jsonl", "sweep.json", "metrics.jsonl"
-PATTERNS_FILE = "patterns_final.npz"
+from ablate.metrics import (
+    Interval,
+    finite,
+    mean_interval,
+    nan_to_none,
+    paired_dependence,
+    perplexity,
+)
+from ablate.plots import bars, curves_plot, pattern_grid
+from ablate.runfolder import (
+    DROP_PNG,
+    METRICS_FILE,
+    PATTERNS_FILE,
+    PROBE_DIR,
+    PROBE_FILE,
+    PRUNING_PNG,
+    REPORT_DIR,
+    REPORT_FILE,
+    RESULTS_FILE,
+    SWEEP_FILE,
+    read_jsonl,
+    write_atomic,
+)
 
 # Verdict bounds on context dependence (a fraction of learned attention's gain over chance);
 # a verdict reads the interval's bounds only, never the mean.
@@ -112,27 +130,10 @@ NEEDS = {
 }
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """The results table as a list of rows (empty when the file is absent)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
-def _bounds(s: dict[str, float]) -> tuple[float, float]:
-    """(low, high), collapsed to the mean where the interval could not be formed."""
-    ok = _finite(s["low"]) and _finite(s["high"])
-    return (s["low"], s["high"]) if ok else (s["mean"], s["mean"])
-
-
 def _stat(values: Iterable[Any], bounds=(0.0, 1.0)) -> dict[str, Any] | None:
     """Mean and 95% interval over seeds as a dict (None when no finite value); the interval
     is cut to `bounds`, the range of the quantity (accuracy and alignment: [0, 1])."""
-    i = mean_interval([float(v) for v in values if _finite(v)], bounds=bounds)
+    i = mean_interval([float(v) for v in values if finite(v)], bounds=bounds)
     return None if i.n == 0 else i.as_dict()
 
 
@@ -142,7 +143,7 @@ def _interval(s: dict[str, Any]) -> Interval:
 
 def verdict(dependence: dict[str, Any]) -> str:
     """The verdict word of a context-dependence interval, from its bounds alone."""
-    if not _finite(dependence["mean"]):
+    if not finite(dependence["mean"]):
         return "undefined"
     if not _interval(dependence).has_interval:
         return "too few seeds"
@@ -164,7 +165,7 @@ def _levels(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for field, _ in LEVELS:
         value = first.get(field)
         out[field] = dict(
-            value=float(value) if _finite(value) else None,
+            value=float(value) if finite(value) else None,
             se=float(first.get(f"{field}_se") or 0.0),
             method=first.get(f"{field}_method")
             or ("stated by the task" if field == "chance" else "not recorded (an older sweep)"),
@@ -237,7 +238,7 @@ def _by_seed(rows: list[dict[str, Any]], field: str = "accuracy") -> dict[Any, f
     return {
         r.get("seed"): float(r[field])
         for r in rows
-        if r.get("status") == "ok" and _finite(r.get(field))
+        if r.get("status") == "ok" and finite(r.get(field))
     }
 
 
@@ -245,7 +246,7 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     first = next(iter(runs.values()))[0]
     all_rows = [r for rs in runs.values() for r in rs]
     ok_rows = [r for r in all_rows if r.get("status") == "ok"]
-    chance = next((float(r["chance"]) for r in all_rows if _finite(r.get("chance"))), math.nan)
+    chance = next((float(r["chance"]) for r in all_rows if finite(r.get("chance"))), math.nan)
     learned_by_seed = _by_seed(runs.get("learned", []))
     learned_acc = _stat(learned_by_seed.values())
     # Learned attention has learned when its interval lies above chance (with fewer than
@@ -303,7 +304,7 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def _fmt(s: dict[str, Any] | None) -> str:
-    if s is None or not _finite(s["mean"]):
+    if s is None or not finite(s["mean"]):
         return "n/a"
     if not _interval(s).has_interval:
         return f"{s['mean']:.2f} ({s['n']} seed{'s' * (s['n'] > 1)}, no interval)"
@@ -466,15 +467,8 @@ def _statement(g: dict[str, Any]) -> str:
 def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
     """Eval curves (mean over the given seeds): accuracy, best-head and uniform alignment,
     perplexity."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return None
     by_step: dict[int, dict[int, dict]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a last line cut short by a crash
-            continue
+    for row in read_jsonl(run_dir / METRICS_FILE):
         if row.get("kind") == "eval" and row.get("seed") in seeds:
             by_step.setdefault(row["step"], {})[row["seed"]] = row  # the last one wins
 
@@ -482,11 +476,11 @@ def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
         return None
 
     def best(alignment):
-        values = [a for layer in alignment or [] for a in layer if _finite(a)]
+        values = [a for layer in alignment or [] for a in layer if finite(a)]
         return max(values) if values else None
 
     def mean(step, fn):
-        values = [x for x in map(fn, by_step[step].values()) if _finite(x)]
+        values = [x for x in map(fn, by_step[step].values()) if finite(x)]
         return float(np.mean(values)) if values else math.nan
 
     steps = sorted(by_step)
@@ -500,98 +494,9 @@ def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
     }
 
 
-def _save(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-
-
-def _bars(groups: list[dict], field: str, path: Path, ylabel: str, colors: dict) -> None:
-    """Grouped bars per task and variant with interval error bars."""
-    fig = Figure(figsize=(max(6.0, 1.8 * len(groups)), 4.0))
-    ax = fig.subplots()
-    present = [k for k in colors if any(g["variants"].get(k, {}).get(field) for g in groups)]
-    width = 0.8 / max(len(present), 1)
-    for j, label in enumerate(present):
-        xs, ys, err = [], [], [[], []]
-        for i, g in enumerate(groups):
-            s = g["variants"].get(label, {}).get(field)
-            if s and _finite(s["mean"]):
-                low, high = _bounds(s)
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(s["mean"])
-                err[0].append(s["mean"] - low)
-                err[1].append(high - s["mean"])
-        ax.bar(xs, ys, width, yerr=err, capsize=3, label=label, color=colors[label])
-    if field == "accuracy":
-        marks = (("chance", "k", "--"), ("fixed_routing_ceiling", "C3", ":"))
-        marks += (("bag_ceiling", "C2", "-."),)
-        names = {"chance": "chance", "fixed_routing_ceiling": "fixed-routing ceiling"}
-        names["bag_ceiling"] = "bag ceiling"
-        for field_name, color, style in marks:
-            shown = False
-            for i, g in enumerate(groups):
-                value = g["levels"][field_name]["value"]
-                if value is not None:
-                    label = None if shown else names[field_name]
-                    ax.hlines(
-                        value, i - 0.45, i + 0.45, color, style, lw=1.4, label=label, zorder=3
-                    )
-                    shown = True
-    else:
-        ax.axhline(0.0, color="k", lw=0.8)
-        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-    if present:  # beside the axes: inside, it would hide the bars of the last group
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    else:
-        ax.text(0.5, 0.5, "no values to plot", transform=ax.transAxes, ha="center")
-    ax.set_xticks(range(len(groups)), [g["label"] for g in groups], rotation=15, ha="right")
-    ax.set_ylabel(ylabel)
-    _save(fig, path)
-
-
-def _curve_plot(g: dict, curves: dict[str, dict], path: Path, colors: dict) -> None:
-    """Over training, one line per variant: accuracy, best-head alignment and the loss's pull
-    (best-head gradient alignment), beside uniform; perplexity instead of the last two for
-    real data, which has no dependency mask."""
-    real = g["context_need"] == "unknown"
-    fig = Figure(figsize=(10.0 if real else 14.0, 3.6))
-    axes = fig.subplots(1, 2 if real else 3)
-    panels = ["perplexity"] if real else ["alignment", "pull"]
-    ylabels = {
-        "perplexity": "eval perplexity",
-        "alignment": "best-head alignment",
-        "pull": "loss's pull on the dependencies\n(best-head gradient alignment)",
-    }
-    ax_acc = axes[0]
-    for label, c in curves.items():
-        ax_acc.plot(c["step"], c["accuracy"], label=label, color=colors[label])
-        for ax, right in zip(axes[1:], panels):
-            # Step 0 (a random model: perplexity ~ vocabulary size) would flatten the rest.
-            points = [(s, y) for s, y in zip(c["step"], c[right]) if right != "perplexity" or s > 0]
-            if any(_finite(y) for _, y in points):
-                ax.plot(*zip(*points), label=label, color=colors[label])
-    ax_acc.axhline(g["chance"], color="k", ls="--", lw=0.8, label="chance")
-    for field, color, style, name in (
-        ("fixed_routing_ceiling", "C3", ":", "fixed-routing ceiling"),
-        ("bag_ceiling", "C2", "-.", "bag ceiling"),
-    ):
-        if g["levels"][field]["value"] is not None:
-            ax_acc.axhline(g["levels"][field]["value"], color=color, ls=style, lw=0.8, label=name)
-    ref = next((c for c in curves.values() if any(_finite(u) for u in c["uniform"])), None)
-    if ref and not real:
-        for ax in axes[1:]:
-            ax.plot(ref["step"], ref["uniform"], color="gray", ls=":", label="uniform")
-    for ax, name in zip(axes, ["eval accuracy"] + [ylabels[p] for p in panels]):
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"{g['label']} (mean over ok seeds)")
-    _save(fig, path)
-
-
-def _pattern_plot(npz: Path, path: Path, title: str) -> bool:
-    """Heads of the first seed beside the dependency mask; False when the file is unusable."""
+def _load_patterns(npz: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(patterns NHLS, scored dependency mask LS, has-pattern NH or None) of the first seed
+    in a run's patterns file; None when the file is unusable."""
     try:
         with np.load(npz) as data:
             probs_NHLS = np.asarray(data["probs"][0], dtype=float)
@@ -599,26 +504,8 @@ def _pattern_plot(npz: Path, path: Path, title: str) -> bool:
             mask_LS = np.asarray(data["deps"][0], bool) & scored_L[:, None]
             has_NH = np.asarray(data["has_pattern"], bool) if "has_pattern" in data else None
     except (OSError, KeyError, ValueError, IndexError):
-        return False
-    N, H = probs_NHLS.shape[:2]
-    fig = Figure(figsize=(1.9 * (H + 1), 1.9 * N + 0.5))
-    axes = fig.subplots(N, H + 1, squeeze=False)
-    for n, h in np.ndindex(N, H):
-        p = probs_NHLS[n, h]
-        if (has_NH is not None and not has_NH[n, h]) or not np.isfinite(p).all():
-            axes[n, h].text(0.5, 0.5, "no pattern", ha="center", va="center", fontsize=7)
-        else:
-            axes[n, h].imshow(p, cmap="viridis", vmin=0.0, vmax=1.0)
-        axes[n, h].set_title(f"layer {n} head {h}", fontsize=7)
-    for n in range(N):
-        axes[n, H].imshow(mask_LS, cmap="Reds", vmin=0, vmax=1)
-        axes[n, H].set_title("dependency mask", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=8)
-    _save(fig, path)
-    return True
+        return None
+    return probs_NHLS, mask_LS, has_NH
 
 
 def _slug(text: str) -> str:
@@ -626,7 +513,7 @@ def _slug(text: str) -> str:
 
 
 def _seconds(x: Any) -> str:
-    return f"{x:.1f}" if _finite(x) else "-"
+    return f"{x:.1f}" if finite(x) else "-"
 
 
 def _header(stats: Iterable[dict[str, Any] | None]) -> str:
@@ -724,7 +611,7 @@ def _markdown(summary: dict, meta: dict, plots: dict) -> str:
                 values = [p.get(s, {}).get("dependence") for s in seeds]
                 lines.append(
                     f"| {k} | "
-                    + " | ".join(f"{x:.2f}" if _finite(x) else "-" for x in values)
+                    + " | ".join(f"{x:.2f}" if finite(x) else "-" for x in values)
                     + " |"
                 )
         lines += [""]
@@ -808,39 +695,43 @@ def write_report(sweep_dir: str | Path) -> Path:
     meta_path = sweep_dir / SWEEP_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.setdefault("name", sweep_dir.name)
-    summary = summarize(load_rows(sweep_dir / RESULTS_FILE))
-    out = sweep_dir / "report"
+    summary = summarize(read_jsonl(sweep_dir / RESULTS_FILE))
+    out = sweep_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     for old in out.glob("*.png"):  # plots of runs no longer in the table must not linger
         old.unlink()
     labels = list(dict.fromkeys(k for g in summary["groups"] for k in g["variants"]))
     colors = {k: f"C{i % 10}" for i, k in enumerate(labels)}
     plots: dict[str, dict] = {"curves": {}, "patterns": {}, "probes": {}}
-    _bars(summary["groups"], "accuracy", out / "accuracy.png", "eval accuracy", colors)
-    _bars(summary["groups"], "dependence", out / "dependence.png", "context dependence", colors)
+    bars(summary["groups"], "accuracy", out / "accuracy.png", "eval accuracy", colors)
+    bars(summary["groups"], "dependence", out / "dependence.png", "context dependence", colors)
     for g in summary["groups"]:
         curves = {}
         for k, e in g["variants"].items():
             if c := _curves(sweep_dir / e["run_dir"], e["seeds"]):
                 curves[k] = c
             npz, png = sweep_dir / e["run_dir"] / PATTERNS_FILE, f"patterns_{_slug(e['run'])}.png"
-            if npz.is_file() and _pattern_plot(npz, out / png, f"{e['run']} (first seed)"):
-                plots["patterns"].setdefault(g["label"], []).append((e["run"], f"report/{png}"))
-            probe_json = sweep_dir / e["run_dir"] / "probe" / "probe.json"
+            drawn = _load_patterns(npz) if npz.is_file() else None
+            if drawn is not None:
+                pattern_grid(*drawn, out / png, f"{e['run']} (first seed)")
+                plots["patterns"].setdefault(g["label"], []).append(
+                    (e["run"], f"{REPORT_DIR}/{png}")
+                )
+            probe_json = sweep_dir / e["run_dir"] / PROBE_DIR / PROBE_FILE
             if probe_json.is_file():
                 probe = json.loads(probe_json.read_text())
                 images = [
-                    f"{e['run_dir']}/probe/{name}"
-                    for name in ("drop_zero.png", "pruning.png")
+                    f"{e['run_dir']}/{PROBE_DIR}/{name}"
+                    for name in (DROP_PNG.format(kind="zero"), PRUNING_PNG)
                     if (probe_json.parent / name).is_file()
                 ]
                 plots["probes"].setdefault(g["label"], []).append((_probe_text(probe, k), images))
         if curves:
             name = f"curves_{_slug(g['label'])}.png"
-            _curve_plot(g, curves, out / name, colors)
-            plots["curves"][g["label"]] = f"report/{name}"
+            curves_plot(g, curves, out / name, colors)
+            plots["curves"][g["label"]] = f"{REPORT_DIR}/{name}"
     summary["sweep"] = {k: meta.get(k) for k in ("name", "command", "experiment_file")}
-    (out / "summary.json").write_text(json.dumps(nan_to_none(summary), indent=2) + "\n")
-    path = sweep_dir / "REPORT.md"
-    path.write_text(_markdown(summary, meta, plots))
+    write_atomic(out / "summary.json", json.dumps(nan_to_none(summary), indent=2) + "\n")
+    path = sweep_dir / REPORT_FILE
+    write_atomic(path, _markdown(summary, meta, plots))
     return path

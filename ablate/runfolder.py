@@ -1,31 +1,167 @@
-"""A run folder's guards: one writer at a time, SIGTERM as a flag, no silent config change.
+"""A run folder's layout, its file writes and reads, and its guards.
 
-`train` holds a `RunLock` on the folder (two processes never write one run), turns SIGTERM
-into a flag checked between dispatches (`SigtermFlag`), and refuses to resume into a folder
-whose saved config differs (`check_run_config`).
+The layout (every name below is a constant of this module; nothing else spells them):
+
+    RUN_DIR/                      one `ablate train` run, all its seeds
+      config.json                 the resolved experiment (CONFIG_FILE)
+      config.before-change-N.json a config replaced by an allowed change (BACKUP_CONFIG)
+      final.json                  the result, once the last step is done (FINAL_FILE)
+      final.stepS-N.json          a result kept when the run was extended (KEPT_FINAL)
+      metrics.jsonl               train and eval rows, one per (step, seed, kind) (METRICS_FILE)
+      patterns_final.npz          the trained heads' patterns on one sequence (PATTERNS_FILE)
+      checkpoints/STEP/           orbax checkpoints with ablate's manifest (CHECKPOINT_DIR)
+      seed_K/                     TensorBoard events of seed K (`seed_dir`)
+        probe_written.json        the probe images already in its events (PROBE_RECORD)
+      probe/                      `ablate probe` outputs (PROBE_DIR): probe.json (PROBE_FILE),
+                                  probe.csv, pruning.png (PRUNING_PNG), drop_KIND.png (DROP_PNG)
+      .ablate.lock                held by the process writing the run (LOCK_FILE)
+    SWEEP_DIR/                    one `ablate sweep`: a RUN_DIR per point, and
+      sweep.json                  the command (SWEEP_FILE)
+      results.jsonl, results.csv  one row per (run, seed) (RESULTS_FILE, RESULTS_CSV)
+      REPORT.md, report/          the report (REPORT_FILE, REPORT_DIR)
+
+Writes that replace a file go through `write_atomic` (a reader, or a kill, sees the old
+content or the new, whole); JSON lines are appended whole by `append_jsonl` and read back by
+`read_jsonl` under one rule for a cut last line. The guards: `train` holds a `RunLock` on the
+folder (two processes never write one run), turns SIGTERM into a flag checked between
+dispatches (`SigtermFlag`), and refuses to resume into a folder whose saved config differs
+(`check_run_config`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import math
 import os
+import secrets
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
-from ablate.config import ConfigError
-from ablate.logging import flatten
+import numpy as np
+
+from ablate.config import ConfigError, flatten
 
 CONFIG_FILE = "config.json"
+BACKUP_CONFIG = "config.before-change"  # + "-N.json"
+FINAL_FILE = "final.json"
+KEPT_FINAL = "final.step{step}"  # + "-N.json"
+METRICS_FILE = "metrics.jsonl"
+PATTERNS_FILE = "patterns_final.npz"
+CHECKPOINT_DIR = "checkpoints"
+PROBE_DIR = "probe"
+PROBE_FILE = "probe.json"
+PRUNING_PNG = "pruning.png"
+DROP_PNG = "drop_{kind}.png"
+PROBE_RECORD = "probe_written.json"
 LOCK_FILE = ".ablate.lock"
+SWEEP_FILE = "sweep.json"
+RESULTS_FILE = "results.jsonl"
+RESULTS_CSV = "results.csv"
+REPORT_FILE = "REPORT.md"
+REPORT_DIR = "report"
 LOCK_WAIT_SECONDS = 60.0  # default; the environment variable below overrides it
 LOCK_WAIT_ENV = "ABLATE_LOCK_WAIT_SECONDS"
 # Placement, not the experiment: a run may resume on another mesh.
 PLACEMENT_PREFIX = "train.mesh."
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    """The TensorBoard folder of one seed of a run."""
+    return Path(run_dir) / f"seed_{seed}"
+
+
+class DamagedFile(ValueError):
+    """A run-folder file damaged by something other than a write cut short."""
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace `path` with `data`: readers and a kill see the old content or the new, whole.
+
+    The data goes to a temporary file beside it, is flushed to disk, then renamed over it.
+    The temporary name (`.ablate-<random>.tmp`) never contains the target's name, so no
+    reader that picks files by name (TensorBoard's "tfevents") sees a half-written file; a
+    kill between the write and the rename leaves it behind, read by nothing.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".ablate-{secrets.token_hex(6)}.tmp")
+    try:
+        with tmp.open("xb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Compressed arrays, written atomically (`write_atomic`)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v)}")
+
+
+def _jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(row, default=_json_default) + "\n" for row in rows)
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Replace a JSON-lines file with `rows` (one object per line; numpy values as lists)."""
+    write_atomic(path, _jsonl(rows))
+
+
+def append_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Append rows to a JSON-lines file in one write, so a kill cuts at most the last line."""
+    text = _jsonl(rows)
+    with Path(path).open("a") as f:
+        f.write(text)
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file, one JSON object per line; [] when there is no file.
+
+    One rule for every reader of ablate's JSON lines: blank lines are skipped; the last
+    non-blank line is dropped when it is not a whole JSON object, since rows are appended
+    whole (`append_jsonl`) and a writer killed mid-append (or out of disk) cuts only the line
+    it was writing, which the next writer's rewrite leaves out; any other line that is not a
+    JSON object raises `DamagedFile` naming the file and line, for something other than a
+    cut write changed the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif i < len(lines) - 1:
+            shown = line[:80].decode(errors="replace")
+            raise DamagedFile(
+                f"{path}, line {n}: not a JSON object ({shown!r}); only the last line may be "
+                "cut short, so something else damaged the file: repair or remove it"
+            )
+    return rows
 
 
 class Preempted(RuntimeError):

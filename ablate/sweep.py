@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import itertools
 import json
 import time
@@ -47,10 +48,16 @@ from ablate.distributed import check_mesh, is_primary, on_primary
 from ablate.experiment import NAME_RE, Experiment, build_experiment, safe_join
 from ablate.metrics import nan_to_none, perplexity
 from ablate.model import frozen_parts
+from ablate.runfolder import (
+    METRICS_FILE,
+    RESULTS_CSV,
+    RESULTS_FILE,
+    SWEEP_FILE,
+    read_jsonl,
+    write_atomic,
+    write_jsonl,
+)
 from ablate.train import Diverged, Preempted, train
-
-RESULTS_FILE = "results.jsonl"
-SWEEP_FILE = "sweep.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,9 +291,7 @@ class ResultsTable:
         self.path = path
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path)
 
     def done(self) -> set[str]:
         """Runs whose every row is ok (skipped on resume)."""
@@ -297,9 +302,7 @@ class ResultsTable:
 
     def replace_run(self, run: str, new_rows: list[dict[str, Any]]) -> None:
         rows = [r for r in self.rows() if r["run"] != run] + new_rows
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(self.path)
+        write_jsonl(self.path, rows)
         self._write_csv(rows)
 
     def _write_csv(self, rows: list[dict[str, Any]]) -> None:
@@ -331,12 +334,11 @@ class ResultsTable:
             "compile_seconds",
             "error",
         ]
-        tmp = self.path.with_name("results.csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.path.with_name("results.csv"))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.path.with_name(RESULTS_CSV), text.getvalue())
 
 
 def task_levels(exp: Experiment, cache: dict | None = None) -> dict[str, Any]:
@@ -431,12 +433,8 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
     head's gradient alignment (the loss's pull on the dependency positions) at step 0, at
     its peak (with the step) and at the last eval."""
     out: dict[int, dict[str, Any]] = {}
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return out
     evals: dict[int, dict[int, dict]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(run_dir / METRICS_FILE):
         if row.get("kind") == "eval":
             evals.setdefault(row["seed"], {})[row["step"]] = row  # the last one wins
     for seed, by_step in evals.items():
@@ -487,7 +485,8 @@ def run_sweep(
 
     # In a multi-process run every process trains every point; process 0 writes the files.
     def write_sweep_file():
-        (sweep_dir / SWEEP_FILE).write_text(
+        write_atomic(
+            sweep_dir / SWEEP_FILE,
             json.dumps(
                 {
                     "name": name,
@@ -504,7 +503,7 @@ def run_sweep(
                     "points": [p.run_name for p in points],
                 },
                 indent=2,
-            )
+            ),
         )
 
     on_primary(write_sweep_file, f"writing {SWEEP_FILE}")

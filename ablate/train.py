@@ -26,7 +26,6 @@ before compiling and counted on the device every step); a full disk (`Checkpoint
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -43,17 +42,11 @@ import optax
 from flax import nnx
 
 from ablate.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
-from ablate.config import ConfigError
+from ablate.config import ConfigError, flatten
 from ablate.data import DataError  # one class for every bad-data error (exit 3)
 from ablate.distributed import Placement, any_process, check_mesh, is_primary, on_primary
 from ablate.experiment import Experiment, OptimConfig
-from ablate.logging import (
-    MetricsFile,
-    TensorBoardWriter,
-    flatten,
-    patterns_png,
-    truncate_events,
-)
+from ablate.logging import MetricsFile, TensorBoardWriter, truncate_events
 from ablate.metrics import (
     attention_metrics,
     descent_direction,
@@ -64,8 +57,15 @@ from ablate.metrics import (
     uniform_alignment,
 )
 from ablate.model import HeadAblation, Transformer, visibility
-from ablate.runfolder import (  # noqa: F401  (CONFIG_FILE, Preempted: part of this API)
+from ablate.plots import patterns_png
+from ablate.runfolder import (  # noqa: F401  (Preempted: part of this API)
+    BACKUP_CONFIG,
+    CHECKPOINT_DIR,
     CONFIG_FILE,
+    FINAL_FILE,
+    KEPT_FINAL,
+    METRICS_FILE,
+    PATTERNS_FILE,
     Preempted,
     RunFolderBusy,
     RunLock,
@@ -73,10 +73,11 @@ from ablate.runfolder import (  # noqa: F401  (CONFIG_FILE, Preempted: part of t
     check_run_config,
     free_name,
     note,
+    seed_dir,
+    write_atomic,
+    write_npz,
 )
 
-FINAL_FILE = "final.json"
-PATTERNS_FILE = "patterns_final.npz"
 HPARAM_METRICS = ("eval/accuracy", "eval/sequence_accuracy", "eval/loss", "eval/chance")
 # Counted on the device every step, checked on the host, never logged.
 INVALID_TOKENS = "invalid_tokens"
@@ -484,7 +485,7 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
     if jax.device_count() > 1:
         note(engine.placement.describe())
     engine.check_data()
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
+    ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, keep=tc.keep_checkpoints)
     logger = None
     try:
         ckpt.remove_unfinished()
@@ -509,7 +510,7 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
             return RunResult(**json.loads((run_dir / FINAL_FILE).read_text()))
         if changed and (run_dir / FINAL_FILE).is_file():
             # The run is being extended (an allowed config change): keep the old result.
-            kept_as = f"final.step{start}"
+            kept_as = KEPT_FINAL.format(step=start)
             on_primary(
                 lambda: os.replace(run_dir / FINAL_FILE, free_name(run_dir, kept_as, ".json")),
                 "keeping final.json",
@@ -521,11 +522,11 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
         keep_through = start if restored is not None else -1
 
         def open_logs():
-            metrics_file = MetricsFile(run_dir / "metrics.jsonl")
+            metrics_file = MetricsFile(run_dir / METRICS_FILE)
             metrics_file.truncate_after(keep_through)
             for s in tc.seeds:
-                truncate_events(run_dir / f"seed_{s}", keep_through, drop_hparams=start < tc.steps)
-            return metrics_file, [TensorBoardWriter(run_dir / f"seed_{s}") for s in tc.seeds]
+                truncate_events(seed_dir(run_dir, s), keep_through, drop_hparams=start < tc.steps)
+            return metrics_file, [TensorBoardWriter(seed_dir(run_dir, s)) for s in tc.seeds]
 
         metrics_file, writers = on_primary(open_logs, "opening the logs") or (None, [])
         chance = float(exp.task.chance)
@@ -555,14 +556,14 @@ def _train_locked(exp, run_dir, sigterm, progress, allow_config_change, stop_aft
     )
     if step == tc.steps:
         final_json = dataclasses.asdict(result)
-        on_primary(lambda: _write_json(run_dir / FINAL_FILE, final_json), "writing final.json")
+        on_primary(lambda: _write_json(run_dir / FINAL_FILE, final_json), f"writing {FINAL_FILE}")
     return result
 
 
 def _write_config(run_dir: Path, config: dict, changed: list[str]) -> None:
     """config.json, the one it replaces kept under a free name when it changed (allowed)."""
     if changed:
-        backup = free_name(run_dir, "config.before-change", ".json")
+        backup = free_name(run_dir, BACKUP_CONFIG, ".json")
         shutil.copyfile(run_dir / CONFIG_FILE, backup)
         note(f"config changed (allowed): {'; '.join(changed)}; old one kept as {backup.name}")
     _write_json(run_dir / CONFIG_FILE, config)
@@ -602,7 +603,7 @@ def _loop(exp, engine, state, start, pending, logger, ckpt, sigterm, stop_after,
                 drawn = logger.heatmaps(state, step, "trained")
             if last and logger.file is not None:
                 probs, deps, weights = drawn
-                _write_npz(
+                write_npz(
                     logger.file.path.parent / PATTERNS_FILE,
                     probs=probs,
                     deps=deps,
@@ -807,17 +808,7 @@ class _Logger:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _write_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def _progress(enabled: bool, total: int, initial: int, name: str):

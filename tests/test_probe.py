@@ -17,7 +17,8 @@ from ablate import probe
 from ablate.cli import main
 from ablate.config import ConfigError
 from ablate.metrics import token_metrics
-from ablate.train import CONFIG_FILE, FINAL_FILE, Engine, train
+from ablate.runfolder import CONFIG_FILE, FINAL_FILE
+from ablate.train import Engine, train
 from tests.test_train import tiny
 
 # Measured: eval accuracy 0.95 at step 150 and 1.0 at step 200 (one-hop recall, 4 values).
