@@ -53,7 +53,6 @@ started with (the summary's first line says which).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -104,6 +103,7 @@ SHAPES: dict[str, tuple[dict, dict, int]] = {
 CAUSAL_VARIANTS = ("learned", "frozen", "synthesizer", "uniform", "random_fixed", "gaussian",
                    "none")  # fmt: skip
 QUICK_SWEEP_VARIANTS = ("learned", "frozen", "uniform", "random_fixed", "none")
+SEEDS = 8  # K of the vmapped-vs-sequential comparison, unless asked otherwise
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -551,17 +551,30 @@ class Plan:
     skipped: tuple[str, ...] = ()
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
-    """Default sizes for this device: a few minutes on a 2-core CPU, larger on accelerators."""
+def make_plan(
+    *,
+    quick: bool = False,
+    shapes: str | None = None,
+    large: bool = False,
+    dtype: str | None = None,
+    variants: str | None = None,
+    seeds: int = SEEDS,
+) -> Plan:
+    """Default sizes for this device: a few minutes on a 2-core CPU, larger on accelerators.
+
+    The arguments are `ablate bench`'s flags: `shapes` and `variants` comma-separated
+    (`variants` may be "all"), None for this device's default.
+    """
     accelerator = jax.default_backend() != "cpu"
-    dtype = args.dtype or ("bfloat16" if accelerator else "float32")
-    if args.variants == "all":
+    asked_variants = variants
+    dtype = dtype or ("bfloat16" if accelerator else "float32")
+    if variants == "all":
         variants = CAUSAL_VARIANTS
-    elif args.variants:
-        variants = tuple(args.variants.split(","))
+    elif variants:
+        variants = tuple(variants.split(","))
     else:  # on a CPU, the variants of context_quick.toml (each costs a compile)
         variants = CAUSAL_VARIANTS if accelerator else QUICK_SWEEP_VARIANTS
-    if args.quick:
+    if quick:
         return Plan(
             dtype=dtype,
             matmul_n=256,
@@ -573,22 +586,22 @@ def make_plan(args: argparse.Namespace) -> Plan:
             shape_seeds=1,
             variant_shape="tiny",
             variant_batch=8,
-            variants=variants if args.variants else ("learned", "uniform"),
+            variants=variants if asked_variants else ("learned", "uniform"),
             attention_core=(2, 2, 32, 16),
             rounds=2,
             shape_rounds=2,
             seconds=0.2,
             quick=True,
         )
-    shapes = args.shapes.split(",") if args.shapes else ["quick", "medium", "gpt2_small"]
+    shapes = shapes.split(",") if shapes else ["quick", "medium", "gpt2_small"]
     unknown = [s for s in shapes if s not in SHAPES]
-    if unknown or args.seeds < 1:
-        problem = f"--seeds must be >= 1, got {args.seeds}"
+    if unknown or seeds < 1:
+        problem = f"--seeds must be >= 1, got {seeds}"
         if unknown:
             problem = f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}"
         raise ConfigError([("bench", problem)])
     skipped = ()
-    if "gpt2_small" in shapes and not (accelerator or args.large):
+    if "gpt2_small" in shapes and not (accelerator or large):
         shapes.remove("gpt2_small")
         skipped = ("gpt2_small: skipped on a CPU (--large runs it)",)
     return Plan(
@@ -596,7 +609,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         matmul_n=8192 if accelerator else 2048,
         engine_shape="quick",
         scan_spd=50,
-        seeds=args.seeds,
+        seeds=seeds,
         shapes=tuple(shapes),
         shape_spd=10 if accelerator else 1,
         shape_seeds=4 if accelerator else 1,
@@ -880,51 +893,3 @@ def summary(result: dict[str, Any]) -> str:
         ]
     out += [f"skipped: {why}" for why in result["skipped"]]
     return "\n".join(out)
-
-
-# ------------------------------------------------------------------------------ command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `ablate bench`."""
-    parser.add_argument("--out", type=Path, help="write the results as JSON to this file")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (~20 s)")
-    parser.add_argument(
-        "--shapes",
-        help="comma-separated from quick,medium,gpt2_small (default: all the device allows)",
-    )
-    parser.add_argument("--large", action="store_true", help="run gpt2_small on a CPU too")
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], help="default: bf16 on accelerators"
-    )
-    parser.add_argument(
-        "--variants",
-        help="comma-separated, or 'all' (default: all causal ones on accelerators; on a CPU "
-        f"{','.join(QUICK_SWEEP_VARIANTS)})",
-    )
-    parser.add_argument("--seeds", type=int, default=8, help="K for vmapped vs sequential (8)")
-    parser.add_argument(
-        "--no-probes",
-        action="store_true",
-        help="skip the subprocesses (compile cache, malloc, seeds over CPU devices)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """`ablate bench`: measure, print the summary, write JSON if asked."""
-    plan = make_plan(args)
-    result = bench(plan, args.out, probe=not args.no_probes, log=lambda s: print(s, flush=True))
-    print(summary(result))
-    if args.out:
-        print(f"wrote {args.out}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ablate-bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

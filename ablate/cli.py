@@ -1,5 +1,8 @@
 """The `ablate` command: parses arguments and calls the library; nothing else lives here.
 
+Every subcommand's flags are defined here (`ablate bench`'s too, built only when asked for,
+since they name the benchmark's defaults and importing it starts JAX).
+
 Exit codes: 0 done, 1 unexpected error, 2 bad config or arguments, 3 bad data,
 4 training diverged (NaN/Inf), 74 the run folder cannot be written or holds a damaged file
 (disk full, not a folder, in use by another process, a damaged checkpoint or JSON-lines
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 75
 EXIT_IO = 74
@@ -62,9 +66,37 @@ def _tensorboard(args) -> int:
 
 
 def _probe(args) -> int:
-    from ablate.probe import run
+    from ablate.config import ConfigError
+    from ablate.distributed import is_primary
+    from ablate.probe import probe_run, summary
 
-    return run(args)
+    try:
+        seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        msg = f"{args.seeds!r} is not a comma-separated list of integers"
+        raise ConfigError([("seeds", msg)]) from None
+    result = probe_run(args.run_dir, args.kinds, args.heads, seeds, args.out, chunk=args.chunk)
+    if is_primary():  # process 0 prints and writes for all
+        print(summary(result))
+    return EXIT_OK
+
+
+def _bench(args) -> int:
+    from ablate.bench import bench, make_plan, summary
+
+    plan = make_plan(
+        quick=args.quick,
+        shapes=args.shapes,
+        large=args.large,
+        dtype=args.dtype,
+        variants=args.variants,
+        seeds=args.seeds,
+    )
+    result = bench(plan, args.out, probe=not args.no_probes, log=lambda s: print(s, flush=True))
+    print(summary(result))
+    if args.out:
+        print(f"wrote {args.out}")
+    return EXIT_OK
 
 
 def _list(args) -> int:
@@ -99,7 +131,39 @@ def _list(args) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from ablate import bench  # imports JAX: only for `ablate bench`
+
+    p.description = bench.__doc__.splitlines()[0]
+    p.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (~20 s)")
+    p.add_argument(
+        "--shapes",
+        help="comma-separated from quick,medium,gpt2_small (default: all the device allows)",
+    )
+    p.add_argument("--large", action="store_true", help="run gpt2_small on a CPU too")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bf16 on accelerators")
+    p.add_argument(
+        "--variants",
+        help="comma-separated, or 'all' (default: all causal ones on accelerators; on a CPU "
+        f"{','.join(bench.QUICK_SWEEP_VARIANTS)})",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=bench.SEEDS,
+        help=f"K for vmapped vs sequential ({bench.SEEDS})",
+    )
+    p.add_argument(
+        "--no-probes",
+        action="store_true",
+        help="skip the subprocesses (compile cache, malloc, seeds over CPU devices)",
+    )
+
+
+def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
+    """The parser of every subcommand; `bench_flags=False` leaves `ablate bench`'s flags out
+    (building them imports JAX), as `main` does for any other command."""
     parser = argparse.ArgumentParser(
         prog="ablate",
         description="How much does a task depend on attention learning context? "
@@ -161,12 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, help="ablations evaluated side by side (default: all)")
     p.set_defaults(func=_probe)
 
-    # `ablate bench ...` is handed to ablate.bench before parsing (see main): listed here for help.
-    sub.add_parser(
+    p = sub.add_parser(
         "bench",
         help="measure steps/s, tokens/s, compile time, FLOP/s and MFU on this device "
         "(ablate bench --help for its flags)",
     )
+    if bench_flags:
+        _bench_arguments(p)
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("list", help="list attention variants, tasks and their reference levels")
     p.add_argument(
@@ -190,27 +256,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ablate: {e}", file=sys.stderr)
             return EXIT_CONFIG
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        # The benchmark parses its own flags; importing it (jax) only here keeps --help fast.
-        def command():
-            from ablate.bench import main as bench_main
-
-            return bench_main(argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
-
-        def command():
-            return args.func(args)
+    args = build_parser(bench_flags=argv[:1] == ["bench"]).parse_args(argv)
 
     from ablate.config import ConfigError
 
     try:
-        if argv[:1] and argv[0] in ("train", "sweep", "probe"):
+        if args.command in ("train", "sweep", "probe"):
             # Connects the processes of a multi-process launch; nothing for a single one.
             from ablate.distributed import initialize
 
             initialize()
-        return command()
+        return args.func(args)
     except ConfigError as e:
         print(f"ablate: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -26,7 +26,6 @@ leading K on host-side arrays (`gate_KANH`, `importance_KNH`) is the seed axis.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -497,27 +496,19 @@ def _write_tensorboard(run_dir: Path, result: dict, drop: dict, pruning_K2P: np.
         write_atomic(record, json.dumps(written))
 
 
-def run(args: argparse.Namespace) -> int:
-    """CLI handler: probe, then print the baseline, importance and the largest drops."""
-    try:
-        seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        msg = f"{args.seeds!r} is not a comma-separated list of integers"
-        raise ConfigError([("seeds", msg)]) from None
-    result = probe_run(args.run_dir, args.kinds, args.heads, seeds, args.out, chunk=args.chunk)
-    if not is_primary():  # process 0 prints and writes for all
-        return 0
-    print(f"probe of {args.run_dir} at step {result['step']} (chance {result['chance']:.3f})")
+def summary(result: dict[str, Any]) -> str:
+    """What `ablate probe` prints: the baseline, the heads by importance, the largest drops."""
+    out = [f"probe of {result['run_dir']} at step {result['step']} (chance {result['chance']:.3f})"]
     for k, seed in enumerate(result["seeds"]):
         order = result["pruning"]["importance_order"][k]
         accuracy = result["baseline"]["accuracy"][k]
-        print(
+        out.append(
             f"  seed {seed}: accuracy {accuracy:.3f}; heads by importance {', '.join(order[::-1])}"
         )
     for kind in result["kinds"]:
         rows = [r for r in result["rows"] if r["kind"] == kind and np.isfinite(r["accuracy_drop"])]
         top = sorted(rows, key=lambda r: -r["accuracy_drop"])[:3]
         shown = ", ".join(f"{r['heads']} {r['accuracy_drop']:+.3f}" for r in top) or "n/a"
-        print(f"  {kind:12s} largest accuracy drops: {shown}")
-    print(f"table and plots: {Path(result['files'][0]).parent}")
-    return 0
+        out.append(f"  {kind:12s} largest accuracy drops: {shown}")
+    out.append(f"table and plots: {Path(result['files'][0]).parent}")
+    return "\n".join(out)

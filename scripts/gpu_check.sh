@@ -33,7 +33,7 @@ sees_gpu() { JAX_PLATFORMS=cuda "$1" -c "import jax; assert jax.devices()[0].pla
 if [[ "${1:-}" == "--quick" ]]; then
     PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
     note "smoke test of the benchmark on the CPU ($PY)"
-    JAX_PLATFORMS=cpu "$PY" -m ablate.bench --quick --out "$RESULTS/bench_quick.json" 2>&1 |
+    JAX_PLATFORMS=cpu "$PY" -m ablate.cli bench --quick --out "$RESULTS/bench_quick.json" 2>&1 |
         tee "$RESULTS/bench_quick.log"
     exit "${PIPESTATUS[0]}"
 fi
@@ -58,7 +58,7 @@ if ! sees_gpu "$PY"; then
 fi
 
 note "benchmark: quick, medium, gpt2_small in bfloat16 (at most 240 s)"
-timeout 240 "$PY" -m ablate.bench --shapes quick,medium,gpt2_small --dtype bfloat16 \
+timeout 240 "$PY" -m ablate.cli bench --shapes quick,medium,gpt2_small --dtype bfloat16 \
     --variants learned,frozen,synthesizer,uniform,none --out "$RESULTS/bench.json" 2>&1 |
     tee "$RESULTS/bench.log"
 rc=${PIPESTATUS[0]}

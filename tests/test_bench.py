@@ -18,10 +18,10 @@ from ablate.bench import (
     ATTENTION_FLOPS,
     ATTENTION_KERNELS,
     AttentionCoreRunner,
-    main,
     model_flops_per_token,
     train_flops_per_step,
 )
+from ablate.cli import main
 from ablate.experiment import build_experiment
 from ablate.model import ModelConfig, Transformer
 from ablate.train import Engine
@@ -74,7 +74,8 @@ def test_flops_per_step_scale_with_tokens_seeds_and_frozen_layers():
 def test_quick_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # learned only: its runner is the engine phase's, so the variants table costs no compile
-    assert main(["--quick", "--no-probes", "--variants", "learned", "--out", str(out)]) == 0
+    argv = ["bench", "--quick", "--no-probes", "--variants", "learned", "--out", str(out)]
+    assert main(argv) == 0
     result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert {"date", "machine", "plan", "peak_matmul", "engine", "configs", "variants"} <= set(
         result
@@ -124,7 +125,9 @@ def test_quick_bench_probes_compile_cache_and_malloc_in_subprocesses(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run(
-        [sys.executable, "-m", "ablate.bench", "--quick", "--out", str(out)], env=env, check=True
+        [sys.executable, "-m", "ablate.cli", "bench", "--quick", "--out", str(out)],
+        env=env,
+        check=True,
     )
     engine = json.loads(out.read_text())["engine"]
     compile_, malloc = engine["compile"], engine["malloc"]

@@ -332,6 +332,27 @@ def test_bad_heads_kinds_seeds_and_folders_get_clear_errors(run_dir, tmp_path, c
     assert "layer 2 does not exist" in capsys.readouterr().err
 
 
+def test_the_probe_command_prints_the_baseline_and_the_largest_drops(
+    run_dir, probed, tmp_path, capsys
+):
+    out = tmp_path / "cli"
+    assert main(["probe", str(run_dir), "--kinds", "zero", "--seeds", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    accuracy = probed["baseline"]["accuracy"][0]
+    assert printed[0] == f"probe of {run_dir} at step 200 (chance {probed['chance']:.3f})"
+    assert printed[1].startswith(f"  seed 0: accuracy {accuracy:.3f}; heads by importance ")
+    # The largest drop first (its head may differ among tied heads): as the full probe found.
+    top = max(r["accuracy_drop"] for r in probed["rows"] if r["kind"] == "zero")
+    prefix = "  zero         largest accuracy drops: "
+    assert printed[2].startswith(prefix)
+    first = printed[2].removeprefix(prefix).split(",")[0]
+    assert first.split()[1] == f"{top:+.3f}"
+    assert printed[3] == f"table and plots: {out}" and (out / "probe.json").is_file()
+
+    assert main(["probe", str(run_dir), "--seeds", "0,a"]) == 2
+    assert "'0,a' is not a comma-separated list of integers" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_heads_without_a_pattern_and_several_seeds(tmp_path):
     # A fourier head (no pattern) beside learned ones, two seeds trained together.
