@@ -1,16 +1,17 @@
 """A run folder's layout, its file writes and reads, and its guards.
 
-The layout (every name below is a constant of this module; nothing else spells them):
+The layout (a name in parentheses is this module's constant for it, which every module that
+writes or reads the file uses):
 
     RUN_DIR/                      one `ablate train` run, all its seeds
       config.json                 the resolved experiment (CONFIG_FILE)
       config.before-change-N.json a config replaced by an allowed change (BACKUP_CONFIG)
       final.json                  the result, once the last step is done (FINAL_FILE)
-      final.stepS-N.json          a result kept when the run was extended (KEPT_FINAL)
+      final.step<S>-N.json        a result kept when the run was extended at step S (KEPT_FINAL)
       metrics.jsonl               train and eval rows, one per (step, seed, kind) (METRICS_FILE)
       patterns_final.npz          the trained heads' patterns on one sequence (PATTERNS_FILE)
       checkpoints/STEP/           orbax checkpoints with ablate's manifest (CHECKPOINT_DIR)
-      seed_K/                     TensorBoard events of seed K (`seed_dir`)
+      seed_<seed>/                TensorBoard events of one seed (`seed_dir`)
         probe_written.json        the probe images already in its events (PROBE_RECORD)
       probe/                      `ablate probe` outputs (PROBE_DIR): probe.json (PROBE_FILE),
                                   probe.csv, pruning.png (PRUNING_PNG), drop_KIND.png (DROP_PNG)
