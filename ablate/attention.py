@@ -296,10 +296,12 @@ class RandomFixed(Mixer):
         table_HLS = self.config.scale * jax.random.normal(rngs.params(), shape)
         self.logits = self.table_type(table_HLS)
 
-    @property
-    def mixing_flops(self) -> int:
-        # A trained table adds the gradient of the pattern (2 L K).
-        return 6 if isinstance(self.logits, nnx.Param) else 4
+    def flops_per_token(self, seq_len: int) -> float:
+        # A trained table adds the gradient of the pattern: 2 L K per head.
+        trained = isinstance(self.logits, nnx.Param)
+        return (
+            super().flops_per_token(seq_len) + trained * 2 * self.n_heads * seq_len * self.head_dim
+        )
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         L = x_BLD.shape[1]
