@@ -5,9 +5,12 @@ variant keeps and trains. What differs between variants is only how the mixing m
 formed, and that is a *mixer*: a small NNX module that, for its group of heads, turns the
 layer input and the visibility mask into patterns `probs_BHLS` (each row a distribution over
 the visible positions), or mixes the values directly (`mix`). Adding a variant is one class
-and one line in `MIXERS`.
+and one line in `MIXERS` (from any module: the registry is read when a config is checked).
 
-Freezing is by variable type, never by a flag checked at update time: `Fixed` holds a
+A variant owns its facts. Its settings are its own small frozen dataclass `Config` (what
+`[model.attention_settings.NAME]` holds, validated with dotted paths); its training FLOPs per
+token are `flops_per_token`; what it keeps at init is `kept_at_init`, read from its variable
+types. Freezing is by variable type, never by a flag checked at update time: `Fixed` holds a
 constant drawn at init (a random pattern), `Frozen` a weight kept at its random init. Neither
 is an `nnx.Param`, so the optimiser (built over `nnx.Param`) never sees them, while
 checkpoints still carry them.
@@ -20,13 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
-from ablate.config import ConfigError
+from ablate.config import ConfigError, check, dotted, from_dict, in_range
 
 
 class Fixed(nnx.Variable):
@@ -39,15 +44,31 @@ class Frozen(nnx.Variable):
 
 @dataclasses.dataclass(frozen=True)
 class MixerSettings:
-    """What a mixer needs to know about the model it serves."""
+    """What a mixer needs to know about the model it serves (`first_head`: its first head's
+    index in the layer, for variants whose heads differ by index)."""
 
     d_model: int
     head_dim: int
     max_len: int
     causal: bool
-    random_scale: float = 1.0
-    gaussian_sigma: float = 1.0
-    gaussian_offsets: tuple[int, ...] = ()
+    first_head: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class NoSettings:
+    """The settings of a variant that has none; a variant's own `Config` subclasses this."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return []
+
+    def __post_init__(self):
+        check(self)
+
+
+def _weight_flops(weight: nnx.Variable) -> float:
+    """Training FLOPs per token of a matmul weight: 2 forward, 2 for the input gradient and,
+    if it trains, 2 for its own gradient."""
+    return (6 if isinstance(weight, nnx.Param) else 4) * math.prod(weight.shape)
 
 
 @jax.custom_jvp
@@ -116,7 +137,20 @@ def _projection(rngs: nnx.Rngs, settings: MixerSettings, n_heads: int) -> jax.Ar
 
 
 class Mixer(nnx.Module):
-    """Base of all variants: forms the patterns of `n_heads` heads from x and the mask."""
+    """Base of all variants: forms the patterns of `n_heads` heads from x and the mask.
+
+    Facts a subclass states where the defaults are wrong: `Config` (its settings),
+    `mixing_flops` (or `flops_per_token` where weights or a trained pattern add to it),
+    `describe` (plain words for its kept-at-init variables) and the flags below.
+    """
+
+    #: The variant's settings: a frozen dataclass subclassing NoSettings, with defaults.
+    Config: ClassVar[type[NoSettings]] = NoSettings
+    #: Training FLOPs per head, token, attended position and head-dim unit (times L * K):
+    #: P V forward and the gradient of V; the pattern is a constant, so it gets no gradient.
+    mixing_flops: ClassVar[int] = 4
+    #: Plain words for the variables `kept_at_init` names (default: the attribute's name).
+    describe: ClassVar[Mapping[str, str]] = {}
 
     #: False for mixers whose token mixing is not a row-stochastic pattern (fourier).
     has_pattern: ClassVar[bool] = True
@@ -126,8 +160,52 @@ class Mixer(nnx.Module):
     #: then read on the scores (what W_q/W_k training follows), else on the pattern itself.
     qk_scores: ClassVar[bool] = False
 
-    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
-        self.n_heads = n_heads
+    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config: Any = None):
+        config = self.Config() if config is None else config
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {config!r}")
+        self.n_heads, self.head_dim, self.config = n_heads, settings.head_dim, config
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token of these heads at length `seq_len`:
+        its matmul weights (by type: a frozen one gets no gradient of its own) and the mixing.
+
+        Only weights that multiply the input count (those in `matmul_weights`); the dense
+        kernels compute the full L x L scores, so causal masking is not halved.
+        """
+        weights = sum(_weight_flops(w) for w in self.matmul_weights())
+        return weights + self.mixing_flops * self.n_heads * seq_len * self.head_dim
+
+    def matmul_weights(self) -> tuple[nnx.Variable, ...]:
+        """The mixer's weights that multiply the layer input (none by default)."""
+        return ()
+
+    def kept_at_init(self) -> tuple[str, ...]:
+        """Plain words for every variable of this mixer that is not an `nnx.Param`."""
+        kept = [
+            name
+            for name, value in vars(self).items()
+            if isinstance(value, nnx.Variable) and not isinstance(value, nnx.Param)
+        ]
+        order = list(self.describe)  # described ones in the class's order, then the rest
+        kept.sort(key=lambda name: (order.index(name) if name in order else len(order), name))
+        return tuple(self.describe.get(name, name) for name in kept)
+
+    def __call__(
+        self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array, *, want_pattern: bool
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """(out_BLHK, probs_BHLS or None): by the pattern when one is wanted, else by `mix`.
+
+        A mixer without a pattern gives all-zero patterns when one is wanted.
+        """
+        if want_pattern and self.has_pattern:
+            probs_BHLS = self.pattern(x_BLD, visible_BLS)
+            return apply_pattern(probs_BHLS, v_BLHK), probs_BHLS
+        out_BLHK = self.mix(x_BLD, v_BLHK, visible_BLS)
+        if not want_pattern:
+            return out_BLHK, None
+        B, L = x_BLD.shape[:2]
+        return out_BLHK, jnp.zeros((B, self.n_heads, L, L), x_BLD.dtype)
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         """Mixing probabilities `probs_BHLS` (rows sum to one over visible positions)."""
@@ -143,11 +221,17 @@ class Learned(Mixer):
 
     weight_type: ClassVar[type[nnx.Variable]] = nnx.Param
     qk_scores = True
+    #: Q K^T and P V: 2 L K forward each, 4 L K backward each.
+    mixing_flops = 12
+    describe = {"w_q": "W_q", "w_k": "W_k"}
 
-    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
-        super().__init__(n_heads, settings, rngs)
+    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config=None):
+        super().__init__(n_heads, settings, rngs, config)
         self.w_q = self.weight_type(_projection(rngs, settings, n_heads))
         self.w_k = self.weight_type(_projection(rngs, settings, n_heads))
+
+    def matmul_weights(self) -> tuple[nnx.Variable, ...]:
+        return (self.w_q, self.w_k)
 
     def _qk(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
         q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.w_q[...].astype(x_BLD.dtype))
@@ -188,16 +272,36 @@ class Uniform(Mixer):
         return jnp.broadcast_to(probs_B1LS, (x_BLD.shape[0], self.n_heads) + visible_BLS.shape[1:])
 
 
+@dataclasses.dataclass(frozen=True)
+class RandomTableConfig(NoSettings):
+    """Settings of `random_fixed` and `synthesizer`: R_h ~ scale * N(0, 1) at init."""
+
+    scale: float = 1.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        message = in_range(self.scale, low=0)
+        return [("scale", message)] if message else []
+
+
 class RandomFixed(Mixer):
     """softmax(R_h + mask) with R_h drawn once at init and never trained."""
 
+    Config = RandomTableConfig
     table_type: ClassVar[type[nnx.Variable]] = Fixed
+    describe = {"logits": "random pattern"}
 
-    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
-        super().__init__(n_heads, settings, rngs)
+    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config=None):
+        super().__init__(n_heads, settings, rngs, config)
         shape = (n_heads, settings.max_len, settings.max_len)
-        table_HLS = settings.random_scale * jax.random.normal(rngs.params(), shape)
+        table_HLS = self.config.scale * jax.random.normal(rngs.params(), shape)
         self.logits = self.table_type(table_HLS)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        # A trained table adds the gradient of the pattern: 2 L K per head.
+        trained = isinstance(self.logits, nnx.Param)
+        return (
+            super().flops_per_token(seq_len) + trained * 2 * self.n_heads * seq_len * self.head_dim
+        )
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         L = x_BLD.shape[1]
@@ -212,15 +316,33 @@ class Synthesizer(RandomFixed):
     table_type = nnx.Param
 
 
+@dataclasses.dataclass(frozen=True)
+class GaussianConfig(NoSettings):
+    """Settings of `gaussian`: the width, and the offset of each head by its index in the
+    layer, repeated cyclically (empty: `default_gaussian_offsets`)."""
+
+    sigma: float = 1.0
+    offsets: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "offsets", tuple(self.offsets))
+        super().__post_init__()
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [] if self.sigma > 0 else [("sigma", f"must be > 0, got {self.sigma}")]
+
+
 class Gaussian(Mixer):
     """A hard-coded Gaussian around position i + offset_h (You et al. 2020)."""
 
-    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs):
-        super().__init__(n_heads, settings, rngs)
-        # The attention layer hands each group the offsets of its own heads (by head index).
-        offsets = settings.gaussian_offsets or default_gaussian_offsets(n_heads, settings.causal)
-        self.offsets = tuple(int(offsets[h % len(offsets)]) for h in range(n_heads))
-        self.sigma = float(settings.gaussian_sigma)
+    Config = GaussianConfig
+
+    def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config=None):
+        super().__init__(n_heads, settings, rngs, config)
+        heads = range(settings.first_head, settings.first_head + n_heads)
+        offsets = self.config.offsets or default_gaussian_offsets(heads.stop, settings.causal)
+        self.offsets = tuple(int(offsets[h % len(offsets)]) for h in heads)
+        self.sigma = float(self.config.sigma)
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         L = x_BLD.shape[1]
@@ -258,6 +380,7 @@ class Fourier(Mixer):
 
     has_pattern = False
     supports_causal = False
+    mixing_flops = 0  # an FFT, O(L log L), not a matmul
 
     def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         # A position is a real token iff some query may see it (padding is invisible to all).
@@ -298,9 +421,45 @@ def variant_problem(name: str, causal: bool) -> str | None:
     return None
 
 
-def make_mixer(name: str, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs) -> Mixer:
+def variant_settings(
+    given: Mapping[str, Any], used: tuple[str, ...] = (), path: str = "attention_settings"
+) -> tuple[FrozenDict, list[tuple[str, str]]]:
+    """(settings per variant name, problems): each table of `given` built into its variant's
+    `Config`, plus the defaults of every variant in `used` that has settings.
+
+    Problems are named by `path.NAME.field`.
+    """
+    found, resolved = [], {}
+    if not isinstance(given, Mapping):
+        return FrozenDict(), [(path, f"expected a table of settings per variant, got {given!r}")]
+    for name, value in given.items():
+        where = dotted(path, name)
+        if name not in MIXERS:
+            found.append((where, f"unknown attention variant; choose one of {', '.join(MIXERS)}"))
+            continue
+        cls = MIXERS[name].Config
+        if isinstance(value, cls):
+            resolved[name] = value
+        elif not dataclasses.fields(cls):
+            found.append((where, f"{name!r} has no settings"))
+        elif not isinstance(value, Mapping):
+            found.append((where, f"expected a table of {name} settings, got {value!r}"))
+        else:
+            try:
+                resolved[name] = from_dict(cls, value, where)
+            except ConfigError as e:
+                found.extend(e.problems)
+    for name in used:
+        if name in MIXERS and name not in resolved and dataclasses.fields(MIXERS[name].Config):
+            resolved[name] = MIXERS[name].Config()
+    return FrozenDict(sorted(resolved.items())), found
+
+
+def make_mixer(
+    name: str, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config: Any = None
+) -> Mixer:
     """Build the registered mixer `name` for `n_heads` heads, refusing what cannot serve."""
     problem = variant_problem(name, settings.causal)
     if problem:
         raise ConfigError([("attention", problem)])
-    return MIXERS[name](n_heads, settings, rngs)
+    return MIXERS[name](n_heads, settings, rngs, config)

@@ -23,20 +23,22 @@ on a shared, noisy machine even when absolute times do not:
 Model FLOPs per trained token (what MFU counts): the standard 6 per matmul weight, plus the
 attention matmuls (PaLM's appendix B and nanoGPT count 12 * n_layers * L * d_model for them),
 split per variant. Embeddings, biases, norms, softmax, activations and the optimiser are not
-counted, nor is rematerialisation:
+counted, nor is rematerialisation. Each part counts itself, reading its variable types (the
+model is built abstractly, nothing computed):
 
-    6 * N_trained + 4 * N_frozen + sum over layers and heads of c_variant * L * K
+    6 * N_trained + 4 * N_frozen + sum over layers and mixers of flops_per_token(L)
 
-N is the number of matmul weights: per layer W_v and W_o (d*d each), the MLP (2*d*F), W_q
-and W_k (d*K each per head) for `learned` and `frozen` heads, and the head (d*V). A trained
-weight costs 2 FLOPs per token forward, 2 for the input gradient and 2 for its own gradient;
-a frozen one (`frozen` heads' W_q, W_k; a `layer.N` in model.freeze) skips its own gradient.
-L is the trained sequence length and K the head dim. The dense kernels compute the full
-L x L scores and mask them, so causal masking is not halved. Per head and token, c_variant:
+N is the number of matmul weights outside the mixers: per layer W_v and W_o (d*d each), the
+MLP (2*d*F), and the head (d*V). A trained weight costs 2 FLOPs per token forward, 2 for the
+input gradient and 2 for its own gradient; a frozen one (a `layer.N` in model.freeze) skips
+its own gradient. A mixer's `flops_per_token` (attention.py) counts its own weights the same
+way (W_q, W_k: d*K per head, for `learned` and `frozen`), plus c_variant * L * K per head:
   learned, frozen: 12 (Q K^T and P V: 2 L K forward each, 4 L K backward each);
-  synthesizer: 6 (P V forward, gradients of V and of the trained P);
+  synthesizer: 6 (P V forward, gradients of V and of the trained P; 4 in a frozen layer);
   uniform, random_fixed, gaussian, none: 4 (P V forward and the gradient of V; the pattern
   is a constant, so it gets no gradient); fourier: 0 (an FFT, O(L log L), not a matmul).
+L is the trained sequence length and K the head dim. The dense kernels compute the full
+L x L scores and mask them, so causal masking is not halved.
 Per step: that times batch_size * L * seeds. `xla_flops` in the output is XLA's own count
 of the compiled step (shown for one step per dispatch), a cross-check that includes the
 elementwise work.
@@ -70,19 +72,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from ablate.attention import Learned
 from ablate.config import ConfigError
 from ablate.experiment import Experiment, build_experiment
 from ablate.malloc import TUNABLES
-from ablate.model import ModelConfig
+from ablate.model import ModelConfig, abstract_model, mixers_of
 
 RUN_STEPS = 400  # context_quick.toml's run length, for the seeds comparison with compile
-
-#: FLOPs per head, per token and per position attended (times L * K), forward + backward.
-ATTENTION_FLOPS = {"learned": 12, "frozen": 12, "synthesizer": 6, "uniform": 4, "random_fixed": 4,
-                   "gaussian": 4, "none": 4, "fourier": 0}  # fmt: skip
-HAS_QK = ("learned", "frozen")
-FROZEN_QK = ("frozen",)
 
 #: name -> (task, model, batch size). `quick` is context_quick.toml's model on its mqar task.
 SHAPES: dict[str, tuple[dict, dict, int]] = {
@@ -111,22 +109,12 @@ SEEDS = 8  # K of the vmapped-vs-sequential comparison, unless asked otherwise
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token, by the formula in the module docstring."""
-    d, F, K = cfg.d_model, cfg.mlp_width, cfg.head_dim
-    frozen_layers = {int(p.removeprefix("layer.")) for p in cfg.freeze if p.startswith("layer.")}
-    flops = 6.0 * d * (cfg.n_classes or cfg.vocab_size)
-    for layer, variants in enumerate(cfg.head_variants()):
-        per_weight = 4 if layer in frozen_layers else 6
-        flops += per_weight * (2 * d * d + 2 * d * F)
-        for name in variants:
-            if name not in ATTENTION_FLOPS:
-                raise KeyError(f"no FLOP count for attention variant {name!r}: add it to bench")
-            if name in HAS_QK:
-                flops += (4 if name in FROZEN_QK else per_weight) * 2 * d * K
-            mix = ATTENTION_FLOPS[name]
-            if name == "synthesizer" and layer in frozen_layers:
-                mix = 4  # a frozen pattern gets no gradient
-            flops += mix * seq_len * K
-    return flops
+    model = abstract_model(cfg)
+    weights = [model.head.kernel] + [w for b in model.blocks for w in b.matmul_weights()]
+    flops = sum((6 if isinstance(w, nnx.Param) else 4) * math.prod(w.shape) for w in weights)
+    for layer in mixers_of(model):
+        flops += sum(mixer.flops_per_token(seq_len) for _, _, mixer in layer)
+    return float(flops)
 
 
 def train_flops_per_step(exp: Experiment) -> float:
@@ -234,7 +222,7 @@ class AttentionCoreRunner:
         self.grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         self.kernel, self.shape = kernel, {"B": B, "H": H, "L": L, "K": K}
         self.steps_per_dispatch = 1
-        self.flops_per_step = ATTENTION_FLOPS["learned"] * B * H * L * L * K
+        self.flops_per_step = Learned.mixing_flops * B * H * L * L * K
         _seconds(self.dispatch)  # compiles
         self.run_seconds = _seconds(self.dispatch)
 

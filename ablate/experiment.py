@@ -213,8 +213,6 @@ def _compatibility_problems(task: Task, model: ModelConfig) -> list[tuple[str, s
                 f"{model.seq_len} is shorter than the task's sequences ({task.seq_len})",
             )
         )
-    if model.n_classes:
-        found.append(("model.n_classes", f"task {task.name!r} is scored per token: use 0"))
     if not model.causal and task.leaks_future:
         found.append(
             (

@@ -1,33 +1,35 @@
 """A small pre-norm transformer whose attention variant is chosen per layer and per head.
 
-Usable as a causal language model (`n_classes = 0`: logits per position) or as a
-bidirectional encoder with a classification head (`n_classes > 0`: mean-pooled logits).
-The attention layer owns the value and output projections; its heads are served by one or
-more mixers from `ablate.attention` (consecutive heads sharing a variant form one group).
+A causal (or bidirectional) language model: logits per position. The attention layer owns
+the value and output projections; its heads are served by one or more mixers from
+`ablate.attention` (consecutive heads sharing a variant form one group). What stays at init
+is decided by variable type when each part is built (`freeze`, and what each variant holds),
+and `frozen_parts` reads it back from those types. Post-hoc edits (ablation.py) wrap the
+mixers of a built model; the model itself has no ablation hooks.
 
 Axis letters, used in tensor names throughout ablate: B batch, L length (query positions),
-S key positions, D model width, H heads, K head dim, F MLP width, V vocabulary, C classes,
-N layers.
+S key positions, D model width, H heads, K head dim, F MLP width, V vocabulary, N layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Literal, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
 from ablate.attention import (
     Frozen,
     Mixer,
     MixerSettings,
-    apply_pattern,
-    default_gaussian_offsets,
     make_mixer,
     variant_problem,
+    variant_settings,
 )
 from ablate.config import check, in_range
 
@@ -41,9 +43,10 @@ class ModelConfig:
     """Shape of the transformer and the attention variant of every layer and head.
 
     `attention` is one variant name for every head of every layer, or a list with one entry
-    per layer, each entry a name or a list of one name per head. `freeze` lists parts whose
-    weights stay at init besides what the variants freeze: "token_embed", "pos_embed",
-    "layer.N" (a whole block).
+    per layer, each entry a name or a list of one name per head. `attention_settings` holds,
+    per variant name, a table of that variant's own settings (its `Config`; defaults filled
+    in for the variants the model uses). `freeze` lists parts whose weights stay at init
+    besides what the variants freeze: "token_embed", "pos_embed", "layer.N" (a whole block).
     """
 
     vocab_size: int
@@ -53,11 +56,8 @@ class ModelConfig:
     n_layers: int = 2
     d_mlp: int = 0
     causal: bool = True
-    n_classes: int = 0
     attention: LayerSpec | tuple[LayerSpec, ...] = "learned"
-    random_scale: float = 1.0
-    gaussian_sigma: float = 1.0
-    gaussian_offsets: tuple[int, ...] = ()
+    attention_settings: dict[str, Any] = FrozenDict()
     freeze: tuple[str, ...] = ()
     dropout: float = 0.0
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -70,9 +70,11 @@ class ModelConfig:
         if not isinstance(spec, str):
             spec = tuple(e if isinstance(e, str) else tuple(e) for e in spec)
             object.__setattr__(self, "attention", spec)
-        for name in ("gaussian_offsets", "freeze"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "freeze", tuple(self.freeze))
         check(self)
+        used = tuple(dict.fromkeys(n for layer in self.head_variants() for n in layer))
+        settings, _ = variant_settings(self.attention_settings, used)
+        object.__setattr__(self, "attention_settings", settings)
 
     @property
     def head_dim(self) -> int:
@@ -90,26 +92,23 @@ class ModelConfig:
             (entry,) * self.n_heads if isinstance(entry, str) else tuple(entry) for entry in layers
         )
 
+    def settings_of(self, name: str) -> Any:
+        """The settings of variant `name` (its `Config`), or None for its defaults."""
+        return self.attention_settings.get(name)
+
     def problems(self):
         found = []
         for name in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers"):
             msg = in_range(getattr(self, name), low=1)
             if msg:
                 found.append((name, msg))
-        for name in ("d_mlp", "n_classes"):
-            msg = in_range(getattr(self, name), low=0)
-            if msg:
-                found.append((name, msg))
+        msg = in_range(self.d_mlp, low=0)
+        if msg:
+            found.append(("d_mlp", msg))
         if self.n_heads >= 1 and self.d_model % self.n_heads:
             found.append(("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}"))
         if self.dropout < 0 or self.dropout >= 1:
             found.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
-        if self.gaussian_sigma <= 0:
-            found.append(("gaussian_sigma", f"must be > 0, got {self.gaussian_sigma}"))
-        if self.random_scale < 0:
-            found.append(("random_scale", f"must be >= 0, got {self.random_scale}"))
-        if self.n_classes and self.causal:
-            found.append(("n_classes", "a classification head needs causal = false"))
         for i, part in enumerate(self.freeze):
             if part in FREEZABLE:
                 continue
@@ -119,6 +118,7 @@ class ModelConfig:
             allowed = ", ".join([*FREEZABLE, f"layer.0 .. layer.{self.n_layers - 1}"])
             found.append((f"freeze[{i}]", f"{part!r} is not allowed; choose from {allowed}"))
         found.extend(self._attention_problems())
+        found.extend(variant_settings(self.attention_settings)[1])
         return found
 
     def _attention_problems(self):
@@ -151,27 +151,11 @@ class ModelConfig:
         return found
 
 
-class HeadAblation(NamedTuple):
-    """Per-head edits to one attention layer, as arrays so that many can be vmapped.
-
-    Per head h: the pattern becomes (1 - pattern_mix[h]) * own + pattern_mix[h] * pattern,
-    then the head output becomes gate[h] * ((1 - output_mix[h]) * own + output_mix[h] * output),
-    all before the output projection (where heads are still separate).
-    """
-
-    gate_H: jax.Array
-    pattern_mix_H: jax.Array
-    pattern_BHLS: jax.Array
-    output_mix_H: jax.Array
-    output_BLHK: jax.Array
-
-
 class Output(NamedTuple):
     """Model output: logits, and per layer the patterns (B, H, L, S) when asked for."""
 
     logits: jax.Array
     patterns: tuple[jax.Array, ...] | None
-    head_outputs: tuple[jax.Array, ...] | None
 
 
 class Attention(nnx.Module):
@@ -183,9 +167,11 @@ class Attention(nnx.Module):
         settings: MixerSettings,
         rngs: nnx.Rngs,
         mixer_rngs: nnx.Rngs | None = None,
+        variant_settings: Mapping[str, Any] = FrozenDict(),
     ):
         """`mixer_rngs` (default: `rngs`) draws the mixers' own state, so that the shared
-        weights drawn from `rngs` do not depend on which variants the heads are."""
+        weights drawn from `rngs` do not depend on which variants the heads are;
+        `variant_settings` maps a variant name to its settings (absent: its defaults)."""
         D, H, K = settings.d_model, len(head_variants), settings.head_dim
         init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
         self.w_v = nnx.Param(init(rngs.params(), (D, H, K)))
@@ -198,31 +184,31 @@ class Attention(nnx.Module):
             groups.append((start, n))
             start += n
         self.head_groups = tuple(groups)
-        offsets = settings.gaussian_offsets or default_gaussian_offsets(H, settings.causal)
-        offsets_H = tuple(offsets[h % len(offsets)] for h in range(H))
         self.mixers = nnx.List(
             [
                 make_mixer(
                     head_variants[s],
                     n,
-                    dataclasses.replace(settings, gaussian_offsets=offsets_H[s : s + n]),
+                    dataclasses.replace(settings, first_head=s),
                     rngs if mixer_rngs is None else mixer_rngs,
+                    variant_settings.get(head_variants[s]),
                 )
                 for s, n in self.head_groups
             ]
         )
 
-    @property
-    def has_pattern_H(self) -> tuple[bool, ...]:
+    def _per_head(self, fact: str) -> tuple[bool, ...]:
         return tuple(
-            m.has_pattern for m, (_, n) in zip(self.mixers, self.head_groups) for _ in range(n)
+            getattr(m, fact) for m, (_, n) in zip(self.mixers, self.head_groups) for _ in range(n)
         )
 
     @property
+    def has_pattern_H(self) -> tuple[bool, ...]:
+        return self._per_head("has_pattern")
+
+    @property
     def qk_scores_H(self) -> tuple[bool, ...]:
-        return tuple(
-            m.qk_scores for m, (_, n) in zip(self.mixers, self.head_groups) for _ in range(n)
-        )
+        return self._per_head("qk_scores")
 
     def __call__(
         self,
@@ -231,33 +217,20 @@ class Attention(nnx.Module):
         *,
         return_pattern: bool = False,
         fused: bool = True,
-        ablation: HeadAblation | None = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """Returns (y_BLD, probs_BHLS or None, per-head outputs heads_BLHK)."""
         v_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.w_v[...].astype(x_BLD.dtype))
-        want_pattern = return_pattern or ablation is not None or not fused
         outs, probs = [], []
         for mixer, (start, n) in zip(self.mixers, self.head_groups):
-            v_group = v_BLHK[:, :, start : start + n]
-            if want_pattern and mixer.has_pattern:
-                p_BHLS = mixer.pattern(x_BLD, visible_BLS)
-                if ablation is not None:
-                    mix_1H11 = ablation.pattern_mix_H[start : start + n][None, :, None, None]
-                    other_BHLS = ablation.pattern_BHLS[:, start : start + n].astype(p_BHLS.dtype)
-                    p_BHLS = (1 - mix_1H11) * p_BHLS + mix_1H11 * other_BHLS
-                probs.append(p_BHLS)
-                outs.append(apply_pattern(p_BHLS, v_group))
-            else:
-                outs.append(mixer.mix(x_BLD, v_group, visible_BLS))
-                if want_pattern:
-                    B, L = x_BLD.shape[:2]
-                    probs.append(jnp.zeros((B, n, L, L), x_BLD.dtype))
+            out_BLHK, probs_BHLS = mixer(
+                x_BLD,
+                v_BLHK[:, :, start : start + n],
+                visible_BLS,
+                want_pattern=return_pattern or not fused,
+            )
+            outs.append(out_BLHK)
+            probs.append(probs_BHLS)
         heads_BLHK = jnp.concatenate(outs, axis=2).astype(x_BLD.dtype)
-        if ablation is not None:
-            mix_11H1 = ablation.output_mix_H[None, None, :, None].astype(heads_BLHK.dtype)
-            fill_BLHK = ablation.output_BLHK.astype(heads_BLHK.dtype)
-            heads_BLHK = (1 - mix_11H1) * heads_BLHK + mix_11H1 * fill_BLHK
-            heads_BLHK = heads_BLHK * ablation.gate_H[None, None, :, None].astype(heads_BLHK.dtype)
         y_BLD = jnp.einsum("BLHK,HKD->BLD", heads_BLHK, self.w_o[...].astype(x_BLD.dtype))
         probs_BHLS = jnp.concatenate(probs, axis=1) if return_pattern else None
         return y_BLD, probs_BHLS, heads_BLHK
@@ -273,9 +246,15 @@ class MLP(nnx.Module):
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         return self.down(jax.nn.gelu(self.up(x_BLD)))
 
+    def matmul_weights(self) -> tuple[nnx.Variable, ...]:
+        return (self.up.kernel, self.down.kernel)
+
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `frozen`, every weight of the block (mixers included) stays at init.
+    """
 
     def __init__(
         self,
@@ -283,25 +262,27 @@ class Block(nnx.Module):
         cfg: ModelConfig,
         rngs: nnx.Rngs,
         mixer_rngs: nnx.Rngs | None = None,
+        *,
+        frozen: bool = False,
     ):
         settings = MixerSettings(
-            d_model=cfg.d_model,
-            head_dim=cfg.head_dim,
-            max_len=cfg.seq_len,
-            causal=cfg.causal,
-            random_scale=cfg.random_scale,
-            gaussian_sigma=cfg.gaussian_sigma,
-            gaussian_offsets=cfg.gaussian_offsets,
+            d_model=cfg.d_model, head_dim=cfg.head_dim, max_len=cfg.seq_len, causal=cfg.causal
         )
         # Compute in cfg.dtype, parameters in float32 (flax keeps the norm statistics in f32).
         dtype = jnp.dtype(cfg.dtype)
         self.norm_attn = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
-        self.attention = Attention(head_variants, settings, rngs, mixer_rngs)
+        self.attention = Attention(
+            head_variants, settings, rngs, mixer_rngs, cfg.attention_settings
+        )
         self.norm_mlp = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg.d_model, cfg.mlp_width, rngs, dtype=dtype)
         self.dropout = cfg.dropout
+        if frozen:
+            # flax's layers (norms, MLP) make nnx.Param and take no variable type.
+            _params_to_frozen(self)
 
     def __call__(self, x_BLD, visible_BLS, *, dropout_key=None, **attention_kwargs):
+        """Returns (x_BLD, probs_BHLS or None, per-head attention outputs heads_BLHK)."""
         attn_BLD, probs_BHLS, heads_BLHK = self.attention(
             self.norm_attn(x_BLD), visible_BLS, **attention_kwargs
         )
@@ -314,6 +295,18 @@ class Block(nnx.Module):
         if mlp_key is not None:
             mlp_BLD = _dropout(mlp_BLD, self.dropout, mlp_key)
         return x_BLD + mlp_BLD, probs_BHLS, heads_BLHK
+
+    def matmul_weights(self) -> tuple[nnx.Variable, ...]:
+        """The block's weights outside the mixers that multiply activations."""
+        return (self.attention.w_v, self.attention.w_o, *self.mlp.matmul_weights())
+
+
+def _params_to_frozen(root: nnx.Module) -> None:
+    for _, node in nnx.iter_graph(root):
+        if isinstance(node, nnx.Module):
+            for name, value in list(vars(node).items()):
+                if isinstance(value, nnx.Param):
+                    setattr(node, name, Frozen(value[...]))
 
 
 def _block_runner(attention_kwargs: dict, remat: bool):
@@ -340,27 +333,46 @@ def visibility(L: int, causal: bool, valid_BL: jax.Array | None, batch_size: int
     return visible_LS[None] & valid_BL[:, None, :] & valid_BL[:, :, None]
 
 
+class Embed(nnx.Module):
+    """Token embeddings as flax's `nnx.Embed` makes them (same init, same lookup), held in a
+    variable type chosen at construction (`Frozen`: kept at init)."""
+
+    def __init__(
+        self, vocab_size: int, d_model: int, rngs: nnx.Rngs, variable_type: type = nnx.Param
+    ):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        self.embedding = variable_type(init(rngs.params(), (vocab_size, d_model), jnp.float32))
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens_BL, axis=0)
+
+
 class Transformer(nnx.Module):
-    """Token + learned position embeddings, pre-norm blocks, final norm and a head."""
+    """Token + learned position embeddings, pre-norm blocks, final norm and an LM head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         # The paired design: the mixers draw from a stream of their own, so for one seed every
         # variant starts from the same embeddings, value/output projections, MLPs and head.
         mixer_rngs = nnx.Rngs(params=rngs.params())
-        self.token_embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
-        self.pos_embed = nnx.Param(
+
+        def kind(part: str) -> type:
+            return Frozen if part in cfg.freeze else nnx.Param
+
+        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, rngs, kind("token_embed"))
+        self.pos_embed = kind("pos_embed")(
             0.02 * jax.random.normal(rngs.params(), (cfg.seq_len, cfg.d_model))
         )
-        self.blocks = nnx.List([Block(v, cfg, rngs, mixer_rngs) for v in cfg.head_variants()])
+        self.blocks = nnx.List(
+            [
+                Block(v, cfg, rngs, mixer_rngs, frozen=f"layer.{n}" in cfg.freeze)
+                for n, v in enumerate(cfg.head_variants())
+            ]
+        )
         self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         # The head multiplies in cfg.dtype (a float32 output would make its backward pass
         # multiply float32 cotangents); the logits are cast to float32 for the loss.
-        self.head = nnx.Linear(
-            cfg.d_model, cfg.n_classes or cfg.vocab_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs
-        )
-        for part in cfg.freeze:
-            freeze(self, part)
+        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
 
     def __call__(
         self,
@@ -368,11 +380,9 @@ class Transformer(nnx.Module):
         *,
         valid_BL: jax.Array | None = None,
         return_patterns: bool = False,
-        return_head_outputs: bool = False,
         dropout_key: jax.Array | None = None,
-        ablations: tuple[HeadAblation | None, ...] | None = None,
     ) -> Output:
-        """Logits (B, L, V) for an LM or (B, C) for a classifier, plus what was asked for."""
+        """Logits (B, L, V), and the patterns of every layer when asked for."""
         cfg = self.cfg
         B, L = tokens_BL.shape
         dtype = jnp.dtype(cfg.dtype)
@@ -382,60 +392,55 @@ class Transformer(nnx.Module):
         keys = [None] * len(self.blocks)
         if dropout_key is not None and cfg.dropout > 0:
             keys = list(jax.random.split(dropout_key, len(self.blocks)))
-        patterns, heads = [], []
-        for i, block in enumerate(self.blocks):
-            attention_kwargs = dict(
-                return_pattern=return_patterns,
-                fused=cfg.fused_attention,
-                ablation=None if ablations is None else ablations[i],
-            )
-
-            run = _block_runner(attention_kwargs, cfg.remat)
-            x_BLD, probs_BHLS, heads_BLHK = run(block, x_BLD, visible_BLS, keys[i])
+        attention_kwargs = dict(return_pattern=return_patterns, fused=cfg.fused_attention)
+        run = _block_runner(attention_kwargs, cfg.remat)
+        patterns = []
+        for block, key in zip(self.blocks, keys):
+            x_BLD, probs_BHLS, _ = run(block, x_BLD, visible_BLS, key)
             patterns.append(probs_BHLS)
-            heads.append(heads_BLHK)
-        x_BLD = self.norm(x_BLD.astype(jnp.float32))
-        if cfg.n_classes:
-            weight_BL1 = (
-                jnp.ones((B, L, 1)) if valid_BL is None else valid_BL[..., None].astype(jnp.float32)
-            )
-            x_BD = (x_BLD * weight_BL1).sum(1) / jnp.maximum(weight_BL1.sum(1), 1.0)
-            logits = self.head(x_BD)
-        else:
-            logits = self.head(x_BLD)
+        logits = self.head(self.norm(x_BLD.astype(jnp.float32)))
         return Output(
             logits=logits.astype(jnp.float32),
             patterns=tuple(patterns) if return_patterns else None,
-            head_outputs=tuple(heads) if return_head_outputs else None,
         )
 
 
-def freeze(model: Transformer, part: str) -> None:
-    """Turn every `nnx.Param` under `part` into `Frozen` (kept at init, still saved)."""
-    if part.startswith("layer."):
-        root: nnx.Module = model.blocks[int(part.removeprefix("layer."))]
-    elif part == "token_embed":
-        root = model.token_embed
-    else:
-        model.pos_embed = Frozen(model.pos_embed[...])
-        return
-    for _, node in nnx.iter_graph(root):
-        if isinstance(node, nnx.Module):
-            for name, value in list(vars(node).items()):
-                if isinstance(value, nnx.Param):
-                    setattr(node, name, Frozen(value[...]))
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model of `cfg` with shapes and variable types but no values (nothing computed)."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-def frozen_parts(cfg: ModelConfig) -> list[str]:
-    """Plain-words list of everything that stays at init in this model (for reports)."""
-    parts = list(cfg.freeze)
-    for layer, names in enumerate(cfg.head_variants()):
-        for head, name in enumerate(names):
-            if name == "frozen":
-                parts.append(f"layer {layer} head {head}: W_q, W_k")
-            elif name == "random_fixed":
-                parts.append(f"layer {layer} head {head}: random pattern")
-    return parts
+def _trains(module: nnx.Module) -> bool:
+    return bool(jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def frozen_parts(cfg: ModelConfig) -> list[dict[str, Any]]:
+    """Everything that stays at init in this model, read from its variable types (for reports).
+
+    Each entry is plain data: `part` ("token_embed", "pos_embed", "layer.N", "layer N head
+    H"), `kind` ("embedding"; "layer", a block with nothing to train; "head", what one head's
+    mixer keeps), `what` (plain words) and `content_routing` (true where the frozen weights
+    score queries against keys, so the head still routes by content).
+    """
+    model = abstract_model(cfg)
+    found = []
+
+    def add(part: str, kind: str, what: str, content_routing: bool = False) -> None:
+        found.append({"part": part, "kind": kind, "what": what, "content_routing": content_routing})
+
+    if not _trains(model.token_embed):
+        add("token_embed", "embedding", "token embeddings")
+    if not isinstance(model.pos_embed, nnx.Param):
+        add("pos_embed", "embedding", "position embeddings")
+    for n, (block, groups) in enumerate(zip(model.blocks, mixers_of(model))):
+        if not _trains(block):
+            add(f"layer.{n}", "layer", "every weight of the block")
+            continue
+        for start, count, mixer in groups:
+            if kept := mixer.kept_at_init():
+                for head in range(start, start + count):
+                    add(f"layer {n} head {head}", "head", ", ".join(kept), mixer.qk_scores)
+    return found
 
 
 def mixers_of(model: Transformer) -> list[list[tuple[int, int, Mixer]]]:

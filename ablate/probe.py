@@ -1,8 +1,8 @@
 """Post-hoc head ablation: does a trained model rely on learned context, and in which heads?
 
 `probe_run` loads a run's latest checkpoint and evaluates it on the engine's held-out batches
-with heads ablated through the model's `HeadAblation` hook, i.e. before the output projection,
-where heads are still separate. Kinds of ablation:
+with heads ablated by wrapping each trained mixer (`ablate.ablation.edited`), i.e. before the
+output projection, where heads are still separate. Kinds of ablation:
 
   zero          the head's output is zeroed (a gate of 0; no bias or other weight is touched)
   mean          the head's output is replaced by its per-position mean over reference batches
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ablate.ablation import edited, recorded
 from ablate.attention import MIXERS, MixerSettings
 from ablate.checkpoint import Checkpointer
 from ablate.config import ConfigError
@@ -46,7 +47,7 @@ from ablate.distributed import is_primary
 from ablate.experiment import Experiment, build_experiment
 from ablate.logging import TensorBoardWriter
 from ablate.metrics import nan_to_none, token_metrics
-from ablate.model import HeadAblation, visibility
+from ablate.model import visibility
 from ablate.plots import drop_heatmap_png, pruning_png
 from ablate.runfolder import (
     CHECKPOINT_DIR,
@@ -208,8 +209,8 @@ class Prober:
         random_N1HLS = jnp.stack([m.pattern(x_1LD, visible_1LS) for m in randoms])
         return jnp.stack([jnp.broadcast_to(uniform, random_N1HLS.shape), random_N1HLS])
 
-    def _ablations(self, gate_NH, mix_RNH, patterns_RNBHLS, outputs_NBLHK):
-        """One HeadAblation per layer; a source given as None is never mixed in."""
+    def _edited(self, model, gate_NH, mix_RNH, patterns_RNBHLS, outputs_NBLHK):
+        """`model` with every head edited by one row; a source given as None is never mixed in."""
         N, H, L, K = self.N, self.H, self.L, self.head_dim
         pattern_mix_NH = mix_RNH[1:].sum(0)
         if patterns_RNBHLS is None:
@@ -220,19 +221,14 @@ class Prober:
         if outputs_NBLHK is None:
             outputs_NBLHK = jnp.zeros((N, 1, L, H, K), self.dtype)
         # A zero mix adds 0 * fill to 1 * own: an edit that ablates nothing changes no bit.
-        return tuple(
-            HeadAblation(
-                gate_NH[n], pattern_mix_NH[n], fill_NBHLS[n], mix_RNH[0, n], outputs_NBLHK[n]
-            )
-            for n in range(N)
-        )
+        return edited(model, gate_NH, pattern_mix_NH, fill_NBHLS, mix_RNH[0], outputs_NBLHK)
 
     def _evaluate_one(self, params, rest, gate_ANH, mix_ARNH, batches, reference_EBL, fixed):
         model = nnx.merge(self.graphdef, params, rest)
 
         def reference(inputs_BL):
-            out = model(inputs_BL, return_patterns=True, return_head_outputs=True)
-            per_head = (out.patterns, out.head_outputs)
+            out, heads = recorded(model, inputs_BL, return_patterns=True)
+            per_head = (out.patterns, heads)
             return tuple(jnp.stack([x.mean(0) for x in xs]) for xs in per_head)
 
         mean_pattern_NHLS, mean_output_NLHK = (
@@ -252,8 +248,8 @@ class Prober:
             patterns = jnp.stack([uniform, random, mean_pattern, resampled])
 
             def edited(edit):
-                ablations = self._ablations(*edit, patterns, mean_output)
-                return token_metrics(model(inputs, ablations=ablations).logits, targets, weights)
+                ablated = self._edited(model, *edit, patterns, mean_output)
+                return token_metrics(ablated(inputs).logits, targets, weights)
 
             if self.chunk:
                 return jax.lax.map(edited, (gate_ANH, mix_ARNH), batch_size=self.chunk)
@@ -268,8 +264,8 @@ class Prober:
 
         def loss(gate_NH, example):
             inputs_L, targets_L, weights_L = example
-            ablations = self._ablations(gate_NH, no_mix_RNH, None, None)
-            logits = model(inputs_L[None], ablations=ablations).logits
+            ablated = self._edited(model, gate_NH, no_mix_RNH, None, None)
+            logits = ablated(inputs_L[None]).logits
             return token_metrics(logits, targets_L[None], weights_L[None])["loss"]
 
         # A sequence with nothing scored has no loss to explain; it would only dilute the mean.

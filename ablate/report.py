@@ -50,7 +50,6 @@ from ablate.runfolder import (
 ESSENTIAL = 0.8  # whole interval above: the variant loses almost all of the gain
 DISPENSABLE = 0.2  # interval holds 0 and stays below this: no measurable loss
 PULL = ("gradient_alignment_max_init", "gradient_alignment_max_peak", "gradient_alignment_max")
-HEAD_PART = re.compile(r"layer \d+ head \d+: (.+)")  # how model.frozen_parts names one head
 LEVELS = (("chance", "chance"), ("fixed_routing_ceiling", "fixed"), ("bag_ceiling", "bag"))
 # What each registered variant lacks against learned attention (long form, table form).
 LACKS = {
@@ -205,7 +204,7 @@ def _lacks(row: dict[str, Any], label: str) -> tuple[str, str]:
     else:
         long = "; in some heads ".join(k[0] for k in known) + " (the other heads are learned)"
         short = ", ".join(sorted({k[1] for k in known})) + " (some heads)"
-    if any("embed" in p for p in row.get("frozen") or []):
+    if any(p["kind"] == "embedding" for p in row.get("frozen") or []):
         long, short = long + "; its embeddings stay at init too", short + ", trained embeddings"
     return long, short
 
@@ -312,9 +311,10 @@ def _fmt(s: dict[str, Any] | None) -> str:
 
 
 def _frozen_text(parts: list[str]) -> str:
-    """Frozen parts in few words: per-head entries are counted, not listed one by one."""
-    per_head = Counter(m.group(1) for p in parts if (m := HEAD_PART.match(p)))
-    other = [p for p in parts if not HEAD_PART.match(p)]
+    """Frozen parts (model.frozen_parts' entries) in few words: per-head entries are counted,
+    not listed one by one."""
+    per_head = Counter(p["what"] for p in parts if p["kind"] == "head")
+    other = [p["part"] for p in parts if p["kind"] != "head"]
     return ", ".join(other + [f"{w} in {n} head{'s' * (n > 1)}" for w, n in per_head.items()])
 
 
@@ -413,9 +413,9 @@ def _statement(g: dict[str, Any]) -> str:
                 dispensable=DISPENSABLE,
             )
             out.append(text[0].upper() + text[1:] + ".")
-        if any("W_q" in p or "W_k" in p for p in e["frozen"]):
+        if any(p["content_routing"] for p in e["frozen"]):
             # DESIGN: frozen W_q/W_k alone does not mean "no learned context"; one sentence.
-            embeds = any("embed" in p for p in e["frozen"])
+            embeds = any(p["kind"] == "embedding" for p in e["frozen"])
             trains = (
                 "the value/output projections, MLPs, norms and readout still train, so "
                 "the fixed W_q/W_k of later layers read representations training shapes"

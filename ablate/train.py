@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ablate.ablation import edited
 from ablate.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from ablate.config import ConfigError, flatten
 from ablate.data import DataError  # one class for every bad-data error (exit 3)
@@ -56,7 +57,7 @@ from ablate.metrics import (
     token_metrics,
     uniform_alignment,
 )
-from ablate.model import HeadAblation, Transformer, visibility
+from ablate.model import Transformer, visibility
 from ablate.plots import patterns_png
 from ablate.runfolder import (  # noqa: F401  (Preempted: part of this API)
     BACKUP_CONFIG,
@@ -223,9 +224,8 @@ class Engine:
         # An embedding lookup past the table gives NaN and a label past the head gives a NaN
         # loss (NOTES.md): count them so the host can name the cause instead of "diverged".
         vocab = self.exp.model.vocab_size
-        n_out = self.exp.model.n_classes or vocab
         bad_inputs = (batch.inputs < 0) | (batch.inputs >= vocab)
-        bad_targets = ((batch.targets < 0) | (batch.targets >= n_out)) & (batch.weights > 0)
+        bad_targets = ((batch.targets < 0) | (batch.targets >= vocab)) & (batch.weights > 0)
         return bad_inputs.sum() + bad_targets.sum()
 
     def _chunk_one(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
@@ -279,25 +279,18 @@ class Engine:
 
     def _pattern_gradients(self, model, batch, valid_BL, patterns) -> tuple[jax.Array, ...]:
         """dL/dp per layer: the eval loss's gradient with respect to each head's pattern, the
-        other patterns held at their values (each pattern is fed back in through the ablation
-        hook, so the forward values are unchanged)."""
+        other patterns held at their values (each pattern is fed back in through a mixer
+        edit, so the forward values are unchanged)."""
         N, H = self.has_pattern_NH.shape
         B, L = batch.inputs.shape
         mix_NH = jnp.asarray(self.has_pattern_NH, jnp.float32)
-        no_output_BLHK = jnp.zeros((B, L, H, self.exp.model.head_dim), patterns[0].dtype)
+        no_output_NBLHK = jnp.zeros((N, B, L, H, self.exp.model.head_dim), patterns[0].dtype)
 
         def loss(deltas):
-            ablations = tuple(
-                HeadAblation(
-                    jnp.ones(H),
-                    mix_NH[n],
-                    jax.lax.stop_gradient(p) + d,
-                    jnp.zeros(H),
-                    no_output_BLHK,
-                )
-                for n, (p, d) in enumerate(zip(patterns, deltas))
-            )
-            out = model(batch.inputs, valid_BL=valid_BL, ablations=ablations)
+            fill_NBHLS = jnp.stack([jax.lax.stop_gradient(p) + d for p, d in zip(patterns, deltas)])
+            ones_NH, zeros_NH = jnp.ones((N, H)), jnp.zeros((N, H))
+            ablated = edited(model, ones_NH, mix_NH, fill_NBHLS, zeros_NH, no_output_NBLHK)
+            out = ablated(batch.inputs, valid_BL=valid_BL)
             return token_metrics(out.logits, batch.targets, batch.weights)["loss"]
 
         return jax.grad(loss)(tuple(jnp.zeros_like(p) for p in patterns))
@@ -378,7 +371,7 @@ class Engine:
 def batch_problems(batch, exp: Experiment, where: str) -> list[str]:
     """What makes a host-side batch unusable for `exp.model`, each with its first location."""
     model = exp.model
-    n_out = model.n_classes or model.vocab_size
+    n_out = model.vocab_size
     inputs, targets, weights = (np.asarray(x) for x in (batch.inputs, batch.targets, batch.weights))
     found = []
     if inputs.ndim != 2 or not np.issubdtype(inputs.dtype, np.integer):

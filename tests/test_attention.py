@@ -17,7 +17,9 @@ from ablate.attention import (
     MIXERS,
     Fixed,
     Frozen,
+    GaussianConfig,
     MixerSettings,
+    RandomTableConfig,
     default_gaussian_offsets,
     make_mixer,
     masked_softmax,
@@ -257,10 +259,11 @@ def test_none_output_is_the_tokens_own_value(kind):
 
 @pytest.mark.parametrize("name", ["random_fixed", "synthesizer"])
 def test_random_table_pattern_is_softmax_of_its_table(name):
-    mixer = make_mixer(name, H, settings(random_scale=2.0), nnx.Rngs(0))
+    config = MIXERS[name].Config(scale=2.0)
+    mixer = make_mixer(name, H, settings(), nnx.Rngs(0), config)
     table_HLS = np.asarray(mixer.logits[...], np.float64)
     assert table_HLS.shape == (H, L, L)
-    assert 1.5 < table_HLS.std() < 2.5  # drawn with random_scale = 2
+    assert 1.5 < table_HLS.std() < 2.5  # drawn with scale = 2
     visible_BLS = mask("causal_padded")
     expected_BHLS = reference_softmax(
         np.broadcast_to(table_HLS[None], (B, H, L, L)), np.asarray(visible_BLS)
@@ -292,9 +295,8 @@ def test_default_gaussian_offsets():
 )
 def test_gaussian_pattern_peaks_at_i_plus_offset(causal, offsets, expected):
     sigma = 1.5
-    mixer = make_mixer(
-        "gaussian", H, settings(causal, gaussian_sigma=sigma, gaussian_offsets=offsets), nnx.Rngs(0)
-    )
+    config = GaussianConfig(sigma=sigma, offsets=offsets)
+    mixer = make_mixer("gaussian", H, settings(causal), nnx.Rngs(0), config)
     assert mixer.offsets == expected
     visible_BLS = visibility(L, causal, None, B)
     probs_BHLS = np.asarray(mixer.pattern(inputs(), visible_BLS))
@@ -479,3 +481,34 @@ def test_attention_layer_jit_equals_eager():
     y_eager, probs_eager, _ = layer(x_BLD, visible_BLS, return_pattern=True)
     np.testing.assert_allclose(y_jit, y_eager, atol=1e-5)
     np.testing.assert_allclose(probs_jit, probs_eager, atol=1e-6)
+
+
+def test_what_a_mixer_keeps_at_init_and_its_flops_follow_its_variable_types():
+    made = {name: make_mixer(name, H, settings(causal=False), nnx.Rngs(0)) for name in MIXERS}
+    kept = {name: m.kept_at_init() for name, m in made.items()}
+    assert kept == {name: () for name in MIXERS} | {
+        "frozen": ("W_q", "W_k"),
+        "random_fixed": ("random pattern",),
+    }
+    qk = 2 * D * H * K  # W_q and W_k
+    per_mix = H * L * K
+    flops = {name: m.flops_per_token(L) for name, m in made.items()}
+    assert flops["learned"] == 6 * qk + 12 * per_mix
+    assert flops["frozen"] == 4 * qk + 12 * per_mix  # frozen weights get no gradient
+    assert flops["synthesizer"] == 6 * per_mix and flops["random_fixed"] == 4 * per_mix
+    assert flops["fourier"] == 0
+    # The same class with its table turned Frozen (as in a frozen layer) counts one less term.
+    synth = made["synthesizer"]
+    synth.logits = Frozen(synth.logits[...])
+    assert synth.flops_per_token(L) == 4 * per_mix
+    assert synth.kept_at_init() == ("random pattern",)
+
+
+def test_variant_settings_are_validated_and_typed():
+    with pytest.raises(ConfigError) as info:
+        GaussianConfig(sigma=0.0)
+    assert info.value.problems[0][0] == "sigma"
+    with pytest.raises(ConfigError):
+        RandomTableConfig(scale=-1.0)
+    with pytest.raises(TypeError, match="GaussianConfig"):
+        make_mixer("gaussian", H, settings(), nnx.Rngs(0), RandomTableConfig())

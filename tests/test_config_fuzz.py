@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ablate.data
-from ablate.attention import variant_names
+from ablate.attention import MIXERS, variant_names
 from ablate.config import ConfigError, dotted
 from ablate.data import DataError
 from ablate.distributed import MeshConfig, check_mesh
@@ -246,6 +246,9 @@ def typed(tp) -> st.SearchStrategy:
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         return st.fixed_dictionaries({}, optional={k: typed(v) for k, v in hints.items()})
+    if origin is dict:  # model.attention_settings: a table of settings per variant name
+        settings = st.one_of(*(typed(cls.Config) for cls in MIXERS.values()), values)
+        return st.dictionaries(words, settings, max_size=3)
     raise TypeError(tp)
 
 

@@ -1,4 +1,4 @@
-"""The Transformer: every variant end to end, causality, padding, freezing, ablations, configs.
+"""The Transformer: every variant end to end, causality, padding, freezing, configs.
 
 Most properties are read off one forward pass per variant over a "probe batch" whose rows are
 edits of two base sequences (a token changed, padding added, padded tokens changed), so each
@@ -18,10 +18,11 @@ import pytest
 from flax import nnx
 
 from ablate import attention
+from ablate.ablation import recorded
 from ablate.attention import MIXERS, Fixed, Frozen, default_gaussian_offsets
-from ablate.config import ConfigError, from_dict
+from ablate.config import ConfigError, from_dict, to_dict
 from ablate.model import (
-    HeadAblation,
+    Embed,
     ModelConfig,
     Output,
     Transformer,
@@ -93,7 +94,7 @@ def probe(name, causal: bool) -> Output:
     """The eager forward of a model of one variant over the probe batch."""
     tokens_RL, valid_RL = probe_batch()
     net = model(config(name, causal=causal))
-    return net(tokens_RL, valid_BL=valid_RL, return_patterns=True, return_head_outputs=True)
+    return net(tokens_RL, valid_BL=valid_RL, return_patterns=True)
 
 
 def as_np(tree):
@@ -114,7 +115,6 @@ def test_every_variant_forward_shapes_finite_and_jit_equals_eager(name):
     assert eager.logits.shape == (R, L, V) and eager.logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(eager.logits)).all()
     assert [p.shape for p in eager.patterns] == [(R, H, L, L)] * 2
-    assert [h.shape for h in eager.head_outputs] == [(R, L, H, K)] * 2
 
     graphdef, state = nnx.split(model(config(name, causal=causal)))
 
@@ -199,22 +199,12 @@ def test_causality_through_gradients_for_every_causal_variant():
     assert (sensitivity_BLJ[:, ~later_LJ] > 1e-6).all()
 
 
-def test_classifier_pools_only_valid_positions():
-    net = model(config("learned", causal=False, n_classes=3))
-    tokens_RL, valid_RL = probe_batch()
-    logits_RC = np.asarray(net(tokens_RL, valid_BL=valid_RL).logits)
-    assert logits_RC.shape == (tokens_RL.shape[0], 3)
-    np.testing.assert_allclose(logits_RC[S1_PADDING_EDITED], logits_RC[S1_PADDED], atol=1e-6)
-    assert np.abs(logits_RC[S1_EDITED] - logits_RC[S1]).max() > 1e-4
-    assert np.abs(logits_RC[S1] - logits_RC[S1_PADDED]).max() > 1e-4
-
-
 def test_bfloat16_config_computes_the_blocks_in_bfloat16():
-    out = model(config("learned", dtype="bfloat16"))(
-        tokens(), return_patterns=True, return_head_outputs=True
+    out, heads = recorded(
+        model(config("learned", dtype="bfloat16")), tokens(), return_patterns=True
     )
     assert out.logits.dtype == jnp.float32 and np.isfinite(np.asarray(out.logits)).all()
-    assert out.head_outputs[0].dtype == jnp.bfloat16
+    assert heads[0].dtype == jnp.bfloat16
     assert out.patterns[0].dtype == jnp.bfloat16
     # Same weights as the float32 model, so only rounding separates the logits.
     full = np.asarray(probe("learned", True).logits)[[S0, S1]]
@@ -332,11 +322,30 @@ def test_fixed_and_frozen_are_state_but_not_params():
     n_moments = sum(x.size for x in jax.tree.leaves(optimizer.opt_state))
     n_params = sum(v.size for _, v in params.values())
     assert n_params < n_moments <= 2 * n_params + 8
+
+    def head(n, h, what, content_routing):
+        return {"part": f"layer {n} head {h}", "kind": "head", "what": what,
+                "content_routing": content_routing}  # fmt: skip
+
     assert frozen_parts(net.cfg) == [
-        "pos_embed",
-        *(f"layer 0 head {h}: random pattern" for h in range(H)),
-        *(f"layer 1 head {h}: W_q, W_k" for h in range(H)),
-    ]
+        {"part": "pos_embed", "kind": "embedding", "what": "position embeddings",
+         "content_routing": False},
+        *(head(0, h, "random pattern", False) for h in range(H)),
+        *(head(1, h, "W_q, W_k", True) for h in range(H)),
+    ]  # fmt: skip
+
+
+def test_frozen_parts_are_read_from_variable_types():
+    # A frozen layer is one entry (its heads' own facts are implied); frozen token embeddings
+    # are named; a trained synthesizer keeps nothing at init.
+    cfg = config([["frozen", "synthesizer", "learned", "learned"], "frozen"],
+                 freeze=("layer.1", "token_embed"))  # fmt: skip
+    parts = frozen_parts(cfg)
+    assert [p["part"] for p in parts] == [
+        "token_embed", "layer 0 head 0", "layer.1"
+    ]  # fmt: skip
+    assert [p["kind"] for p in parts] == ["embedding", "head", "layer"]
+    assert frozen_parts(config("learned")) == []
 
 
 def test_mixed_per_layer_and_per_head_spec_builds_and_runs():
@@ -480,102 +489,6 @@ def test_from_dict_names_the_dotted_path():
     assert built.d_model == 32 and built.head_dim == 8
 
 
-def ablations(gate_LH=None) -> tuple[HeadAblation, ...]:
-    """One HeadAblation per layer that only gates heads (by default: changes nothing)."""
-    gate_LH = np.ones((2, H)) if gate_LH is None else gate_LH
-    return tuple(
-        HeadAblation(
-            gate_H=jnp.asarray(gate_LH[layer], jnp.float32),
-            pattern_mix_H=jnp.zeros(H),
-            pattern_BHLS=jnp.zeros((B, H, L, L)),
-            output_mix_H=jnp.zeros(H),
-            output_BLHK=jnp.zeros((B, L, H, K)),
-        )
-        for layer in range(2)
-    )
-
-
-def with_w_o_zeroed(net: Transformer, heads_by_layer: dict[int, list[int]]) -> Transformer:
-    graphdef, state = nnx.split(net)
-    copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-    for layer, heads in heads_by_layer.items():
-        w_o = copy.blocks[layer].attention.w_o
-        w_o[...] = w_o[...].at[jnp.asarray(heads)].set(0.0)
-    return copy
-
-
-def test_zero_gates_equal_a_model_without_attention_output():
-    net = model(config("learned"))
-    gated = net(tokens(), ablations=ablations(gate_LH=np.zeros((2, H)))).logits
-    silent = with_w_o_zeroed(net, {0: list(range(H)), 1: list(range(H))})
-    np.testing.assert_allclose(gated, silent(tokens()).logits, atol=1e-5)
-    assert np.abs(gated - net(tokens()).logits).max() > 1e-2
-
-    # One head of one layer.
-    gate_LH = np.ones((2, H))
-    gate_LH[0, 1] = 0
-    one_off = net(tokens(), ablations=ablations(gate_LH=gate_LH)).logits
-    np.testing.assert_allclose(one_off, with_w_o_zeroed(net, {0: [1]})(tokens()).logits, atol=1e-5)
-    assert np.abs(one_off - gated).max() > 1e-2
-
-
-def test_neutral_ablation_reproduces_the_unablated_logits():
-    plain = model(config("learned", fused_attention=False))
-    np.testing.assert_array_equal(
-        plain(tokens(), ablations=ablations()).logits, plain(tokens()).logits
-    )
-    fused = model(config("learned"))
-    np.testing.assert_allclose(
-        fused(tokens(), ablations=ablations()).logits, fused(tokens()).logits, atol=1e-5
-    )
-
-
-def test_head_outputs_through_w_o_sum_to_the_attention_output():
-    net = model(config(MIXED))
-    out = net(tokens(), valid_BL=valid_BL(), return_head_outputs=True)
-    x_BLD = net.token_embed(tokens()) + net.pos_embed[...][None, :L]
-    block = net.blocks[0]
-    visible_BLS = visibility(L, True, valid_BL(), B)
-    y_BLD, _, heads_BLHK = block.attention(block.norm_attn(x_BLD), visible_BLS)
-    np.testing.assert_allclose(out.head_outputs[0], heads_BLHK, atol=1e-6)
-    summed_BLD = np.einsum("BLHK,HKD->BLD", out.head_outputs[0], block.attention.w_o[...])
-    np.testing.assert_allclose(summed_BLD, y_BLD, atol=1e-5)
-    assert np.abs(y_BLD).max() > 1e-2
-
-
-def test_pattern_and_output_patching():
-    net = model(config("learned"))
-    attention = net.blocks[0].attention
-    x_BLD = jax.random.normal(jax.random.key(1), (B, L, D))
-    visible_BLS = visibility(L, True, None, B)
-    v_BLHK = np.einsum("BLD,DHK->BLHK", x_BLD, attention.w_v[...])
-    _, probs_BHLS, heads_BLHK = attention(x_BLD, visible_BLS, return_pattern=True)
-
-    # Pattern patched to the identity on head 0 only: that head outputs its own values.
-    mix_H = jnp.asarray([1.0, 0.0, 0.0, 0.0])
-    eye_BHLS = jnp.broadcast_to(jnp.eye(L), (B, H, L, L))
-    patch = HeadAblation(jnp.ones(H), mix_H, eye_BHLS, jnp.zeros(H), jnp.zeros((B, L, H, K)))
-    _, patched_BHLS, patched_BLHK = attention(
-        x_BLD, visible_BLS, return_pattern=True, ablation=patch
-    )
-    np.testing.assert_allclose(patched_BHLS[:, 0], eye_BHLS[:, 0], atol=1e-6)
-    np.testing.assert_allclose(patched_BHLS[:, 1:], probs_BHLS[:, 1:], atol=1e-6)
-    np.testing.assert_allclose(patched_BLHK[:, :, 0], v_BLHK[:, :, 0], atol=1e-5)
-    np.testing.assert_allclose(patched_BLHK[:, :, 1:], heads_BLHK[:, :, 1:], atol=1e-5)
-    assert np.abs(heads_BLHK[:, :, 0] - v_BLHK[:, :, 0]).max() > 1e-2
-
-    # Output half-patched with a fill, then gated by 2: gate * (own + fill) / 2.
-    fill_BLHK = jax.random.normal(jax.random.key(2), (B, L, H, K))
-    patch = HeadAblation(
-        jnp.full((H,), 2.0), jnp.zeros(H), eye_BHLS, jnp.full((H,), 0.5), fill_BLHK
-    )
-    y_BLD, _, mixed_BLHK = attention(x_BLD, visible_BLS, ablation=patch)
-    np.testing.assert_allclose(mixed_BLHK, heads_BLHK + fill_BLHK, atol=1e-5)
-    np.testing.assert_allclose(
-        y_BLD, np.einsum("BLHK,HKD->BLD", mixed_BLHK, attention.w_o[...]), atol=1e-5
-    )
-
-
 def test_gaussian_offsets_follow_the_head_index_across_groups():
     cfg = ModelConfig(
         vocab_size=V,
@@ -589,3 +502,52 @@ def test_gaussian_offsets_follow_the_head_index_across_groups():
     gaussians = [m for m in net.blocks[0].attention.mixers if type(m).__name__ == "Gaussian"]
     # Causal defaults are 0, -1, -2, -3 by head: heads 0 and 2 get 0 and -2.
     assert [g.offsets for g in gaussians] == [(0,), (-2,)]
+
+
+def test_token_embeddings_are_flax_embed_with_a_chosen_variable_type():
+    ours = Embed(V, D, nnx.Rngs(3))
+    theirs = nnx.Embed(V, D, rngs=nnx.Rngs(3))
+    np.testing.assert_array_equal(ours.embedding[...], theirs.embedding[...])
+    np.testing.assert_array_equal(ours(tokens()), theirs(tokens()))
+    assert type(Embed(V, D, nnx.Rngs(3), Frozen).embedding) is Frozen
+    net = Transformer(config(freeze=("token_embed", "pos_embed")), rngs=nnx.Rngs(0))
+    assert type(net.token_embed.embedding) is Frozen and type(net.pos_embed) is Frozen
+
+
+def test_variant_settings_are_validated_with_dotted_paths_and_reach_the_mixers():
+    data = {
+        "vocab_size": V,
+        "seq_len": L,
+        "attention": ["gaussian", "random_fixed"],
+        "attention_settings": {"gaussian": {"sigma": 2.5, "offsets": [-1]}},
+    }
+    cfg = from_dict(ModelConfig, data, path="model")
+    # Defaults are filled in for every used variant with settings, and the config round-trips.
+    assert cfg.settings_of("random_fixed") == attention.RandomTableConfig()
+    assert to_dict(cfg)["attention_settings"] == {
+        "gaussian": {"sigma": 2.5, "offsets": [-1]},
+        "random_fixed": {"scale": 1.0},
+    }
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg and hash(cfg) == hash(
+        from_dict(ModelConfig, to_dict(cfg))
+    )
+    gaussian = mixers_of(Transformer(cfg, rngs=nnx.Rngs(0)))[0][0][2]
+    assert gaussian.sigma == 2.5 and gaussian.offsets == (-1,) * H
+
+    bad = {
+        "gaussian": {"sigma": 0, "width": 3},
+        "lerned": {},
+        "learned": {"x": 1},
+        "random_fixed": {"scale": "big"},
+    }
+    with pytest.raises(ConfigError) as info:
+        from_dict(ModelConfig, {**data, "attention_settings": bad}, path="model")
+    problems = dict(info.value.problems)
+    assert set(problems) == {
+        "model.attention_settings.gaussian.sigma",
+        "model.attention_settings.gaussian.width",
+        "model.attention_settings.lerned",
+        "model.attention_settings.learned",
+        "model.attention_settings.random_fixed.scale",
+    }
+    assert "'learned' has no settings" in problems["model.attention_settings.learned"]

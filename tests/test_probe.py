@@ -187,9 +187,9 @@ def ranking_losses(prober, gate_NH):
     @jax.jit
     def losses(gate_NH, batch):
         inputs_BL, targets_BL, weights_BL = batch
-        ablations = prober._ablations(gate_NH, no_mix_RNH, None, None)
+        ablated = prober._edited(model, gate_NH, no_mix_RNH, None, None)
         ce_BL = optax.softmax_cross_entropy_with_integer_labels(
-            model(inputs_BL, ablations=ablations).logits, targets_BL
+            ablated(inputs_BL).logits, targets_BL
         )
         return (ce_BL * weights_BL).sum(-1) / jnp.maximum(weights_BL.sum(-1), 1.0)
 

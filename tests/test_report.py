@@ -6,10 +6,19 @@ import json
 import numpy as np
 import pytest
 
+from ablate.model import ModelConfig, frozen_parts
 from ablate.report import summarize, write_report
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
-FROZEN_QK = ["layer 0 head 0: W_q, W_k", "layer 0 head 1: W_q, W_k"]
+
+
+def _frozen(**model) -> list[dict]:
+    """What ablate.sweep writes in a row's "frozen": the model's own account (2 heads)."""
+    cfg = ModelConfig(vocab_size=4, seq_len=4, d_model=8, n_heads=2, n_layers=1, **model)
+    return frozen_parts(cfg)
+
+
+FROZEN_QK = _frozen(attention="frozen")
 
 
 LEVELS = {"fixed_routing_ceiling": 0.3, "fixed_routing_ceiling_se": 0.002}
@@ -287,7 +296,7 @@ def test_frozen_gets_one_consistent_sentence_naming_what_stays_trainable(tmp_pat
     assert "`frozen` is not a no-learned-context ablation" in statement
     assert statement.count("not a no-learned-context ablation") == 1
     # With the embeddings frozen too, the sentence says what still trains.
-    frozen = FROZEN_QK + ["token_embed", "pos_embed"]
+    frozen = _frozen(attention="frozen", freeze=("token_embed", "pos_embed"))
     rows = [_row("t", "learned", s, 1.0) for s in range(3)]
     rows += [_row("t", "frozen", s, 0.5, frozen=frozen) for s in range(3)]
     g = summarize(rows)["groups"][0]

@@ -252,8 +252,8 @@ def test_pattern_gradients_match_finite_differences(attention):
     """dL/dp from the eval's gradient hook equals central differences of the eval loss."""
     import jax.numpy as jnp
 
+    from ablate.ablation import edited
     from ablate.metrics import token_metrics
-    from ablate.model import HeadAblation
 
     exp = tiny(**{"model.attention": attention, "model.n_layers": 1})
     engine = Engine(exp)
@@ -267,8 +267,11 @@ def test_pattern_gradients_match_finite_differences(attention):
     B, L = batch.inputs.shape
 
     def loss(p_BHLS):  # float64 sums of the float32 forward pass
-        edit = HeadAblation(jnp.ones(H), jnp.ones(H), p_BHLS, jnp.zeros(H), jnp.zeros((B, L, H, K)))
-        logits = model(batch.inputs, ablations=(edit,)).logits
+        ones_1H, zeros_1H = jnp.ones((1, H)), jnp.zeros((1, H))
+        patched = edited(
+            model, ones_1H, ones_1H, p_BHLS[None], zeros_1H, jnp.zeros((1, B, L, H, K))
+        )
+        logits = patched(batch.inputs).logits
         return float(token_metrics(logits, batch.targets, batch.weights)["loss"])
 
     eps = 1e-2
