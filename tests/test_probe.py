@@ -16,8 +16,9 @@ from flax import nnx
 from ablate import probe
 from ablate.cli import main
 from ablate.config import ConfigError
+from ablate.core import Definition
 from ablate.metrics import token_metrics
-from ablate.train import CONFIG_FILE, FINAL_FILE, Engine, train
+from ablate.train import CONFIG_FILE, FINAL_FILE, train
 from tests.test_train import tiny
 
 # Measured: eval accuracy 0.95 at step 150 and 1.0 at step 200 (one-hop recall, 4 values).
@@ -82,11 +83,11 @@ def test_ablating_nothing_reproduces_the_unablated_metric(run_dir, probed, probe
 def silenced(run_dir, layers):
     """Per layer, eval loss/accuracy of the plain model (no ablation hook) with its W_o zeroed."""
     exp, state, _ = probe.load_run(run_dir)
-    engine = Engine(exp)
+    definition = Definition.of(exp)
 
     def trained():
         first = [jax.tree.map(lambda x: x[0], s) for s in (state.params, state.rest)]
-        return nnx.merge(engine.graphdef, *first)
+        return definition.merge(*first)
 
     graphdef = nnx.graphdef(trained())
 
@@ -192,7 +193,7 @@ def ranking_losses(prober, gate_NH):
         )
         return (ce_BL * weights_BL).sum(-1) / jnp.maximum(weights_BL.sum(-1), 1.0)
 
-    batches = zip(*(np.asarray(x) for x in prober.ranking_batches))
+    batches = zip(*(np.asarray(x) for x in prober.ranking_batches[:3]))  # valid: None
     return np.stack([losses(jnp.asarray(gate_NH, jnp.float32), b) for b in batches])
 
 
@@ -222,7 +223,7 @@ def test_gate_gradient_importance_matches_per_example_finite_differences(probed,
 def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, probed, prober):
     ranking, measured = (np.asarray(b[0]) for b in (prober.ranking_batches, prober.eval_batches))
     assert ranking.shape == measured.shape
-    for other in (measured, np.asarray(prober.reference_inputs)):
+    for other in (measured, np.asarray(prober.reference_batches[0])):
         assert (ranking != other).any(-1).mean() > 0.9  # nearly every sequence differs
     # The published importance is the ranking batches', not the eval batches'.
     _, on_eval_KNH = jax.device_get(
@@ -243,7 +244,7 @@ def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, pr
     prefix_PNH = probe._prefix_masks(np.asarray(flat), N, H)
     gate_1PNH, mix_1PRNH = prober.edits(["zero"] * len(prefix_PNH), prefix_PNH)
     on_eval = prober.evaluate(gate_1PNH, mix_1PRNH)["accuracy"][0]
-    data = (prober.ranking_batches, prober.reference_inputs, prober.fixed_patterns)
+    data = (prober.ranking_batches, prober.reference_batches, prober.fixed_patterns)
     on_ranking = jax.device_get(
         prober._evaluate(prober.params, prober.rest, gate_1PNH, mix_1PRNH, *data)
     )
