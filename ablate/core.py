@@ -379,8 +379,13 @@ class Programs:
         return abstract_like(jax.eval_shape(self.init), self.state_sharding)
 
     def place(self, arrays: Any) -> Any:
-        """The task's arrays where the programs read them: whole on every device."""
-        return jax.device_put(arrays, self.placement.replicated)
+        """The task's arrays where the programs read them: whole on every device (in one
+        process, the loaded arrays themselves when they already sit there)."""
+        replicated = self.placement.replicated
+        if jax.process_count() == 1:
+            return jax.device_put(arrays, replicated)
+        # A multi-process mesh takes global arrays, made from the values every process holds.
+        return jax.tree.map(lambda x: self.placement.put(np.asarray(x), replicated), arrays)
 
     def compile(self, state: TrainState, arrays: Any) -> None:
         """Compile the chunk for `state` (done once; a no-op afterwards)."""

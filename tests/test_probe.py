@@ -358,3 +358,48 @@ def test_heads_without_a_pattern_and_several_seeds(tmp_path):
     assert alone["baseline"]["loss"][0] == pytest.approx(both["baseline"]["loss"][1], rel=1e-5)
     np.testing.assert_allclose(alone["importance"][0], both["importance"][1], rtol=1e-4, atol=1e-7)
     assert not np.allclose(both["importance"][0], both["importance"][1])
+
+
+def test_a_padded_bidirectional_model_is_probed_with_its_padding_masked(tmp_path):
+    """The probe draws training's eval batches with their validity mask: ablating nothing on
+    a padded, bidirectional classifier gives the training evaluation's numbers, which the
+    same model read without the mask (what the probe used to do) does not."""
+    from ablate.core import Programs
+    from ablate.experiment import build_experiment
+
+    texts = ["ok", "a longer text here", "mid size", "x", "another one of them", "tiny"] * 4
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"text": t, "label": len(t) % 2}) + "\n" for t in texts))
+    exp = build_experiment(
+        {
+            "task": {
+                "name": "text_classification",
+                "source": str(source),
+                "train_split": "train",
+                "eval_split": "train",
+                "seq_len": 24,
+            },
+            "model": {"d_model": 16, "n_heads": 2, "n_layers": 1, "causal": False},
+            "train": {"steps": 10, "batch_size": 8, "steps_per_dispatch": 10, "eval_batches": 2,
+                      "log_every": 10, "checkpoint_every": 10, "compile_cache": False},
+        }
+    )  # fmt: skip
+    programs, data = Programs(exp), exp.task.load()
+    state = programs.init()
+    evaluated = programs.evaluate(state, programs.place(data.arrays))
+    prober = probe.Prober(exp, state.params, state.rest, data)
+    nothing = prober.ablate("zero", np.zeros((1, 1, 2), np.float32))
+    assert nothing["loss"][0, 0] == pytest.approx(evaluated["loss"][0], rel=1e-6)
+
+    inputs_EBL, targets_EBL, weights_EBL, valid_EBL = prober.eval_batches
+    assert not np.asarray(valid_EBL).all()  # the batches are padded
+    model = Definition.of(exp).merge(
+        *(jax.tree.map(lambda x: x[0], s) for s in (state.params, state.rest))
+    )
+    unmasked = np.mean(
+        [
+            token_metrics(model(inputs_EBL[e]).logits, targets_EBL[e], weights_EBL[e])["loss"]
+            for e in range(exp.train.eval_batches)
+        ]
+    )
+    assert abs(unmasked - evaluated["loss"][0]) > 0.01  # the mask does move the numbers
