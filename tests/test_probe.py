@@ -68,7 +68,7 @@ def rows_of(probed, kind):
 
 def test_ablating_nothing_reproduces_the_unablated_metric(run_dir, probed, prober):
     final = json.loads((run_dir / FINAL_FILE).read_text())["final"]
-    # The training engine's own held-out evaluation is the reference.
+    # Training's own held-out evaluation is the reference.
     assert probed["baseline"]["accuracy"][0] == final["accuracy"][0]
     assert probed["baseline"]["loss"][0] == pytest.approx(final["loss"][0], rel=1e-6)
     nothing_1NH = np.zeros((1, N, H), np.float32)
@@ -232,7 +232,7 @@ def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, pr
     np.testing.assert_allclose(probed["importance"], prober.gate_gradients()[1], rtol=1e-6)
     assert not np.allclose(probed["importance"], on_eval_KNH, rtol=0.05)
 
-    # The pruning curve is measured on the eval batches: it starts at the engine's unablated
+    # The pruning curve is measured on the eval batches: it starts at training's unablated
     # eval accuracy, and every point is the eval-batch accuracy of that prefix removed.
     final = json.loads((run_dir / FINAL_FILE).read_text())["final"]
     curve = np.asarray(probed["pruning"]["accuracy_importance_order"][0])
