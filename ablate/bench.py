@@ -146,27 +146,28 @@ class EngineRunner:
     """One compiled experiment: `dispatch` runs steps_per_dispatch steps of every seed."""
 
     def __init__(self, exp: Experiment):
-        from ablate.train import Engine
+        from ablate.core import Programs
 
         self.exp = exp
-        self.engine = Engine(exp)
+        self.programs = Programs(exp)
+        self.arrays = self.programs.place(exp.task.load().arrays)
         t0 = time.perf_counter()
-        self.state = jax.block_until_ready(self.engine.init())
+        self.state = jax.block_until_ready(self.programs.init())
         self.init_seconds = time.perf_counter() - t0
         first_seconds = _seconds(self.dispatch)  # compiles, then runs
-        self.compile_seconds = self.engine.compile_seconds
+        self.compile_seconds = self.programs.compile_seconds
         self.run_seconds = first_seconds - self.compile_seconds
         self.steps_per_dispatch = exp.train.steps_per_dispatch
         self.flops_per_step = train_flops_per_step(exp)
         self.tokens_per_step = exp.train.batch_size * exp.task.seq_len * len(exp.train.seeds)
 
     def dispatch(self):
-        self.state, _ = self.engine.train_chunk(self.state)
+        self.state, _ = self.programs.train_chunk(self.state, self.arrays)
         return self.state
 
     def facts(self) -> dict[str, Any]:
         """Compile time, FLOP and memory facts of the compiled chunk."""
-        compiled = self.engine.compiled_chunk
+        compiled = self.programs.compiled_chunk
         xla_flops = None
         if self.steps_per_dispatch == 1:
             cost = compiled.cost_analysis()
@@ -692,7 +693,7 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
         "speedup": K * t_scan / t_vmap,
         "compile_seconds_one_seed": scan.compile_seconds,
         "compile_seconds_vmapped": vmap.compile_seconds,
-        # K runs of RUN_STEPS steps, each compiling its own program (as a new Engine does)
+        # K runs of RUN_STEPS steps, each compiling its own program (as new Programs do)
         # vs one vmapped run.
         "speedup_with_compile": (K * (scan.compile_seconds + RUN_STEPS * t_scan))
         / (vmap.compile_seconds + RUN_STEPS * t_vmap),

@@ -1,9 +1,11 @@
 """An experiment: one task, one model, one optimiser, one training plan, read from TOML.
 
 An experiment file is data, never code. Its tables are `[task]` (a registered task `name`
-and its knobs), `[model]` (ModelConfig; vocab_size and seq_len default to the task's),
-`[optim]`, `[train]`, and for sweeps `[sweep]` (read by sweep.py). Every problem in every
-table is reported at once, each with its dotted path, before anything compiles.
+and its knobs, built into a task spec that reads no data), `[model]` (ModelConfig;
+vocab_size and seq_len default to the task's), `[optim]`, `[train]`, and for sweeps
+`[sweep]` (read by sweep.py). Every problem in every
+table is reported at once, each with its dotted path, before anything compiles or any
+data is read (validation reads only the task's vocabulary, length and knobs).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Post-hoc head ablation: does a trained model rely on learned context, and in which heads?
 
-`probe_run` loads a run's latest checkpoint and evaluates it on the engine's held-out batches
-with heads ablated by wrapping each trained mixer (`ablate.ablation.edited`), i.e. before the
-output projection, where heads are still separate. Kinds of ablation:
+`probe_run` loads a run's latest checkpoint and evaluates it on training's held-out batches
+(drawn by `ablate.core.eval_batch`, validity mask included), with heads ablated by wrapping
+each trained mixer (`ablate.ablation.edited`), i.e. before the output projection, where heads
+are still separate. Kinds of ablation:
 
   zero          the head's output is zeroed (a gate of 0; no bias or other weight is touched)
   mean          the head's output is replaced by its per-position mean over reference batches
@@ -43,6 +44,7 @@ from ablate.ablation import edited, recorded
 from ablate.attention import MIXERS, MixerSettings
 from ablate.checkpoint import Checkpointer
 from ablate.config import ConfigError
+from ablate.core import Definition, Programs, TrainState, eval_batch
 from ablate.distributed import is_primary
 from ablate.experiment import Experiment, build_experiment
 from ablate.logging import TensorBoardWriter
@@ -60,7 +62,7 @@ from ablate.runfolder import (
     seed_dir,
     write_atomic,
 )
-from ablate.train import Engine, TrainState
+from ablate.tasks import TaskData
 
 KINDS = ("zero", "mean", "uniform", "random", "mean_pattern", "resample")
 PATTERN_KINDS = frozenset({"uniform", "random", "mean_pattern", "resample"})
@@ -97,7 +99,7 @@ def load_run(run_dir: str | Path) -> tuple[Experiment, TrainState, int]:
     # (whatever mesh wrote it); in a multi-process run each process computes the same
     # numbers and process 0 writes them.
     try:
-        restored = ckpt.restore_latest(Engine(exp, local=True).abstract_state())
+        restored = ckpt.restore_latest(Programs(exp, local=True).abstract_state())
     finally:
         ckpt.close()
     if restored is None:
@@ -160,13 +162,24 @@ class Prober:
 
     An edit (one row) is `gate_NH`, which scales each head's output, and `mix_RNH`, how much
     of each replacement source in `SOURCES` a head takes instead of its own output/pattern.
-    `params`/`rest` carry the seed axis K, as in a `TrainState`.
+    `params`/`rest` carry the seed axis K, as in a `TrainState`. `data` is the task's loaded
+    data (read here when not given). Batches are drawn as training's eval draws them
+    (`ablate.core.eval_batch`), with their validity mask: a padded model is probed with its
+    padding masked, as it was trained and evaluated.
     """
 
-    def __init__(self, exp: Experiment, params: Any, rest: Any, chunk: int | None = None):
+    def __init__(
+        self,
+        exp: Experiment,
+        params: Any,
+        rest: Any,
+        data: TaskData | None = None,
+        chunk: int | None = None,
+    ):
         self.exp, self.params, self.rest, self.chunk = exp, params, rest, chunk
-        engine = Engine(exp, local=True)
-        self.graphdef, self.has_pattern_NH = engine.graphdef, engine.has_pattern_NH
+        definition = Definition.of(exp)
+        self.graphdef, self.has_pattern_NH = definition.graphdef, definition.has_pattern_NH
+        arrays = (exp.task.load() if data is None else data).arrays
         cfg = exp.model
         self.N, self.H, self.L, self.head_dim = (
             cfg.n_layers,
@@ -183,15 +196,15 @@ class Prober:
         # Made once by a small program of their own and passed in: inside the big programs
         # the sampler and the random pattern would be compiled again (seconds on a CPU).
         E = exp.train.eval_batches
-        self.eval_batches, self.reference_inputs, self.ranking_batches, self.fixed_patterns = (
+        self.eval_batches, self.reference_batches, self.ranking_batches, self.fixed_patterns = (
             jax.jit(
-                lambda: (
-                    _batches(exp, eval_key, E),
-                    _batches(exp, reference_key, E)[0],
-                    _batches(exp, ranking_key, E),
+                lambda arrays: (
+                    _batches(exp, arrays, eval_key, E),
+                    _batches(exp, arrays, reference_key, E)[::3],  # inputs, valid
+                    _batches(exp, arrays, ranking_key, E),
                     self._fixed_patterns(),
                 )
-            )()
+            )(arrays)
         )
         self._evaluate = jax.jit(jax.vmap(self._evaluate_one, in_axes=(0,) * 4 + (None,) * 3))
         self._gradients = jax.jit(jax.vmap(self._gradients_one, in_axes=(0, 0, None)))
@@ -223,18 +236,19 @@ class Prober:
         # A zero mix adds 0 * fill to 1 * own: an edit that ablates nothing changes no bit.
         return edited(model, gate_NH, pattern_mix_NH, fill_NBHLS, mix_RNH[0], outputs_NBLHK)
 
-    def _evaluate_one(self, params, rest, gate_ANH, mix_ARNH, batches, reference_EBL, fixed):
+    def _evaluate_one(self, params, rest, gate_ANH, mix_ARNH, batches, references, fixed):
         model = nnx.merge(self.graphdef, params, rest)
 
-        def reference(inputs_BL):
-            out, heads = recorded(model, inputs_BL, return_patterns=True)
+        def reference(inputs_and_valid):
+            inputs_BL, valid_BL = inputs_and_valid
+            out, heads = recorded(model, inputs_BL, valid_BL=valid_BL, return_patterns=True)
             per_head = (out.patterns, heads)
             return tuple(jnp.stack([x.mean(0) for x in xs]) for xs in per_head)
 
         mean_pattern_NHLS, mean_output_NLHK = (
-            x.mean(0) for x in jax.lax.map(reference, reference_EBL)
+            x.mean(0) for x in jax.lax.map(reference, references)
         )
-        B = reference_EBL.shape[1]
+        B = references[0].shape[1]
         shape = (self.N, B, self.H, self.L, self.L)
         mean_pattern = jnp.broadcast_to(mean_pattern_NHLS[:, None], shape)
         mean_output = jnp.broadcast_to(
@@ -243,19 +257,21 @@ class Prober:
         uniform, random = (jnp.broadcast_to(x, shape) for x in fixed)
 
         def one(batch_and_reference):
-            (inputs, targets, weights), reference_BL = batch_and_reference
-            resampled = jnp.stack(model(reference_BL, return_patterns=True).patterns)
-            patterns = jnp.stack([uniform, random, mean_pattern, resampled])
+            (inputs, targets, weights, valid), (reference_BL, reference_valid_BL) = (
+                batch_and_reference
+            )
+            resampled = model(reference_BL, valid_BL=reference_valid_BL, return_patterns=True)
+            patterns = jnp.stack([uniform, random, mean_pattern, jnp.stack(resampled.patterns)])
 
             def edited(edit):
                 ablated = self._edited(model, *edit, patterns, mean_output)
-                return token_metrics(ablated(inputs).logits, targets, weights)
+                return token_metrics(ablated(inputs, valid_BL=valid).logits, targets, weights)
 
             if self.chunk:
                 return jax.lax.map(edited, (gate_ANH, mix_ARNH), batch_size=self.chunk)
             return jax.vmap(edited)((gate_ANH, mix_ARNH))
 
-        per_batch = jax.lax.map(one, (batches, reference_EBL))
+        per_batch = jax.lax.map(one, (batches, references))
         return jax.tree.map(lambda x: x.mean(0), per_batch)
 
     def _gradients_one(self, params, rest, batches) -> tuple[jax.Array, jax.Array]:
@@ -263,9 +279,10 @@ class Prober:
         no_mix_RNH = jnp.zeros((len(SOURCES), self.N, self.H))
 
         def loss(gate_NH, example):
-            inputs_L, targets_L, weights_L = example
+            inputs_L, targets_L, weights_L, valid_L = example
             ablated = self._edited(model, gate_NH, no_mix_RNH, None, None)
-            logits = ablated(inputs_L[None]).logits
+            valid_1L = None if valid_L is None else valid_L[None]
+            logits = ablated(inputs_L[None], valid_BL=valid_1L).logits
             return token_metrics(logits, targets_L[None], weights_L[None])["loss"]
 
         # A sequence with nothing scored has no loss to explain; it would only dilute the mean.
@@ -275,7 +292,7 @@ class Prober:
     def evaluate(self, gate_KANH, mix_KARNH) -> dict[str, np.ndarray]:
         """Metrics (K, A) of every edit row, in one compiled call."""
         gate, mix = (jnp.asarray(x, jnp.float32) for x in (gate_KANH, mix_KARNH))
-        data = (self.eval_batches, self.reference_inputs, self.fixed_patterns)
+        data = (self.eval_batches, self.reference_batches, self.fixed_patterns)
         return jax.device_get(self._evaluate(self.params, self.rest, gate, mix, *data))
 
     def edits(self, kinds: Sequence[str], masks_ANH) -> tuple[np.ndarray, np.ndarray]:
@@ -321,12 +338,13 @@ def per_example_gate_importance(
     return (grads_EBNH * w_EB11).sum((0, 1)) / n, (jnp.abs(grads_EBNH) * w_EB11).sum((0, 1)) / n
 
 
-def _batches(exp: Experiment, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(inputs, targets, weights), each (n, B, ...), drawn exactly as the engine's eval does."""
+def _batches(exp: Experiment, arrays: Any, stream: jax.Array, n: int) -> tuple:
+    """(inputs, targets, weights, valid), each (n, B, ...), drawn by training's own eval-batch
+    function from the eval stream `stream`; valid is None for tasks that are never padded."""
 
     def one(i):
-        batch = exp.task.eval_sample(jax.random.fold_in(key, i), exp.train.batch_size)
-        return batch.inputs, batch.targets, batch.weights
+        batch = eval_batch(exp.task, arrays, stream, i, exp.train.batch_size)
+        return batch.inputs, batch.targets, batch.weights, batch.valid
 
     return jax.lax.map(one, jnp.arange(n))
 
@@ -352,12 +370,15 @@ def probe_run(
     out_dir: str | Path | None = None,
     tensorboard: bool = True,
     chunk: int | None = None,
+    data: TaskData | None = None,
 ) -> dict[str, Any]:
     """Ablate heads of a trained run; write the table, plots and images; return the results.
 
     `heads` as `parse_heads` reads it (default: every head alone). `chunk` caps how many
-    rows run side by side (memory), still in one compiled call. Outputs go to `out_dir`
-    (default RUN_DIR/probe) and, as images at the checkpoint's step, to TensorBoard.
+    rows run side by side (memory), still in one compiled call. `data` is the task's loaded
+    data (read here when not given: a sweep passes the copy its runs trained on). Outputs
+    go to `out_dir` (default RUN_DIR/probe) and, as images at the checkpoint's step, to
+    TensorBoard.
     """
     kinds = parse_kinds(kinds)
     exp = read_experiment(run_dir)
@@ -371,7 +392,8 @@ def probe_run(
     _, state, step = load_run(run_dir)
     idx = np.asarray([trained.index(s) for s in seeds])
     params, rest = (jax.tree.map(lambda x: x[idx], s) for s in (state.params, state.rest))
-    prober = Prober(exp, params, rest, chunk=chunk)
+    data = exp.task.load() if data is None else data
+    prober = Prober(exp, params, rest, data, chunk=chunk)
 
     gradient_KNH, importance_KNH = prober.gate_gradients()
     orders = {
@@ -416,7 +438,7 @@ def probe_run(
         "run_dir": str(run_dir),
         "step": int(step),
         "seeds": seeds,
-        "chance": float(exp.task.chance),
+        "chance": float(data.chance),
         "kinds": list(kinds),
         "baseline": baseline,
         "drop": {kind: d.tolist() for kind, d in drop.items()},

@@ -17,7 +17,8 @@ A task entry's `label` names it in run folders and the report (default: the task
 `overrides` holds dotted fields for that task's points only. The rest of the file (`[model]`, `[optim]`, `[train]`) is the base every point starts
 from. Each point is validated before anything trains; rows go to `results.jsonl` (one per
 run and seed) as runs finish; a point already recorded as ok is skipped on rerun, and
-failed points are retried (their old rows replaced, never duplicated).
+failed points are retried (their old rows replaced, never duplicated). Each task's data is
+read once per sweep and shared by all its points (`SharedData`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import itertools
 import json
 import time
 import traceback
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ from ablate.runfolder import (
     write_atomic,
     write_jsonl,
 )
+from ablate.tasks import TaskData
 from ablate.train import Diverged, Preempted, train
 
 
@@ -341,6 +344,38 @@ class ResultsTable:
         write_atomic(self.path.with_name(RESULTS_CSV), text.getvalue())
 
 
+class SharedData:
+    """Each task's data, read once for all the sweep's points of that task (every variant
+    and grid value shares one copy) and dropped after its last point. A task whose data
+    cannot be read fails each of its points with the same error, read once."""
+
+    def __init__(self, points: Sequence[Point]):
+        self.left = Counter(_task_key(p.experiment) for p in points)
+        self.loaded: dict[tuple[str, str], TaskData | Exception] = {}
+
+    def take(self, point: Point) -> TaskData:
+        key = _task_key(point.experiment)
+        if key not in self.loaded:
+            try:
+                self.loaded[key] = point.experiment.task.load()
+            except Exception as e:  # noqa: BLE001 - re-raised for every point of the task
+                self.loaded[key] = e
+        found = self.loaded[key]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def release(self, point: Point) -> None:
+        key = _task_key(point.experiment)
+        self.left[key] -= 1
+        if not self.left[key]:
+            self.loaded.pop(key, None)
+
+
+def _task_key(exp: Experiment) -> tuple[str, str]:
+    return exp.task.name, repr(exp.task.config)
+
+
 def task_levels(exp: Experiment, cache: dict | None = None) -> dict[str, Any]:
     """The task's reference levels as row fields (computed once per task and visibility)."""
     from ablate.reference import no_levels_row, reference_levels
@@ -353,8 +388,11 @@ def task_levels(exp: Experiment, cache: dict | None = None) -> dict[str, Any]:
     return cache[key]
 
 
-def _point_fields(point: Point, seed: int, levels: dict[str, Any]) -> dict[str, Any]:
-    """What every row of a point says about its configuration."""
+def _point_fields(
+    point: Point, seed: int, levels: dict[str, Any], chance: float | None
+) -> dict[str, Any]:
+    """What every row of a point says about its configuration (chance: None where the
+    task's data could not be read)."""
     exp = point.experiment
     return {
         "run": point.run_name,
@@ -365,7 +403,7 @@ def _point_fields(point: Point, seed: int, levels: dict[str, Any]) -> dict[str, 
         "frozen": frozen_parts(exp.model),
         "grid": point.grid,
         "seed": seed,
-        "chance": exp.task.chance,
+        "chance": chance,
         **levels,
         "eval_sequences": exp.train.eval_batches * exp.train.batch_size,
         "run_dir": point.run_name,
@@ -379,7 +417,7 @@ def _rows_for(point: Point, result, history: dict, levels: dict) -> list[dict[st
         finite = alignment[np.isfinite(alignment)]
         rows.append(
             {
-                **_point_fields(point, seed, levels),
+                **_point_fields(point, seed, levels, result.chance),
                 "status": "ok",
                 "error": "",
                 "accuracy": result.final["accuracy"][k],
@@ -400,10 +438,10 @@ def _rows_for(point: Point, result, history: dict, levels: dict) -> list[dict[st
 
 
 def _failed_rows(
-    point: Point, status: str, error: str, wall: float, levels: dict
+    point: Point, status: str, error: str, wall: float, levels: dict, chance: float | None
 ) -> list[dict[str, Any]]:
     return [
-        {**_point_fields(point, seed, levels), "status": status, "error": error}
+        {**_point_fields(point, seed, levels, chance), "status": status, "error": error}
         | {"wall_seconds": wall}
         for seed in point.experiment.train.seeds
     ]
@@ -412,12 +450,12 @@ def _failed_rows(
 PROBE_KINDS = ("zero", "mean_pattern")
 
 
-def _probe(run_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _probe(run_dir: Path, rows: list[dict[str, Any]], data: TaskData) -> list[dict[str, Any]]:
     """Post-hoc head ablation of a finished run; a probe failure is noted, not fatal."""
     from ablate.probe import probe_run
 
     try:
-        probe_run(run_dir, kinds=PROBE_KINDS)
+        probe_run(run_dir, kinds=PROBE_KINDS, data=data)
     except Exception as e:  # noqa: BLE001 - the run itself is fine; say what the probe hit
         return [{**r, "error": f"probe failed: {type(e).__name__}: {e}"} for r in rows]
     return rows
@@ -521,26 +559,31 @@ def run_sweep(
         unit="run",
         disable=not (progress and primary),
     )
-    failures, level_cache = 0, {}
+    failures, level_cache, shared = 0, {}, SharedData(todo)
     for point in todo:
         bar.set_postfix_str(point.run_name)
         t0 = time.perf_counter()
-        levels = task_levels(point.experiment, level_cache)
+        levels, chance = task_levels(point.experiment, level_cache), None
         try:
+            data = shared.take(point)
+            chance = data.chance
             run_dir = safe_join(sweep_dir, point.run_name)
-            result = train(point.experiment, run_dir, progress=progress)
+            result = train(point.experiment, run_dir, data=data, progress=progress)
             rows = _rows_for(point, result, _eval_history(run_dir), levels)
             if point.probe:
-                rows = _probe(run_dir, rows)
+                rows = _probe(run_dir, rows, data)
         except Diverged as e:
-            rows = _failed_rows(point, "diverged", str(e), time.perf_counter() - t0, levels)
+            wall = time.perf_counter() - t0
+            rows = _failed_rows(point, "diverged", str(e), wall, levels, chance)
         except (KeyboardInterrupt, SystemExit, Preempted):
             # Preempted: the run saved its state; the sweep stops and a rerun resumes it.
             raise
         except Exception as e:  # noqa: BLE001 - one point's failure must not stop the sweep
             tb = traceback.format_exc(limit=3)
             error = f"{type(e).__name__}: {e}\n{tb}"
-            rows = _failed_rows(point, "failed", error, time.perf_counter() - t0, levels)
+            rows = _failed_rows(point, "failed", error, time.perf_counter() - t0, levels, chance)
+        finally:
+            shared.release(point)
         failures += rows[0]["status"] != "ok"
         if primary:
             table.replace_run(point.run_name, rows)

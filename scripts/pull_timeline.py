@@ -12,8 +12,8 @@ push gives. The README's "Why" paragraph quotes its output.
 
 import numpy as np
 
+from ablate.core import Programs
 from ablate.experiment import build_experiment
-from ablate.train import Engine
 
 SEEDS = [0, 1, 2]
 EXPERIMENT = {
@@ -36,11 +36,11 @@ EXPERIMENT = {
 
 
 def main() -> None:
-    engine = Engine(build_experiment(EXPERIMENT))
-    state = engine.init()
+    engine = Programs(build_experiment(EXPERIMENT))
+    state, arrays = engine.init(), ()  # a synthetic task: nothing loaded
     print("step  accuracy per seed     best-head alignment   best-head pull     uniform share")
     for step in range(0, 401, 25):
-        out = engine.evaluate(state)
+        out = engine.evaluate(state, arrays)
         K = len(SEEDS)
         align = np.nanmax(out["alignment"].reshape(K, -1), 1)
         pull = np.nanmax(out["gradient_alignment"].reshape(K, -1), 1)
@@ -50,7 +50,7 @@ def main() -> None:
             flush=True,
         )
         if step < 400:
-            state, _ = engine.train_chunk(state)
+            state, _ = engine.train_chunk(state, arrays)
 
 
 if __name__ == "__main__":

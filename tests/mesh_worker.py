@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from ablate.config import ConfigError  # noqa: E402
-from ablate.train import Engine, train  # noqa: E402
+from ablate.core import Programs  # noqa: E402
+from ablate.train import train  # noqa: E402
 from tests.test_train import leaves, tiny  # noqa: E402
 
 # The cases test_distributed.py compares with one device: name -> overrides.
@@ -42,21 +43,21 @@ def main(out: Path) -> None:
     assert jax.device_count() == N, jax.devices()
     for name, over in CASES.items():
         exp = tiny(**over)
-        engine = Engine(exp)
-        state = engine.init()
+        programs = Programs(exp)
+        state = programs.init()
         for _ in range(exp.train.steps // exp.train.steps_per_dispatch):
-            state, metrics = engine.train_chunk(state)
+            state, metrics = programs.train_chunk(state, ())
         np.savez(out / f"{name}.npz", *leaves(state), loss=np.asarray(metrics["loss"]))
         if name == "data":
-            hlo = engine.compiled_chunk.as_text()
+            hlo = programs.compiled_chunk.as_text()
             json.dump({"all_reduce": "all-reduce" in hlo}, (out / "hlo.json").open("w"))
         if name == "fsdp":  # which state leaves were really split over `data`
-            specs = [str(s.spec) for s in jax.tree.leaves(engine.state_sharding)]
+            specs = [str(s.spec) for s in jax.tree.leaves(programs.state_sharding)]
             json.dump(specs, (out / "fsdp_specs.json").open("w"))
     refused = {}
     for name, over in REFUSED.items():
         try:
-            Engine(tiny(**over))
+            Programs(tiny(**over))
             refused[name] = None
         except ConfigError as e:
             refused[name] = str(e)

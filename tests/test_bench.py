@@ -22,9 +22,9 @@ from ablate.bench import (
     train_flops_per_step,
 )
 from ablate.cli import main
+from ablate.core import Programs
 from ablate.experiment import build_experiment
 from ablate.model import ModelConfig, Transformer
-from ablate.train import Engine
 
 # d_model 8, 2 heads of K = 4, 1 layer, MLP width 32, vocab 10, length 4. Matmul weights:
 # W_v, W_o 8*8 each = 128; W_q, W_k (when the heads have them) 128; MLP 2*8*32 = 512; head 8*10
@@ -207,10 +207,10 @@ def test_bfloat16_training_keeps_float32_params_and_finite_loss():
                       "eval_every": 0, "checkpoint_every": 0},
         }
     )  # fmt: skip
-    engine = Engine(exp)
-    state = engine.init()
+    programs = Programs(exp)
+    state = programs.init()
     before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-    state, metrics = engine.train_chunk(state)
+    state, metrics = programs.train_chunk(state, ())
     loss = np.asarray(metrics["loss"])
     assert loss.shape == (1, 4) and np.isfinite(loss).all()
     after = jax.tree.leaves(state.params)

@@ -8,9 +8,10 @@ and validates it as `ablate train` and `ablate sweep` do. Validation must accept
 raise ConfigError naming every problem by a non-empty dotted path: never another
 exception, never a file written, never a network connection or a process started.
 
-The data-backed tasks (text_lm, stdlib_lm, text_classification) read their data when they
-are built, which validation does: here their loader is an in-memory stand-in (the hub is
-never asked), and a DataError is accepted for them as the refusal it is (exit 3).
+The data-backed tasks (text_lm, stdlib_lm, text_classification) are validated without
+reading their data: here their loaders raise, so a validation that read data would fail the
+property. A tokenizer other than `bytes` is read to learn its vocabulary; a DataError from
+one (no network here) is accepted as the refusal it is (exit 3).
 """
 
 from __future__ import annotations
@@ -393,16 +394,11 @@ class Watch:
 WATCH = Watch()
 
 
-class FakeDataset:
-    """What the data-backed tasks read from a loaded split: columns by name."""
+LOAD_DATASET = ablate.data.load_dataset  # before the module fixture replaces it
 
-    def __init__(self):
-        texts = ["a good film, and well made. " * 8, "a bad film, badly made. " * 8] * 4
-        self.columns = {"text": texts, "label": [1, 0] * 4}
-        self.column_names = list(self.columns)
 
-    def __getitem__(self, name):
-        return self.columns[name]
+def no_data(*args, **kwargs):
+    raise AssertionError(f"validation read data: {args} {kwargs}")
 
 
 def refuse_connection(sock, address, *args):
@@ -412,13 +408,12 @@ def refuse_connection(sock, address, *args):
 
 @pytest.fixture(scope="module", autouse=True)
 def offline():
-    """No network at all; the data-backed tasks read stand-in data (never the hub or disk)."""
-    small = [ROOT / "ablate" / "config.py", ROOT / "ablate" / "experiment.py"]
+    """No network at all, and no data read: validation reads neither the hub nor the disk."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", refuse_connection)
         mp.setattr(socket.socket, "connect_ex", refuse_connection)
-        mp.setattr(ablate.data, "load_dataset", lambda *a, **k: FakeDataset())
-        mp.setattr(ablate.data, "stdlib_files", lambda: small)
+        mp.setattr(ablate.data, "load_dataset", no_data)
+        mp.setattr(ablate.data, "stdlib_files", no_data)
         yield
 
 
@@ -467,7 +462,7 @@ def validate(doc: dict, workdir: Path) -> list[str]:
                 assert path and rooted(path, doc) and message, (path, message)
             outcomes.append("refused")
         except DataError:
-            # Raised by a data-backed task reading its (stand-in) data while being built.
+            # Raised by a data-backed task reading a tokenizer it cannot find.
             assert task_names_in(doc) & DATA_TASKS, doc
             outcomes.append("bad data")
     return outcomes
@@ -570,20 +565,23 @@ def test_the_issues_examples_are_refused_with_their_paths():
         assert path in [p.split(" ")[0] for p, _ in e.value.problems], (what, e.value.problems)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="validation builds the task, and a data-backed task loads its data when built",
-)
 def test_a_hub_dataset_is_never_loaded_by_validation(monkeypatch):
-    """A text task pointing at a hub name is validated without reading the dataset."""
+    """A text task pointing at a hub name is validated, as a train and as a sweep, without
+    reading the dataset: validation reads only the task's vocabulary, length and knobs."""
+    import datasets
 
-    def no_loading(source, split, **kwargs):
-        raise AssertionError(f"validation loaded {source!r} ({split})")
+    def no_loading(*args, **kwargs):
+        raise AssertionError(f"validation loaded a dataset: {args} {kwargs}")
 
-    monkeypatch.setattr(ablate.data, "load_dataset", no_loading)
-    exp = build_experiment(GENERATED["task_text_classification"])
-    assert exp.task.name == "text_classification"
+    monkeypatch.setattr(datasets, "load_dataset", no_loading)
+    monkeypatch.setattr(ablate.data, "load_dataset", LOAD_DATASET)  # the real one, here
+    doc = GENERATED["task_text_classification"]
+    exp = build_experiment(doc)
+    assert exp.task.name == "text_classification" and exp.model.vocab_size == exp.task.vocab_size
+    assert expand(doc)[1][0].experiment.task.name == "text_classification"
+    # The data is read when it is loaded, and only then.
+    with pytest.raises(AssertionError, match="validation loaded"):
+        exp.task.load()
 
 
 CLI_CASES = {

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 
 from ablate.config import ConfigError
-from ablate.data import (
-    CLS,
-    PAD,
-    SEP,
-    DataError,
+from ablate.data import CLS, PAD, SEP, DataError
+from ablate.experiment import build_experiment
+from ablate.tasks.text import (
     StdlibLM,
     StdlibLMConfig,
     TextClassification,
@@ -23,7 +21,6 @@ from ablate.data import (
     TextLM,
     TextLMConfig,
 )
-from ablate.experiment import build_experiment
 
 TEXTS = ["the cat sat on the mat", "a dog ran", "birds fly south", "fish swim", "owls hoot"]
 LABELS = [0, 1, 1, 0, 1]
@@ -55,7 +52,8 @@ def decode(ids):
 def test_local_files_to_lm_windows(tmp_path, kind):
     path = write_files(tmp_path)[kind]
     task = TextLM(TextLMConfig(source=str(path), seq_len=8, eval_fraction=0.2))
-    batch = jax.jit(task.sample, static_argnums=1)(jax.random.PRNGKey(0), 4)
+    data = task.load()
+    batch = jax.jit(task.sample_at, static_argnums=3)(data.arrays, jax.random.PRNGKey(0), 0, 4)
     assert batch.inputs.shape == batch.targets.shape == (4, 8)
     # Targets are the inputs shifted by one: next-token prediction inside one window.
     np.testing.assert_array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])
@@ -65,10 +63,10 @@ def test_local_files_to_lm_windows(tmp_path, kind):
     for row in np.asarray(batch.inputs):
         text = "".join(chr(0) if i == SEP else chr(i) for i in row)
         assert text in train_text
-    eval_batch = task.eval_sample(jax.random.PRNGKey(0), 4)
+    eval_batch = task.eval_sample(data.arrays, jax.random.PRNGKey(0), 4)
     for row in np.asarray(eval_batch.inputs):
         assert "".join(chr(0) if i == SEP else chr(i) for i in row) in TEXTS[4] + chr(0) + TEXTS[4]
-    assert 0 < task.chance < 1
+    assert 0 < data.chance < 1
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
@@ -82,7 +80,8 @@ def test_local_files_to_classification_batches(tmp_path, kind):
 
 
 def check_classification(task, seq_len):
-    batch = task.sample(jax.random.PRNGKey(1), 16)
+    data = task.load()
+    batch = task.sample_at(data.arrays, jax.random.PRNGKey(1), 0, 16)
     inputs, targets, weights = map(np.asarray, (batch.inputs, batch.targets, batch.weights))
     assert inputs.shape == (16, seq_len)
     for x, t, w in zip(inputs, targets, weights):
@@ -94,7 +93,7 @@ def check_classification(task, seq_len):
         assert t[cls_pos] == task.text_vocab + LABELS[match[0]]
         assert (x[cls_pos + 1 :] == PAD).all()
     assert task.pad_id == PAD and task.vocab_size == task.text_vocab + 2
-    assert task.chance == pytest.approx(3 / 5)
+    assert data.chance == pytest.approx(3 / 5)
 
 
 def test_in_memory_dataset_and_truncation():
@@ -102,7 +101,7 @@ def test_in_memory_dataset_and_truncation():
     task = TextClassification(
         TextClassificationConfig(train_split="x", eval_split="x", seq_len=6), data=ds
     )
-    batch = task.sample(jax.random.PRNGKey(0), 8)
+    batch = task.eval_sample(task.load().arrays, jax.random.PRNGKey(0), 8)
     # Long texts keep their first seq_len - 1 tokens, then CLS.
     assert (np.asarray(batch.inputs)[:, 5] == CLS).all()
     splits = {"train": ds, "test": ds.select(range(2))}
@@ -112,16 +111,17 @@ def test_in_memory_dataset_and_truncation():
 
 def test_sampling_is_deterministic_per_key(tmp_path):
     task = TextLM(TextLMConfig(source=str(write_files(tmp_path)["txt"]), seq_len=6))
-    a, b = task.sample(jax.random.PRNGKey(3), 4), task.sample(jax.random.PRNGKey(3), 4)
-    c = task.sample(jax.random.PRNGKey(4), 4)
+    sample = lambda seed: task.sample_at(task.load().arrays, jax.random.PRNGKey(seed), 0, 4)
+    a, b, c = sample(3), sample(3), sample(4)
     np.testing.assert_array_equal(a.inputs, b.inputs)
     assert not np.array_equal(a.inputs, c.inputs)
 
 
 def test_stdlib_corpus_needs_no_download():
     task = StdlibLM(StdlibLMConfig(seq_len=32, max_tokens=200_000))
-    assert task.n_tokens["train"] > 100_000 and task.n_tokens["eval"] > 1000
-    batch = task.sample(jax.random.PRNGKey(0), 2)
+    data = task.load()
+    assert len(data.arrays.train) > 100_000 and len(data.arrays.eval) > 1000
+    batch = task.sample_at(data.arrays, jax.random.PRNGKey(0), 0, 2)
     assert decode(batch.inputs[0]).isprintable() or "\n" in decode(batch.inputs[0])
     exp = build_experiment({"task": {"name": "stdlib_lm", "seq_len": 32}})
     assert exp.model.vocab_size == 260 and exp.model.seq_len == 32
@@ -130,18 +130,22 @@ def test_stdlib_corpus_needs_no_download():
 def test_missing_column_lists_available(tmp_path):
     path = write_files(tmp_path)["jsonl"]
     with pytest.raises(DataError, match=r"'body' not found; available: \['text', 'label'\]"):
-        TextLM(TextLMConfig(source=str(path), text_column="body"))
+        TextLM(TextLMConfig(source=str(path), text_column="body")).load()
 
 
 def test_labels_out_of_range_and_empty_texts():
     ds = datasets.Dataset.from_dict({"text": TEXTS, "label": [0, 1, 2, 0, 1]})
     with pytest.raises(DataError, match=r"label 2 is outside 0..1"):
-        TextClassification(TextClassificationConfig(train_split="a", eval_split="a"), data=ds)
+        TextClassification(
+            TextClassificationConfig(train_split="a", eval_split="a"), data=ds
+        ).load()
     ds = datasets.Dataset.from_dict({"text": ["ok", "  "], "label": [0, 1]})
     with pytest.raises(DataError, match="empty or missing text"):
-        TextClassification(TextClassificationConfig(train_split="a", eval_split="a"), data=ds)
+        TextClassification(
+            TextClassificationConfig(train_split="a", eval_split="a"), data=ds
+        ).load()
     with pytest.raises(DataError, match="every text is empty"):
-        TextLM(TextLMConfig(), data=datasets.Dataset.from_dict({"text": ["", " "]}))
+        TextLM(TextLMConfig(), data=datasets.Dataset.from_dict({"text": ["", " "]})).load()
 
 
 def test_model_vocab_smaller_than_tokenizer_is_refused():
@@ -153,8 +157,9 @@ def test_model_vocab_smaller_than_tokenizer_is_refused():
 
 def test_hub_name_without_network_says_how_to_use_local_files(tmp_path):
     code = (
-        "from ablate.data import TextLM, TextLMConfig, DataError\n"
-        "try:\n    TextLM(TextLMConfig(source='imdb'))\n"
+        "from ablate.data import DataError\n"
+        "from ablate.tasks.text import TextLM, TextLMConfig\n"
+        "try:\n    TextLM(TextLMConfig(source='imdb')).load()\n"
         "except DataError as e:\n    print('DATAERROR', e)\n"
     )
     env = dict(
@@ -211,7 +216,7 @@ def test_resume_continues_on_the_exact_next_batch(tmp_path):
 
 @pytest.mark.parametrize("n", [1, 2, 7, 64, 1000, 4099])
 def test_permute_is_a_permutation_of_range_n(n):
-    from ablate.data import permute
+    from ablate.tasks.order import permute
 
     orders = [
         np.asarray(jax.jit(lambda x, s=s: permute(jax.random.PRNGKey(s), x, n))(np.arange(n)))
@@ -225,7 +230,7 @@ def test_permute_is_a_permutation_of_range_n(n):
 
 
 def test_epochs_visit_every_example_once_in_a_new_order():
-    from ablate.data import epoch_order
+    from ablate.tasks.order import epoch_order
 
     key, n, B = jax.random.PRNGKey(3), 50, 8  # 6 steps per epoch, 2 examples dropped each
     order = jax.jit(lambda s: epoch_order(key, s, B, n)[0])
@@ -246,10 +251,11 @@ def test_lm_epoch_tiles_the_stream_with_distinct_windows(tmp_path):
     source.write_text("".join(f"{i:05d}\n" for i in range(2000)))
     task = TextLM(TextLMConfig(source=str(source), seq_len=16))
     key, B, L = jax.random.PRNGKey(0), 4, 16
-    T = task.n_tokens["train"]
+    data = task.load()
+    ids = np.asarray(data.arrays.train)
+    T = len(ids)
     per_epoch = ((T - 2 * L) // L + 1) // B
-    ids = np.asarray(task._train_ids)
-    starts_of = jax.jit(lambda step: task.epoch_starts(key, step, B))
+    starts_of = jax.jit(lambda step: task.epoch_starts(T, key, step, B))
     shifts = []
     for epoch in range(3):
         starts = np.concatenate(
@@ -260,7 +266,7 @@ def test_lm_epoch_tiles_the_stream_with_distinct_windows(tmp_path):
         assert starts.min() >= 0 and starts.max() + L + 1 <= T
         shifts.append(int(starts[0] % L))
     assert len(set(shifts)) > 1  # the tiling moves between epochs
-    batch = task.sample_at(key, 0, B)
+    batch = task.sample_at(data.arrays, key, 0, B)
     start = int(starts_of(0)[0])
     np.testing.assert_array_equal(batch.inputs[0], ids[start : start + L])
     np.testing.assert_array_equal(batch.targets[0], ids[start + 1 : start + L + 1])

@@ -22,10 +22,11 @@ import pytest
 
 from ablate.checkpoint import Checkpointer
 from ablate.config import ConfigError
+from ablate.core import Programs
 from ablate.distributed import MeshConfig, launched_as_many, mesh_problems
 from ablate.probe import probe_run
 from ablate.sweep import run_sweep
-from ablate.train import Engine, train
+from ablate.train import train
 from tests.test_train import leaves, tiny
 
 ROOT = Path(__file__).parent.parent
@@ -64,10 +65,10 @@ def _assert_same(got, want):
 
 def _reference(**over):
     exp = tiny(**{"train.mesh": {"data": 1}, **over})
-    engine = Engine(exp)
-    state = engine.init()
+    programs = Programs(exp)
+    state = programs.init()
     for _ in range(exp.train.steps // exp.train.steps_per_dispatch):
-        state, metrics = engine.train_chunk(state)
+        state, metrics = programs.train_chunk(state, ())
     return leaves(state), np.asarray(metrics["loss"])
 
 
@@ -109,7 +110,9 @@ def test_checkpoint_from_4_devices_resumes_on_one(worker, tmp_path):
     straight = train(exp, tmp_path / "straight", progress=False)
     assert resumed.steps == 20
     np.testing.assert_allclose(resumed.final["loss"], straight.final["loss"], rtol=TOL)
-    restore = lambda d: Checkpointer(d / "checkpoints").restore_latest(Engine(exp).abstract_state())
+    restore = lambda d: Checkpointer(d / "checkpoints").restore_latest(
+        Programs(exp).abstract_state()
+    )
     _assert_same(leaves(restore(run)[1]), leaves(restore(tmp_path / "straight")[1]))
 
 
@@ -287,7 +290,7 @@ def test_two_processes_train_and_probe_together_and_one_writes(tmp_path):
     assert len(list((run / "seed_0").glob("events.out.tfevents.*"))) == 1
     # The checkpoint of the 2-process run (4 devices) restores here, on one device.
     restore = lambda d: Checkpointer(d / "checkpoints").restore_latest(
-        Engine(tiny()).abstract_state()
+        Programs(tiny()).abstract_state()
     )
     step, state, _ = restore(run)
     assert step == 20

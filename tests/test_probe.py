@@ -16,9 +16,10 @@ from flax import nnx
 from ablate import probe
 from ablate.cli import main
 from ablate.config import ConfigError
+from ablate.core import Definition
 from ablate.metrics import token_metrics
 from ablate.runfolder import CONFIG_FILE, FINAL_FILE
-from ablate.train import Engine, train
+from ablate.train import train
 from tests.test_train import tiny
 
 # Measured: eval accuracy 0.95 at step 150 and 1.0 at step 200 (one-hop recall, 4 values).
@@ -68,7 +69,7 @@ def rows_of(probed, kind):
 
 def test_ablating_nothing_reproduces_the_unablated_metric(run_dir, probed, prober):
     final = json.loads((run_dir / FINAL_FILE).read_text())["final"]
-    # The training engine's own held-out evaluation is the reference.
+    # Training's own held-out evaluation is the reference.
     assert probed["baseline"]["accuracy"][0] == final["accuracy"][0]
     assert probed["baseline"]["loss"][0] == pytest.approx(final["loss"][0], rel=1e-6)
     nothing_1NH = np.zeros((1, N, H), np.float32)
@@ -83,11 +84,11 @@ def test_ablating_nothing_reproduces_the_unablated_metric(run_dir, probed, probe
 def silenced(run_dir, layers):
     """Per layer, eval loss/accuracy of the plain model (no ablation hook) with its W_o zeroed."""
     exp, state, _ = probe.load_run(run_dir)
-    engine = Engine(exp)
+    definition = Definition.of(exp)
 
     def trained():
         first = [jax.tree.map(lambda x: x[0], s) for s in (state.params, state.rest)]
-        return nnx.merge(engine.graphdef, *first)
+        return definition.merge(*first)
 
     graphdef = nnx.graphdef(trained())
 
@@ -193,7 +194,7 @@ def ranking_losses(prober, gate_NH):
         )
         return (ce_BL * weights_BL).sum(-1) / jnp.maximum(weights_BL.sum(-1), 1.0)
 
-    batches = zip(*(np.asarray(x) for x in prober.ranking_batches))
+    batches = zip(*(np.asarray(x) for x in prober.ranking_batches[:3]))  # valid: None
     return np.stack([losses(jnp.asarray(gate_NH, jnp.float32), b) for b in batches])
 
 
@@ -223,7 +224,7 @@ def test_gate_gradient_importance_matches_per_example_finite_differences(probed,
 def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, probed, prober):
     ranking, measured = (np.asarray(b[0]) for b in (prober.ranking_batches, prober.eval_batches))
     assert ranking.shape == measured.shape
-    for other in (measured, np.asarray(prober.reference_inputs)):
+    for other in (measured, np.asarray(prober.reference_batches[0])):
         assert (ranking != other).any(-1).mean() > 0.9  # nearly every sequence differs
     # The published importance is the ranking batches', not the eval batches'.
     _, on_eval_KNH = jax.device_get(
@@ -232,7 +233,7 @@ def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, pr
     np.testing.assert_allclose(probed["importance"], prober.gate_gradients()[1], rtol=1e-6)
     assert not np.allclose(probed["importance"], on_eval_KNH, rtol=0.05)
 
-    # The pruning curve is measured on the eval batches: it starts at the engine's unablated
+    # The pruning curve is measured on the eval batches: it starts at training's unablated
     # eval accuracy, and every point is the eval-batch accuracy of that prefix removed.
     final = json.loads((run_dir / FINAL_FILE).read_text())["final"]
     curve = np.asarray(probed["pruning"]["accuracy_importance_order"][0])
@@ -244,7 +245,7 @@ def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, pr
     prefix_PNH = probe._prefix_masks(np.asarray(flat), N, H)
     gate_1PNH, mix_1PRNH = prober.edits(["zero"] * len(prefix_PNH), prefix_PNH)
     on_eval = prober.evaluate(gate_1PNH, mix_1PRNH)["accuracy"][0]
-    data = (prober.ranking_batches, prober.reference_inputs, prober.fixed_patterns)
+    data = (prober.ranking_batches, prober.reference_batches, prober.fixed_patterns)
     on_ranking = jax.device_get(
         prober._evaluate(prober.params, prober.rest, gate_1PNH, mix_1PRNH, *data)
     )
@@ -379,3 +380,48 @@ def test_heads_without_a_pattern_and_several_seeds(tmp_path):
     assert alone["baseline"]["loss"][0] == pytest.approx(both["baseline"]["loss"][1], rel=1e-5)
     np.testing.assert_allclose(alone["importance"][0], both["importance"][1], rtol=1e-4, atol=1e-7)
     assert not np.allclose(both["importance"][0], both["importance"][1])
+
+
+def test_a_padded_bidirectional_model_is_probed_with_its_padding_masked(tmp_path):
+    """The probe draws training's eval batches with their validity mask: ablating nothing on
+    a padded, bidirectional classifier gives the training evaluation's numbers, which the
+    same model read without the mask (what the probe used to do) does not."""
+    from ablate.core import Programs
+    from ablate.experiment import build_experiment
+
+    texts = ["ok", "a longer text here", "mid size", "x", "another one of them", "tiny"] * 4
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"text": t, "label": len(t) % 2}) + "\n" for t in texts))
+    exp = build_experiment(
+        {
+            "task": {
+                "name": "text_classification",
+                "source": str(source),
+                "train_split": "train",
+                "eval_split": "train",
+                "seq_len": 24,
+            },
+            "model": {"d_model": 16, "n_heads": 2, "n_layers": 1, "causal": False},
+            "train": {"steps": 10, "batch_size": 8, "steps_per_dispatch": 10, "eval_batches": 2,
+                      "log_every": 10, "checkpoint_every": 10, "compile_cache": False},
+        }
+    )  # fmt: skip
+    programs, data = Programs(exp), exp.task.load()
+    state = programs.init()
+    evaluated = programs.evaluate(state, programs.place(data.arrays))
+    prober = probe.Prober(exp, state.params, state.rest, data)
+    nothing = prober.ablate("zero", np.zeros((1, 1, 2), np.float32))
+    assert nothing["loss"][0, 0] == pytest.approx(evaluated["loss"][0], rel=1e-6)
+
+    inputs_EBL, targets_EBL, weights_EBL, valid_EBL = prober.eval_batches
+    assert not np.asarray(valid_EBL).all()  # the batches are padded
+    model = Definition.of(exp).merge(
+        *(jax.tree.map(lambda x: x[0], s) for s in (state.params, state.rest))
+    )
+    unmasked = np.mean(
+        [
+            token_metrics(model(inputs_EBL[e]).logits, targets_EBL[e], weights_EBL[e])["loss"]
+            for e in range(exp.train.eval_batches)
+        ]
+    )
+    assert abs(unmasked - evaluated["loss"][0]) > 0.01  # the mask does move the numbers

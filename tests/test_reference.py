@@ -6,7 +6,8 @@ import pytest
 
 from ablate import reference
 from ablate.reference import _Splits, audit, draw, estimate_bag, reference_levels
-from ablate.tasks import TASKS, Majority, _random_bits, _static_batch, make_task, mode_share
+from ablate.tasks import TASKS, Majority, make_task, mode_share
+from ablate.tasks.base import random_bits, static_batch
 
 # Every registered synthetic task at its defaults and two other sizes. A task added to the
 # registry without an entry here fails `test_every_registered_task_is_audited`.
@@ -45,7 +46,7 @@ class OldMajority(Majority):
 
     def sample(self, key, batch_size):
         n, m = self.config.n_items, self.config.n_symbols
-        x_BN = (_random_bits(key, batch_size, n)[0] % m).astype(jnp.int32)
+        x_BN = (random_bits(key, batch_size, n)[0] % m).astype(jnp.int32)
         rows_B1 = jnp.arange(batch_size)[:, None]
         positions_BN = jnp.broadcast_to(jnp.arange(n)[None, :], x_BN.shape)
         counts_BM = jnp.zeros((batch_size, m), jnp.int32).at[rows_B1, x_BN].add(1)
@@ -56,7 +57,7 @@ class OldMajority(Majority):
         x_BN = jnp.where(promote_BN, winner_B1, x_BN) + 1
         inputs_BL = jnp.concatenate([x_BN, jnp.zeros((batch_size, 1), jnp.int32)], axis=1)
         targets_BL = jnp.where(self.scored_L[None, :], winner_B1 + 1, 0)
-        return _static_batch(inputs_BL, targets_BL, self.scored_L, self.deps_LL)
+        return static_batch(inputs_BL, targets_BL, self.scored_L, self.deps_LL)
 
 
 def test_the_audit_catches_the_old_majority_sampler():

@@ -224,11 +224,11 @@ def restore(run_dir: Path, exp, step: int | None = None):
     import orbax.checkpoint as ocp
 
     from ablate.checkpoint import Checkpointer
-    from ablate.train import Engine
+    from ablate.core import Programs
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=100)
     try:
-        target = Engine(exp).abstract_state()
+        target = Programs(exp).abstract_state()
         if step is None:
             got = ckpt.restore_latest(target)
             assert got is not None, f"no good checkpoint in {run_dir}"
@@ -437,7 +437,7 @@ BAD_IDS_UNCHECKED = textwrap.dedent(
         return b._replace(inputs=b.inputs.at[3, 4].set(self.vocab_size + 7))
 
     tasks.AssocRecall.sample = bad_sample
-    train.Engine.check_data = lambda self: None  # only the check inside the step is left
+    train.check_data = lambda programs, arrays: None  # only the check inside the step is left
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -681,12 +681,11 @@ def test_divergence_stops_with_the_exact_step_and_keeps_the_last_good_checkpoint
     assert (run_dir / "final.step200-0.json").is_file() and not (run_dir / "final.json").exists()
 
     # The first non-finite loss, found step by step in this process from checkpoint 200.
-    from ablate.train import Engine
+    from ablate.core import Programs
 
     exp = load_exp(exp_file, "optim.learning_rate=inf", "train.steps=260")
     _, state, _ = restore(run_dir, exp, 200)
-    engine = Engine(exp)
-    state, metrics = engine.train_chunk(state)
+    state, metrics = Programs(exp).train_chunk(state, ())
     # (seeds, steps 201..210): the loss, or the parameters the step's update left
     names = ("loss", "grad_norm", "param_norm")
     bad = np.any([~np.isfinite(np.asarray(metrics[n])) for n in names], axis=0)
@@ -711,17 +710,17 @@ NAN_AT = textwrap.dedent(
     import jax
     import jax.numpy as jnp
 
-    from ablate import train
+    from ablate import core
     from ablate.cli import main
 
     what, bad_step, bad_seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     building = {}  # while a training step is traced: whether it is the one to poison
-    step_one = train.Engine._step_one
+    train_step = core.train_step
 
-    def poisoned_step_one(self, state, key):
+    def poisoned_step(definition, optimizer, sampler, state, key, arrays):
         building["bad"] = (state.step + 1 == bad_step) & jnp.all(key == jax.random.PRNGKey(bad_seed))
         try:
-            return step_one(self, state, key)
+            return train_step(definition, optimizer, sampler, state, key, arrays)
         finally:
             del building["bad"]
 
@@ -731,7 +730,7 @@ NAN_AT = textwrap.dedent(
         zero = jnp.square(loss - jax.lax.stop_gradient(loss))
         return loss + jnp.where(bad, jnp.sqrt(jnp.where(bad, zero, 1.0)), 0.0)
 
-    token_metrics = train.token_metrics
+    token_metrics = core.token_metrics
 
     def poisoned_metrics(*args, **kwargs):
         metrics = token_metrics(*args, **kwargs)
@@ -739,7 +738,7 @@ NAN_AT = textwrap.dedent(
             metrics["loss"] = nan_gradient(metrics["loss"], building["bad"])
         return metrics
 
-    apply_updates = train.optax.apply_updates
+    apply_updates = core.optax.apply_updates
 
     def poisoned_updates(params, updates):
         new = apply_updates(params, updates)
@@ -747,9 +746,9 @@ NAN_AT = textwrap.dedent(
             new = jax.tree.map(lambda p: jnp.where(building["bad"], jnp.nan, p), new)
         return new
 
-    train.Engine._step_one = poisoned_step_one
-    train.token_metrics = poisoned_metrics
-    train.optax.apply_updates = poisoned_updates
+    core.train_step = poisoned_step
+    core.token_metrics = poisoned_metrics
+    core.optax.apply_updates = poisoned_updates
     sys.exit(main(sys.argv[4:]))
     """
 )

@@ -189,3 +189,59 @@ def test_eval_history_reads_the_pull_at_init_its_peak_and_the_end(tmp_path):
             "gradient_alignment_max": 0.5,
         }
     }
+
+
+def test_a_text_task_is_read_once_per_sweep_and_shared_by_its_points(tmp_path, monkeypatch):
+    """Three variants of one text task (one probed): its data is read once, and every run
+    trains on that one device copy of it."""
+    import jax
+
+    import ablate.data
+    from ablate.core import Programs
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the cat sat on the mat\n" for i in range(100)))
+    exp_file = tmp_path / "text.toml"
+    exp_file.write_text(
+        f"""
+[sweep]
+name = "text"
+variants = ["learned", "uniform", "frozen"]
+probe = ["learned"]
+tasks = [{{ name = "text_lm", source = "{corpus}", seq_len = 8 }}]
+[model]
+d_model = 16
+n_heads = 2
+n_layers = 1
+[train]
+steps = 10
+batch_size = 8
+steps_per_dispatch = 10
+log_every = 10
+eval_every = 0
+eval_batches = 1
+checkpoint_every = 10
+compile_cache = false
+"""
+    )
+    reads, placed = [], []
+    load_dataset, place = ablate.data.load_dataset, Programs.place
+
+    def counted_load(*args, **kwargs):
+        reads.append(args)
+        return load_dataset(*args, **kwargs)
+
+    def recorded_place(self, arrays):
+        out = place(self, arrays)
+        placed.append((arrays, [x.unsafe_buffer_pointer() for x in jax.tree.leaves(out)]))
+        return out
+
+    monkeypatch.setattr(ablate.data, "load_dataset", counted_load)
+    monkeypatch.setattr(Programs, "place", recorded_place)
+    run_sweep(exp_file, workdir=tmp_path, progress=False, report=False)
+    table = rows(tmp_path / "text")
+    assert [r["status"] for r in table] == ["ok"] * 3 and all(0 < r["chance"] < 1 for r in table)
+    assert len(reads) == 1  # one split, read once for three runs and a probe
+    assert len(placed) == 3 and all(arrays is placed[0][0] for arrays, _ in placed)
+    loaded = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(placed[0][0])]
+    assert all(pointers == loaded for _, pointers in placed)  # no run made its own copy

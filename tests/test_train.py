@@ -1,4 +1,4 @@
-"""The training engine: learning, seed vmapping, scan, freezing, resume, logs, bad input."""
+"""Training: learning, seed vmapping, scan, freezing, resume, logs, bad input."""
 
 import json
 
@@ -10,8 +10,9 @@ from flax import nnx
 from ablate.attention import Fixed, Frozen
 from ablate.cli import main
 from ablate.config import ConfigError
+from ablate.core import Programs
 from ablate.experiment import build_experiment
-from ablate.train import Engine, train
+from ablate.train import train
 
 
 def tiny(**over):
@@ -48,10 +49,10 @@ def leaves(state):
 
 
 def run_steps(exp):
-    engine = Engine(exp)
-    state = engine.init()
+    programs = Programs(exp)
+    state = programs.init()
     for _ in range(exp.train.steps // exp.train.steps_per_dispatch):
-        state, _ = engine.train_chunk(state)
+        state, _ = programs.train_chunk(state, ())  # a synthetic task: no arrays
     return state
 
 
@@ -111,8 +112,7 @@ def test_scanned_steps_equal_looped_steps():
 
 def test_frozen_and_fixed_state_unchanged_by_training():
     exp = tiny(**{"model.attention": [["frozen", "random_fixed"], ["learned", "synthesizer"]]})
-    engine = Engine(exp)
-    before = engine.init()
+    before = Programs(exp).init()
     rest_before = leaves(before.rest)
     params_before = leaves(before.params)
     after = run_steps(exp)
@@ -136,10 +136,9 @@ def test_resume_is_bit_identical(tmp_path):
     assert resumed.steps == 40
     assert resumed.final["loss"] == straight.final["loss"]
 
-    engine = Engine(exp)
     from ablate.checkpoint import Checkpointer, abstract_like
 
-    target = abstract_like(engine.init())
+    target = abstract_like(Programs(exp).init())
     _, a, _ = Checkpointer(tmp_path / "straight" / "checkpoints").restore_latest(target)
     _, b, _ = Checkpointer(tmp_path / "resumed" / "checkpoints").restore_latest(target)
     for x, y in zip(leaves(a), leaves(b)):
@@ -215,7 +214,7 @@ def _shared(state):
 
 def test_paired_design_variants_of_one_seed_share_initial_values_and_batches():
     variants = ["learned", "uniform", [["frozen", "random_fixed"], ["none", "synthesizer"]]]
-    engines = [Engine(tiny(**{"model.attention": v, "train.seeds": [5]})) for v in variants]
+    engines = [Programs(tiny(**{"model.attention": v, "train.seeds": [5]})) for v in variants]
     states = [e.init() for e in engines]
     reference = _shared(states[0])
     assert len(reference) > 10  # embeddings, w_v, w_o, MLPs, norms, head
@@ -225,7 +224,7 @@ def test_paired_design_variants_of_one_seed_share_initial_values_and_batches():
         for path, value in reference.items():
             np.testing.assert_array_equal(shared[path], value, err_msg=str(path))
     # With the same head layout, frozen W_q/W_k are exactly learned's initial W_q/W_k.
-    frozen = Engine(tiny(**{"model.attention": "frozen", "train.seeds": [5]})).init()
+    frozen = Programs(tiny(**{"model.attention": "frozen", "train.seeds": [5]})).init()
     qk = [
         {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(tree) if p[-1] in ("w_q", "w_k")}
         for tree in (states[0].params, frozen.rest)
@@ -234,14 +233,14 @@ def test_paired_design_variants_of_one_seed_share_initial_values_and_batches():
     for path, value in qk[0].items():
         np.testing.assert_array_equal(qk[1][path], value)
     key = jax.random.PRNGKey(5)
-    batches = [e.batch_at(key, 7) for e in engines]
+    batches = [e.sampler.train((), key, 7) for e in engines]
     for batch in batches[1:]:
         for a, b in zip(batches[0], batch):
             np.testing.assert_array_equal(a, b)
     # ... and the batches are not all alike: another step or seed draws others.
-    other = engines[0].batch_at(jax.random.PRNGKey(6), 7).inputs
+    other = engines[0].sampler.train((), jax.random.PRNGKey(6), 7).inputs
     assert not np.array_equal(other, batches[0].inputs)
-    assert not np.array_equal(engines[0].batch_at(key, 8).inputs, batches[0].inputs)
+    assert not np.array_equal(engines[0].sampler.train((), key, 8).inputs, batches[0].inputs)
 
 
 @pytest.mark.parametrize(
@@ -256,13 +255,13 @@ def test_pattern_gradients_match_finite_differences(attention):
     from ablate.metrics import token_metrics
 
     exp = tiny(**{"model.attention": attention, "model.n_layers": 1})
-    engine = Engine(exp)
-    state = engine.init()
+    programs = Programs(exp)
+    state = programs.init()
     params, rest = jax.tree.map(lambda x: x[0], (state.params, state.rest))
-    model = nnx.merge(engine.graphdef, params, rest)
-    batch = engine.task.sample(jax.random.PRNGKey(3), 4)
+    model = programs.definition.merge(params, rest)
+    batch = exp.task.sample(jax.random.PRNGKey(3), 4)
     patterns = model(batch.inputs, return_patterns=True).patterns
-    (grad,) = engine._pattern_gradients(model, batch, None, patterns)
+    (grad,) = programs.definition._pattern_gradients(model, batch, None, patterns)
     H, K = exp.model.n_heads, exp.model.head_dim
     B, L = batch.inputs.shape
 
@@ -301,10 +300,10 @@ def test_the_loss_points_at_the_context_before_accuracy_leaves_the_bag_level():
             "optim.warmup_steps": 50,
         }
     )
-    engine, bag = Engine(exp), 0.25  # mqar's bag ceiling with 4 distinct values
-    state, curve = engine.init(), []
+    programs, bag = Programs(exp), 0.25  # mqar's bag ceiling with 4 distinct values
+    state, curve = programs.init(), []
     for _ in range(12):
-        out = engine.evaluate(state)
+        out = programs.evaluate(state, ())
         curve.append(
             (
                 float(out["accuracy"][0]),
@@ -313,7 +312,7 @@ def test_the_loss_points_at_the_context_before_accuracy_leaves_the_bag_level():
                 float(out["uniform_alignment"][0]),
             )
         )
-        state, _ = engine.train_chunk(state)
+        state, _ = programs.train_chunk(state, ())
     acc, pull, attention, uniform = map(np.array, zip(*curve))
     leaves_bag = int(np.argmax(acc > bag + 0.2))
     assert acc[-1] > 0.9 and leaves_bag > 0

@@ -1,0 +1,286 @@
+"""What every task is: the batch, the task spec and its loaded data, the registry, shared helpers.
+
+A `Task` is a spec: built from its knobs alone, it knows its cheap facts (vocabulary size,
+sequence length, knobs; for synthetic tasks also the chance level) and reads nothing. What a
+task needs from disk or the hub is read by `Task.load()` into a `TaskData`, once per `train`,
+`probe` or sweep, and its arrays go into the compiled programs as an argument
+(`sample_at(arrays, ...)`, `eval_sample(arrays, ...)`). Synthetic tasks load nothing: their
+arrays are `()` and they draw every batch from a key.
+
+Every task is read by a causal language model: the target at position i is a function of
+inputs[0..i] only, and `Batch.deps[b, i, j]` marks the input positions j <= i that determine
+it (the mask M that attention alignment is measured against). Unscored positions have
+target 0, weight 0 and an all-False deps row.
+
+`sample(key, batch_size)` is pure jax.numpy/jax.random, so it runs inside a jitted, scanned,
+vmapped training step. `reference` and `is_valid` are independent host-side (numpy)
+definitions of the same task, used by the tests. Both accept a prefix inputs[:n] as well as a
+whole sequence: `reference` then gives the targets of the first n positions, and `is_valid`
+says whether the prefix can be completed to a valid instance. `is_valid` accepts every
+well-posed instance (targets defined by the task's rule), which is a superset of what
+`sample` draws: e.g. an MQAR query may name a key that another query already named.
+
+`chance` is the accuracy per scored token of the best predictor that sees no input token but
+may know the target's position (what a model without any context could reach); for most
+tasks the targets are uniform so it is 1/(number of answer values), for `sort` it is the
+mean mode probability of each order statistic. Real data measures it on the loaded training
+split (`TaskData.chance`). `leaks_future` is True when an input after a scored position
+reveals its target (teacher forcing), so only causal models may train on it.
+
+Axis letters: B batch, L sequence length, P key-value pairs, N data items, R region length,
+S source positions per target, M symbols.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ablate.config import check, in_range
+
+MAX_SEQ_LEN = 4096
+MAX_SYMBOLS = (
+    8192  # per alphabet (keys, values, symbols); distinct draws argsort B x this many words
+)
+MAX_VOCAB = 65536
+
+
+class Batch(NamedTuple):
+    """One batch of a task: token ids, targets, target weights and the dependency mask."""
+
+    inputs: jax.Array  # int32 [B, L]
+    targets: jax.Array  # int32 [B, L], 0 where not scored
+    weights: jax.Array  # float32 [B, L], 1.0 at scored positions
+    deps: jax.Array  # bool [B, L, L]: deps[b, i, j] iff input j determines target i
+
+
+def outside(ids, size: int):
+    """Where ids fall outside [0, size) (numpy or jax alike): the one token-id range check."""
+    return (ids < 0) | (ids >= size)
+
+
+def bounds(config: Any, **ranges: tuple[int, int]) -> list[tuple[str, str]]:
+    """(field, message) for each named field of `config` outside its inclusive range."""
+    found = []
+    for field, (low, high) in ranges.items():
+        message = in_range(getattr(config, field), low, high)
+        if message:
+            found.append((field, message))
+    return found
+
+
+def at_least(field: str, value: int, bound: int, why: str) -> list[tuple[str, str]]:
+    """[(field, message naming the bound and why)] if value < bound, else []."""
+    return [] if value >= bound else [(field, f"must be >= {bound} ({why}), got {value}")]
+
+
+def at_most(field: str, value: int, bound: int, why: str) -> list[tuple[str, str]]:
+    """[(field, message naming the bound and why)] if value > bound, else []."""
+    return [] if value <= bound else [(field, f"must be <= {bound} ({why}), got {value}")]
+
+
+class Knobs:
+    """Base of the task configs: validated as soon as they are built."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return []
+
+    def __post_init__(self):
+        check(self)
+
+
+def random_bits(key: jax.Array, batch_size: int, *widths: int) -> list[jax.Array]:
+    """Independent uint32 blocks [B, w], one per width, cut from one call to the generator.
+
+    One call, not one per quantity: each call compiles its own copy of the generator, which
+    dominates a sampler's compile time on CPU.
+    """
+    bits_BW = jax.random.bits(key, (batch_size, sum(widths)), jnp.uint32)
+    edges = np.cumsum((0, *widths))
+    return [bits_BW[:, a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def below(bits: jax.Array, n: int) -> jax.Array:
+    """Uniform int32 in [0, n) (modulo bias at most n / 2**32)."""
+    return (bits % n).astype(jnp.int32)
+
+
+def distinct(bits_BN: jax.Array, k: int) -> jax.Array:
+    """[B, k] int32: per row, k distinct values of range(N) in uniformly random order."""
+    # argsort is stable, so even tied draws give a permutation.
+    return jnp.argsort(bits_BN, axis=-1)[:, :k].astype(jnp.int32)
+
+
+def deps_from_sources(src_BLS: jax.Array, seq_len: int) -> jax.Array:
+    """deps[b, i, j] = any_s src[b, i, s] == j; negative sources mark nothing."""
+    j_111L = jnp.arange(seq_len)[None, None, None, :]
+    return jnp.any(src_BLS[:, :, :, None] == j_111L, axis=2)
+
+
+def make_batch(inputs_BL, targets_BL, weights_BL, deps_BLL) -> Batch:
+    return Batch(
+        inputs_BL.astype(jnp.int32),
+        targets_BL.astype(jnp.int32),
+        weights_BL.astype(jnp.float32),
+        deps_BLL.astype(jnp.bool_),
+    )
+
+
+def static_batch(inputs_BL, targets_BL, weights_L: np.ndarray, deps_LL: np.ndarray) -> Batch:
+    """A Batch whose scored positions and deps are the same for every sequence."""
+    batch_size, seq_len = inputs_BL.shape
+    weights_BL = jnp.broadcast_to(jnp.asarray(weights_L)[None, :], (batch_size, seq_len))
+    deps_BLL = jnp.broadcast_to(jnp.asarray(deps_LL)[None], (batch_size, seq_len, seq_len))
+    return make_batch(inputs_BL, targets_BL, weights_BL, deps_BLL)
+
+
+class TaskData(NamedTuple):
+    """What `Task.load` read: the arrays the compiled programs sample from, and the chance level."""
+
+    arrays: Any  # a pytree of device arrays; () for tasks that sample from a key alone
+    chance: float  # synthetic tasks derive it; real data measures it on the training split
+
+
+class Task(abc.ABC):
+    """A task spec: device-side sampler plus host-side reference solver and validity check."""
+
+    #: False for tasks without a ground-truth dependency mask (real data): no alignment.
+    has_dependencies: ClassVar[bool] = True
+    #: The padding id, for tasks whose sequences are padded (None: never padded).
+    pad_id: ClassVar[int | None] = None
+
+    name: ClassVar[str]
+    # "content" (content-dependent routing needed), "position" (fixed routing suffices),
+    # "bag" (the bag of visible tokens determines the answer; fixed positions hold candidates)
+    # or "none" (a control: the bag determines it and no fixed position gives anything away).
+    context_need: ClassVar[str]
+    leaks_future: ClassVar[bool] = False
+    Config: ClassVar[type]
+    vocab_size: int
+    seq_len: int
+    chance: float  # synthetic tasks; real data measures it when loaded (TaskData.chance)
+
+    def __init__(self, config: Any = None):
+        config = self.Config() if config is None else config
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{self.name} needs a {self.Config.__name__}, got {config!r}")
+        self.config = config
+
+    @abc.abstractmethod
+    def sample(self, key: jax.Array, batch_size: int) -> Batch:
+        """A batch of `batch_size` sequences drawn from `key` (pure; jit and vmap safe)."""
+
+    def load(self) -> TaskData:
+        """Read what the task samples from (the only I/O a task does); synthetic: nothing."""
+        return TaskData((), self.chance)
+
+    def sample_at(self, arrays: Any, key: jax.Array, step: jax.Array, batch_size: int) -> Batch:
+        """The training batch of `step` in the stream of one seed (`key`).
+
+        `arrays` is `TaskData.arrays` (passed into the compiled step, never closed over).
+        Synthetic tasks draw fresh sequences from `fold_in(key, step)`; data-backed tasks walk
+        their examples in a shuffled order, each once per epoch. Either way the batch is a
+        function of (seed, step) alone, so a resumed run sees the batches it would have seen.
+        """
+        return self.sample(jax.random.fold_in(key, step), batch_size)
+
+    def eval_sample(self, arrays: Any, key: jax.Array, batch_size: int) -> Batch:
+        """A held-out batch; synthetic tasks draw it like training batches (other keys)."""
+        return self.sample(key, batch_size)
+
+    def valid_mask(self, inputs_BL: jax.Array) -> jax.Array | None:
+        """valid_BL for padded tasks (attention masks padding out), else None."""
+        return None if self.pad_id is None else inputs_BL != self.pad_id
+
+    def reference(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(targets, weights) of one valid sequence or prefix, computed from its inputs alone."""
+        x = self._host(inputs)
+        targets, weights = np.zeros(len(x), np.int64), np.zeros(len(x), np.float32)
+        self._solve(x, targets, weights)
+        return targets, weights
+
+    def is_valid(self, inputs: np.ndarray) -> bool:
+        """Whether one sequence (or a prefix of one) is a well-posed instance of the task."""
+        x = np.asarray(inputs)
+        if x.ndim != 1 or not 0 < len(x) <= self.seq_len:
+            return False
+        x = x.astype(np.int64)
+        if outside(x, self.vocab_size).any():
+            return False
+        return bool(self._valid(x))
+
+    def _host(self, inputs: np.ndarray) -> np.ndarray:
+        x = np.asarray(inputs).astype(np.int64)
+        if x.ndim != 1 or len(x) > self.seq_len:
+            raise ValueError(f"{self.name}: expected one sequence of length <= {self.seq_len}")
+        return x
+
+    def bag_ceiling(self) -> tuple[float, float, str] | None:
+        """(value, standard error, how) of the best accuracy from the bag of visible tokens.
+
+        The bag is the multiset of the tokens a causal reader sees, plus the target's own
+        token and index (what order-free averaging can use). None: not derived, so
+        `ablate.reference` estimates it from a sample.
+        """
+        return None
+
+    def _solve(self, x: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None:
+        raise TypeError(f"{self.name} has no host-side reference solver")
+
+    def _valid(self, x: np.ndarray) -> bool:
+        raise TypeError(f"{self.name} has no host-side validity rule")
+
+
+EXACT_MAX_COUNT = 128  # beyond this many draws the multinomial maximum is sampled
+
+
+def mode_share(n: int, m: int) -> tuple[float, float, str]:
+    """E[max_v c_v] / n for counts c of n uniform draws from m values, with its SE and how.
+
+    This is the bag ceiling of a task whose answer is one of n exchangeable draws: given only
+    the counts, P(answer = v) = c_v / n, so the best guess is a most frequent value.
+    Exact (a recursion over values of binomial splits) up to EXACT_MAX_COUNT draws.
+    """
+    from scipy.stats import binom
+
+    if n > EXACT_MAX_COUNT or m > EXACT_MAX_COUNT:
+        rng = np.random.default_rng(0)
+        draws = 20000
+        top = np.array(
+            [np.bincount(rng.integers(0, m, n), minlength=m).max() for _ in range(draws)]
+        )
+        share = top / n
+        return (
+            float(share.mean()),
+            float(share.std(ddof=1) / math.sqrt(draws)),
+            (f"estimated: {draws} sampled count vectors"),
+        )
+    r_R = np.arange(n + 1)
+    k_K = np.arange(n + 1)
+    expected_max = 0.0
+    for c in range(n):  # E[max] = sum over c of P(max > c)
+        # q[r]: P(the remaining values all get <= c of the r draws left), value by value.
+        q_R = (r_R <= c).astype(float)
+        for values_left in range(2, m + 1):
+            pmf_RK = binom.pmf(k_K[None, :], r_R[:, None], 1.0 / values_left)
+            pmf_RK[:, c + 1 :] = 0.0
+            rest_RK = np.where(
+                k_K[None, :] <= r_R[:, None], q_R[np.maximum(r_R[:, None] - k_K[None, :], 0)], 0.0
+            )
+            q_R = (pmf_RK * rest_RK).sum(1)
+        expected_max += 1.0 - q_R[n]
+    return expected_max / n, 0.0, "exact: E[largest count] / n of the exchangeable draws"
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: add a task to the one registry, under its `name`."""
+    TASKS[cls.name] = cls
+    return cls
