@@ -178,7 +178,13 @@ def train(
         lock = on_primary(lambda: RunLock(run_dir, sigterm), "locking the run folder")
         try:
             return _train_locked(
-                exp, data, run_dir, sigterm, progress, allow_config_change, stop_after
+                exp,
+                data,
+                run_dir,
+                sigterm,
+                progress=progress,
+                allow_config_change=allow_config_change,
+                stop_after=stop_after,
             )
         finally:
             if lock is not None:
@@ -186,7 +192,7 @@ def train(
 
 
 def _train_locked(
-    exp, data, run_dir, sigterm, progress, allow_config_change, stop_after
+    exp, data, run_dir, sigterm, *, progress, allow_config_change, stop_after
 ) -> RunResult:
     t_start = time.perf_counter()
     tc = exp.train

@@ -68,7 +68,7 @@ def host(batch: tasks.Batch) -> tuple[np.ndarray, ...]:
 
 
 def test_every_task_is_tested():
-    names = tasks.task_names()  # also registers the data-backed tasks (tests/test_data.py)
+    names = tasks.task_names()  # the data-backed tasks too (tested in tests/test_data.py)
     synthetic = {n for n in names if tasks.TASKS[n].has_dependencies}
     assert set(SMALL) == synthetic and set(tasks.TASKS) == set(names)
     assert len(synthetic) >= 9

@@ -54,7 +54,7 @@ def make_task(name: str, params: Mapping[str, Any] | None = None, path: str = "t
     """Build the spec of task `name` from plain-data knobs (reads no data); problems are
     reported under `path`."""
     dot = f"{path}." if path else ""
-    if name not in TASKS:
+    if name not in task_names():  # a list, so an unhashable name is refused, not a crash
         choices = ", ".join(task_names())
         raise ConfigError([(f"{dot}name", f"unknown task {name!r}; choose one of {choices}")])
     if params is not None and not isinstance(params, Mapping):
