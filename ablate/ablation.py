@@ -13,8 +13,7 @@ ablation needs them), leaving the computation as it is.
 
 The model (model.py) stays a plain model: it knows nothing of either wrapper.
 
-Axis letters as in model.py: N layers, B batch, H heads (of the layer), L query and S key
-positions, K head dim.
+Axis letters: the table in `ablate.model`.
 """
 
 from __future__ import annotations

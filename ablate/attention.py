@@ -15,8 +15,8 @@ constant drawn at init (a random pattern), `Frozen` a weight kept at its random 
 is an `nnx.Param`, so the optimiser (built over `nnx.Param`) never sees them, while
 checkpoints still carry them.
 
-Axis letters: B batch, L query positions, S key positions (S == L), D model width,
-H heads (of this mixer's group), K head dim.
+Axis letters: the table in `ablate.model` (here H counts the heads of this mixer's group,
+and S == L).
 """
 
 from __future__ import annotations

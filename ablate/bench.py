@@ -8,7 +8,7 @@ on a shared, noisy machine even when absolute times do not:
 - the device's practical peak: a large matmul in the compute dtype (fp32 on CPU, bf16 on
   accelerators), interleaved with the models so that MFU compares like with like;
 - the engine on the quick model (context_quick.toml's shape): 1 vs 50 steps per dispatch,
-  K vmapped seeds vs K sequential runs of the same compiled program;
+  Z vmapped seeds vs Z sequential runs of the same compiled program;
 - per model shape (quick; medium: d_model 256, 4 layers, length 256, batch 32; gpt2_small:
   d 768, 12 layers, 12 heads, length 1024, vocab 50304, only on accelerators unless
   `--large`), and per attention variant at one shape: step time, tokens/s, compile time,
@@ -101,7 +101,7 @@ SHAPES: dict[str, tuple[dict, dict, int]] = {
 CAUSAL_VARIANTS = ("learned", "frozen", "synthesizer", "uniform", "random_fixed", "gaussian",
                    "none")  # fmt: skip
 QUICK_SWEEP_VARIANTS = ("learned", "frozen", "uniform", "random_fixed", "none")
-SEEDS = 8  # K of the vmapped-vs-sequential comparison, unless asked otherwise
+SEEDS = 8  # Z of the vmapped-vs-sequential comparison, unless asked otherwise
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -366,7 +366,7 @@ def _probe_worker(cache_dir: str, shape: str, burst_shape: str, burst_batch: str
 def seeds_over_devices(
     shape: str, seeds: int, devices: int, spd: int, rounds: int, seconds: float, dtype: str
 ) -> dict[str, Any]:
-    """K seeds vmapped on one device vs the same K seeds spread over `devices` devices."""
+    """Z seeds vmapped on one device vs the same Z seeds spread over `devices` devices."""
     one = EngineRunner(experiment(shape, variant="learned", seeds=seeds, spd=spd, dtype=dtype))
     spread = EngineRunner(
         experiment(
@@ -394,7 +394,7 @@ def _seeds_worker(shape: str, seeds: str, devices: str, spd: str, rounds: str, s
 def cpu_seeds_over_devices(
     shape: str, seeds: int, spd: int, rounds: int, seconds: float
 ) -> dict[str, Any] | None:
-    """On a CPU: spread K seeds over one host device per core, in a fresh process."""
+    """On a CPU: spread Z seeds over one host device per core, in a fresh process."""
     devices = max(d for d in range(1, min(os.cpu_count() or 1, seeds) + 1) if seeds % d == 0)
     if devices < 2:
         return None
@@ -667,9 +667,9 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
 
     say(f"peak matmul; the engine on the {plan.engine_shape} model")
     matmul = MatmulRunner(plan.matmul_n, plan.dtype)
-    shape, K = plan.engine_shape, plan.seeds
+    shape, Z = plan.engine_shape, plan.seeds
     one, scan = runner(shape), runner(shape, spd=plan.scan_spd)
-    vmap = runner(shape, seeds=K, spd=plan.scan_spd)
+    vmap = runner(shape, seeds=Z, spd=plan.scan_spd)
     rows = measure([one, scan, vmap], plan.rounds)
     result["peak_matmul"] = {
         "n": plan.matmul_n,
@@ -687,15 +687,15 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
     }
     result["engine"]["seeds"] = {
         "shape": shape,
-        "seeds": K,
-        "vmapped_seed_steps_per_second": K / t_vmap,
+        "seeds": Z,
+        "vmapped_seed_steps_per_second": Z / t_vmap,
         "sequential_seed_steps_per_second": 1 / t_scan,
-        "speedup": K * t_scan / t_vmap,
+        "speedup": Z * t_scan / t_vmap,
         "compile_seconds_one_seed": scan.compile_seconds,
         "compile_seconds_vmapped": vmap.compile_seconds,
-        # K runs of RUN_STEPS steps, each compiling its own program (as new Programs do)
+        # Z runs of RUN_STEPS steps, each compiling its own program (as new Programs do)
         # vs one vmapped run.
-        "speedup_with_compile": (K * (scan.compile_seconds + RUN_STEPS * t_scan))
+        "speedup_with_compile": (Z * (scan.compile_seconds + RUN_STEPS * t_scan))
         / (vmap.compile_seconds + RUN_STEPS * t_vmap),
         "run_steps": RUN_STEPS,
     }
@@ -704,15 +704,15 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
 
     # The seeds axis of the mesh: on several accelerators here; on a CPU, one host device
     # per core in a fresh process (XLA_FLAGS must be set before JAX starts).
-    if jax.device_count() > 1 and K % min(K, jax.device_count()) == 0:
-        say(f"{K} seeds over {min(K, jax.device_count())} devices")
+    if jax.device_count() > 1 and Z % min(Z, jax.device_count()) == 0:
+        say(f"{Z} seeds over {min(Z, jax.device_count())} devices")
         over = seeds_over_devices(
-            shape, K, min(K, jax.device_count()), plan.scan_spd, plan.rounds, plan.seconds,
+            shape, Z, min(Z, jax.device_count()), plan.scan_spd, plan.rounds, plan.seconds,
             plan.dtype,
         )  # fmt: skip
     elif jax.default_backend() == "cpu" and probe:
-        say(f"{K} seeds over one CPU device per core, in a subprocess")
-        over = cpu_seeds_over_devices(shape, K, plan.scan_spd, plan.rounds, plan.seconds)
+        say(f"{Z} seeds over one CPU device per core, in a subprocess")
+        over = cpu_seeds_over_devices(shape, Z, plan.scan_spd, plan.rounds, plan.seconds)
     else:
         over = None
     if over is not None:
@@ -748,9 +748,9 @@ def bench(plan: Plan, out: Path | None = None, probe: bool = True, log=print) ->
     result["variants"] = measure(runners, plan.shape_rounds)
     save()
 
-    B, H, L, K = plan.attention_core
-    say(f"attention core, forward + backward, B {B} H {H} L {L} K {K}")
-    cores = [AttentionCoreRunner(k, B, H, L, K, plan.dtype) for k in ATTENTION_KERNELS]
+    B, H, L, Z = plan.attention_core
+    say(f"attention core, forward + backward, B {B} H {H} L {L} Z {Z}")
+    cores = [AttentionCoreRunner(k, B, H, L, Z, plan.dtype) for k in ATTENTION_KERNELS]
     mm, *samples = interleave([matmul, *cores], plan.shape_rounds, plan.seconds)
     peak = matmul.flops_per_step / min(mm)
     result["attention_core"] = [
@@ -785,7 +785,7 @@ def _si(x: float | None, unit: str = "") -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table."""
-    head = ["config", "variant", "K", "steps/disp", "dtype", "step ms", "tokens/s", "compile s",
+    head = ["config", "variant", "seeds", "steps/disp", "dtype", "step ms", "tokens/s", "compile s",
             "FLOP/step", "FLOP/s", "MFU", "XLA/model", "compiled mem", "device peak"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -318,7 +318,7 @@ def _state_is_finite(state: TrainState) -> jax.Array:
 
 
 class Programs:
-    """The compiled programs of one experiment, for all its seeds at once (leading axis K).
+    """The compiled programs of one experiment, for all its seeds at once (leading axis Z).
 
     Each is a pure function above with its definition, optimiser and sampler bound, vmapped
     over seeds (`spmd_axis_name="seeds"`) and jitted once with the run's shardings; the
@@ -336,10 +336,10 @@ class Programs:
         self.sampler = sampler = Sampler(
             exp.task, tc.batch_size, jax.random.PRNGKey(tc.eval_seed), place.rows
         )
-        self.keys_K = place.put(seed_keys(tc.seeds), place.per_seed)
+        self.keys_Z = place.put(seed_keys(tc.seeds), place.per_seed)
         seeds = lambda f, in_axes=0: jax.vmap(f, in_axes=in_axes, spmd_axis_name="seeds")
         init = seeds(functools.partial(init_state, definition, optimizer))
-        self.state_sharding = state = place.state(jax.eval_shape(init, self.keys_K))
+        self.state_sharding = state = place.state(jax.eval_shape(init, self.keys_Z))
         weights = (state.params, state.rest, place.replicated)
         self._init = jax.jit(init, in_shardings=place.per_seed, out_shardings=state)
         self._chunk = jax.jit(
@@ -365,7 +365,7 @@ class Programs:
         self.compile_seconds = float("nan")
 
     def init(self) -> TrainState:
-        return self._init(self.keys_K)
+        return self._init(self.keys_Z)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of `init()`'s state (the restore target)."""
@@ -384,16 +384,16 @@ class Programs:
         """Compile the chunk for `state` (done once; a no-op afterwards)."""
         if self.compiled_chunk is None:
             t0 = time.perf_counter()
-            self.compiled_chunk = self._chunk.lower(state, self.keys_K, arrays).compile()
+            self.compiled_chunk = self._chunk.lower(state, self.keys_Z, arrays).compile()
             self.compile_seconds = time.perf_counter() - t0
 
     def train_chunk(self, state: TrainState, arrays: Any) -> tuple[TrainState, dict]:
-        """`steps_per_dispatch` steps for every seed; metrics shaped (K, steps)."""
+        """`steps_per_dispatch` steps for every seed; metrics shaped (Z, steps)."""
         self.compile(state, arrays)
-        return self.compiled_chunk(state, self.keys_K, arrays)
+        return self.compiled_chunk(state, self.keys_Z, arrays)
 
     def evaluate(self, state: TrainState, arrays: Any) -> dict[str, np.ndarray]:
-        """Held-out metrics per seed (leading axis K); per-head arrays are (K, N, H), NaN
+        """Held-out metrics per seed (leading axis Z); per-head arrays are (Z, N, H), NaN
         where a head has no pattern."""
         out = jax.device_get(self._evaluate(state.params, state.rest, arrays))
         for name in ("alignment", "entropy", "distance", "gradient_alignment"):
@@ -401,9 +401,9 @@ class Programs:
         return out
 
     def patterns(self, state: TrainState, arrays: Any):
-        """(probs (K, N, H, L, S), deps (K, L, S), weights (K, L)) of the first eval sequence."""
+        """(probs (Z, N, H, L, S), deps (Z, L, S), weights (Z, L)) of the first eval sequence."""
         return jax.device_get(self._patterns(state.params, state.rest, arrays))
 
     def params_finite(self, state: TrainState) -> np.ndarray:
-        """(K,) bool: which seeds' parameters are all finite."""
+        """(Z,) bool: which seeds' parameters are all finite."""
         return np.asarray(self._finite(state))

@@ -1,7 +1,7 @@
 """What ablate measures: accuracy, attention alignment/entropy/distance, context dependence.
 
 Device-side functions (jax) run inside compiled eval steps; host-side statistics (numpy)
-serve the sweep report. Axis letters as in model.py (N layers, B batch, H heads, L, S).
+serve the sweep report. Axis letters: the table in `ablate.model`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,15 @@ is decided by variable type when each part is built (`freeze`, and what each var
 and `frozen_parts` reads it back from those types. Post-hoc edits (ablation.py) wrap the
 mixers of a built model; the model itself has no ablation hooks.
 
-Axis letters, used in tensor names throughout ablate: B batch, L length (query positions),
-S key positions, D model width, H heads, K head dim, F MLP width, V vocabulary, N layers.
+Axis letters: the one table for tensor names throughout ablate (each letter one meaning).
+  model   B batch, L length (query positions), S key positions, D model width, H heads,
+          K head dim, F MLP width, V vocabulary, N layers
+  runs    Z seeds (the leading axis of every per-seed array: states, metrics, probe results)
+  probe   A ablation rows, R replacement sources, G head groups, E eval (or ranking)
+          batches, X pruning prefixes
+  tasks   P key-value pairs, Q query slots, I data items, J source positions of a target,
+          C context tokens, M symbols, T repeated-block length, U region length,
+          W random-bit widths, Y counts 0..n (multinomial and binomial sums)
 """
 
 from __future__ import annotations

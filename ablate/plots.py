@@ -68,16 +68,16 @@ def patterns_png(
     return _png(draw)
 
 
-def drop_heatmap_png(drop_KNH: np.ndarray, titles: list[str], kind: str) -> tuple[bytes, int, int]:
+def drop_heatmap_png(drop_ZNH: np.ndarray, titles: list[str], kind: str) -> tuple[bytes, int, int]:
     """Accuracy drop per layer (rows) and head (columns), one panel per seed (or the mean)."""
-    K, N, H = drop_KNH.shape
-    magnitudes = np.abs(drop_KNH[np.isfinite(drop_KNH)])
+    Z, N, H = drop_ZNH.shape
+    magnitudes = np.abs(drop_ZNH[np.isfinite(drop_ZNH)])
     vmax = max(float(magnitudes.max()) if magnitudes.size else 0.0, 1e-3)
 
     def draw(plt):
-        size = (1.0 * H * K + 2.2, 0.7 * N + 1.8)
-        fig, axes = plt.subplots(1, K, figsize=size, dpi=90, squeeze=False, layout="constrained")
-        for ax, drop_NH, title in zip(axes[0], drop_KNH, titles):
+        size = (1.0 * H * Z + 2.2, 0.7 * N + 1.8)
+        fig, axes = plt.subplots(1, Z, figsize=size, dpi=90, squeeze=False, layout="constrained")
+        for ax, drop_NH, title in zip(axes[0], drop_ZNH, titles):
             image = ax.imshow(drop_NH, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
             for (n, h), v in np.ndenumerate(drop_NH):
                 text = "n/a" if np.isnan(v) else f"{v:.2f}"

@@ -20,9 +20,9 @@ example x (one sequence), on ranking batches held out from the eval batches; the
 measured on the eval batches, removes heads (gate 0) from the least important up, and in a
 random order.
 
-Axis letters as in model.py (K is the head dim there), plus A ablation rows, R replacement
-sources (`SOURCES`), E eval (or ranking) batches, P pruning prefixes; as in train.py, a
-leading K on host-side arrays (`gate_KANH`, `importance_KNH`) is the seed axis.
+Axis letters: the table in `ablate.model` (here A ablation rows, R replacement sources
+`SOURCES`, G head groups, E eval or ranking batches, X pruning prefixes, and a leading Z, the
+seed axis, on host-side arrays such as `gate_ZANH` and `importance_ZNH`).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class Prober:
 
     An edit (one row) is `gate_NH`, which scales each head's output, and `mix_RNH`, how much
     of each replacement source in `SOURCES` a head takes instead of its own output/pattern.
-    `params`/`rest` carry the seed axis K, as in a `TrainState`. `data` is the task's loaded
+    `params`/`rest` carry the seed axis Z, as in a `TrainState`. `data` is the task's loaded
     data (read here when not given). Batches are drawn as training's eval draws them
     (`ablate.core.eval_batch`), with their validity mask: a padded model is probed with its
     padding masked, as it was trained and evaluated.
@@ -289,14 +289,14 @@ class Prober:
         counted_EB = batches[2].sum(-1) > 0
         return per_example_gate_importance(loss, jnp.ones((self.N, self.H)), batches, counted_EB)
 
-    def evaluate(self, gate_KANH, mix_KARNH) -> dict[str, np.ndarray]:
-        """Metrics (K, A) of every edit row, in one compiled call."""
-        gate, mix = (jnp.asarray(x, jnp.float32) for x in (gate_KANH, mix_KARNH))
+    def evaluate(self, gate_ZANH, mix_ZARNH) -> dict[str, np.ndarray]:
+        """Metrics (Z, A) of every edit row, in one compiled call."""
+        gate, mix = (jnp.asarray(x, jnp.float32) for x in (gate_ZANH, mix_ZARNH))
         data = (self.eval_batches, self.reference_batches, self.fixed_patterns)
         return jax.device_get(self._evaluate(self.params, self.rest, gate, mix, *data))
 
     def edits(self, kinds: Sequence[str], masks_ANH) -> tuple[np.ndarray, np.ndarray]:
-        """(gate_KANH, mix_KARNH) ablating the heads of row a (masks ANH or KANH) by kinds[a]."""
+        """(gate_ZANH, mix_ZARNH) ablating the heads of row a (masks ANH or ZANH) by kinds[a]."""
         masks = np.asarray(masks_ANH, np.float32)
         masks = np.broadcast_to(masks, (self.n_seeds, *masks.shape[-3:]))
         gate = np.where(np.asarray(kinds)[None, :, None, None] == "zero", 1.0 - masks, 1.0)
@@ -307,11 +307,11 @@ class Prober:
         return gate, mix
 
     def ablate(self, kind: str, masks_ANH) -> dict[str, np.ndarray]:
-        """Metrics (K, A) with the heads of each mask row (ANH, or KANH per seed) ablated."""
+        """Metrics (Z, A) with the heads of each mask row (ANH, or ZANH per seed) ablated."""
         return self.evaluate(*self.edits([kind] * np.shape(masks_ANH)[-3], masks_ANH))
 
     def gate_gradients(self) -> tuple[np.ndarray, np.ndarray]:
-        """(E_x d loss(x) / d gate, Michel importance E_x |d loss(x) / d gate|), both (K, N, H).
+        """(E_x d loss(x) / d gate, Michel importance E_x |d loss(x) / d gate|), both (Z, N, H).
 
         On the ranking batches, never on the eval batches that `evaluate` measures.
         """
@@ -395,31 +395,31 @@ def probe_run(
     data = exp.task.load() if data is None else data
     prober = Prober(exp, params, rest, data, chunk=chunk)
 
-    gradient_KNH, importance_KNH = prober.gate_gradients()
+    gradient_ZNH, importance_ZNH = prober.gate_gradients()
     orders = {
-        "importance": [np.argsort(imp.ravel(), kind="stable") for imp in importance_KNH],
+        "importance": [np.argsort(imp.ravel(), kind="stable") for imp in importance_ZNH],
         "random": [np.random.default_rng(s).permutation(N * H) for s in seeds],
     }
-    K, G, P = len(seeds), len(groups), N * H + 1
+    Z, G, X = len(seeds), len(groups), N * H + 1
     # One call: row 0 ablates nothing (the baseline), then each group under each kind, then
     # the pruning prefixes of both orders.
-    rows_kinds = ["zero"] + [kind for kind in kinds for _ in groups] + ["zero"] * 2 * P
+    rows_kinds = ["zero"] + [kind for kind in kinds for _ in groups] + ["zero"] * 2 * X
     shared_ANH = np.concatenate(
         [np.zeros((1, N, H), np.float32)] + [_masks(groups, N, H)] * len(kinds)
     )
-    prune_KANH = np.stack(
-        [np.concatenate([_prefix_masks(o[k], N, H) for o in orders.values()]) for k in range(K)]
+    prune_ZANH = np.stack(
+        [np.concatenate([_prefix_masks(o[k], N, H) for o in orders.values()]) for k in range(Z)]
     )
-    masks_KANH = np.concatenate(
-        [np.broadcast_to(shared_ANH, (K, *shared_ANH.shape)), prune_KANH], 1
+    masks_ZANH = np.concatenate(
+        [np.broadcast_to(shared_ANH, (Z, *shared_ANH.shape)), prune_ZANH], 1
     )
-    measured = prober.evaluate(*prober.edits(rows_kinds, masks_KANH))
+    measured = prober.evaluate(*prober.edits(rows_kinds, masks_ZANH))
     baseline = {m: measured[m][:, 0].tolist() for m in METRICS}
-    pruning_K2P = measured["accuracy"][:, -2 * P :]
+    pruning_Z2X = measured["accuracy"][:, -2 * X :]
 
     rows, drop = [], {}
     for i, kind in enumerate(kinds):
-        drop[kind] = np.full((K, N, H), np.nan)
+        drop[kind] = np.full((Z, N, H), np.nan)
         for g, group in enumerate(groups):
             applies = kind not in PATTERN_KINDS or all(prober.has_pattern_NH[x] for x in group)
             for k, seed in enumerate(seeds):
@@ -442,8 +442,8 @@ def probe_run(
         "kinds": list(kinds),
         "baseline": baseline,
         "drop": {kind: d.tolist() for kind, d in drop.items()},
-        "gradient": gradient_KNH.tolist(),
-        "importance": importance_KNH.tolist(),
+        "gradient": gradient_ZNH.tolist(),
+        "importance": importance_ZNH.tolist(),
         "importance_definition": "mean over examples of |d loss(x) / d gate| at gate 1",
         "importance_batches": (
             f"ranking stream ({exp.train.eval_batches} batches of {exp.train.batch_size}), "
@@ -452,22 +452,22 @@ def probe_run(
         "measured_batches": "eval batches: baseline, every ablation and both pruning curves",
         "pruning": {
             "importance_order": [names[o].tolist() for o in orders["importance"]],
-            "accuracy_importance_order": pruning_K2P[:, :P].tolist(),
+            "accuracy_importance_order": pruning_Z2X[:, :X].tolist(),
             "random_order": [names[o].tolist() for o in orders["random"]],
-            "accuracy_random_order": pruning_K2P[:, P:].tolist(),
+            "accuracy_random_order": pruning_Z2X[:, X:].tolist(),
         },
         "rows": rows,
     }
     out_dir = Path(run_dir) / PROBE_DIR if out_dir is None else Path(out_dir)
     if not is_primary():
         return result
-    result["files"] = _write_outputs(result, drop, pruning_K2P, out_dir)
+    result["files"] = _write_outputs(result, drop, pruning_Z2X, out_dir)
     if tensorboard:
-        _write_tensorboard(Path(run_dir), result, drop, pruning_K2P)
+        _write_tensorboard(Path(run_dir), result, drop, pruning_Z2X)
     return result
 
 
-def _write_outputs(result: dict, drop: dict, pruning_K2P: np.ndarray, out_dir: Path) -> list[str]:
+def _write_outputs(result: dict, drop: dict, pruning_Z2X: np.ndarray, out_dir: Path) -> list[str]:
     """probe.json (NaN as null), probe.csv (one row per kind, seed, ablation) and the PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     # The images of a previous probe's other kinds would contradict the table.
@@ -480,18 +480,18 @@ def _write_outputs(result: dict, drop: dict, pruning_K2P: np.ndarray, out_dir: P
     writer.writeheader()
     writer.writerows(result["rows"])
     write_atomic(files[1], table.getvalue())
-    write_atomic(files[2], pruning_png(pruning_K2P, result["seeds"], result["chance"])[0])
+    write_atomic(files[2], pruning_png(pruning_Z2X, result["seeds"], result["chance"])[0])
     titles = [f"seed {s}" for s in result["seeds"]]
-    for kind, drop_KNH in drop.items():
+    for kind, drop_ZNH in drop.items():
         if len(titles) > 1:
-            drop_KNH = np.concatenate([drop_KNH, drop_KNH.mean(0, keepdims=True)])
+            drop_ZNH = np.concatenate([drop_ZNH, drop_ZNH.mean(0, keepdims=True)])
         files.append(out_dir / DROP_PNG.format(kind=kind))
-        png = drop_heatmap_png(drop_KNH, titles + ["mean"] * (len(titles) > 1), kind)[0]
+        png = drop_heatmap_png(drop_ZNH, titles + ["mean"] * (len(titles) > 1), kind)[0]
         write_atomic(files[-1], png)
     return [str(f) for f in files]
 
 
-def _write_tensorboard(run_dir: Path, result: dict, drop: dict, pruning_K2P: np.ndarray) -> None:
+def _write_tensorboard(run_dir: Path, result: dict, drop: dict, pruning_Z2X: np.ndarray) -> None:
     """Per seed, one image per tag at the checkpoint's step, never the same (step, tag) twice."""
     step = result["step"]
     for k, seed in enumerate(result["seeds"]):
@@ -505,7 +505,7 @@ def _write_tensorboard(run_dir: Path, result: dict, drop: dict, pruning_K2P: np.
         writer = TensorBoardWriter(logdir)
         for tag in todo:
             if tag == "pruning":
-                png = pruning_png(pruning_K2P[k : k + 1], [seed], result["chance"])
+                png = pruning_png(pruning_Z2X[k : k + 1], [seed], result["chance"])
             else:
                 png = drop_heatmap_png(drop[tag][k : k + 1], [f"seed {seed}"], tag)
             writer.image(f"probe/{tag}", *png, step)

@@ -81,7 +81,7 @@ def check_data(programs: Programs, arrays: Any) -> None:
         jax.jit(
             jax.vmap(lambda k, a: sampler.train(a, k, 0), in_axes=(0, None)),
             out_shardings=replicated,
-        )(programs.keys_K, arrays)
+        )(programs.keys_Z, arrays)
     )
     batches = [
         (f"training batch 1 of seed {s}", jax.tree.map(lambda x, k=k: x[k], first_train))
@@ -385,9 +385,9 @@ def _close_quietly(*things) -> None:
 
 
 def _check_params(programs: Programs, state: TrainState, step: int, seeds) -> None:
-    ok_K = programs.params_finite(state)
-    if not ok_K.all():
-        raise Diverged(step, seeds[int(np.argmin(ok_K))], "a parameter")
+    ok_Z = programs.params_finite(state)
+    if not ok_Z.all():
+        raise Diverged(step, seeds[int(np.argmin(ok_Z))], "a parameter")
 
 
 def check_window(pending: list, step: int, exp: Experiment) -> None:
@@ -450,7 +450,7 @@ class _Logger:
         return {"loss": f"{rows[0]['loss']:.3f}", "acc": f"{rows[0]['accuracy']:.3f}"}
 
     def evaluation(self, out: dict[str, np.ndarray], step: int) -> None:
-        """The held-out metrics of every seed (leading axis K), as `Programs.evaluate` gives them."""
+        """The held-out metrics of every seed (leading axis Z), as `Programs.evaluate` gives them."""
         if self.file is None:
             return
         rows = []
@@ -491,12 +491,12 @@ class _Logger:
 
     def heatmaps(self, drawn, step: int, label: str) -> None:
         """Pattern images of the first eval sequence per seed, as `Programs.patterns` gives them."""
-        probs_KNHLS, deps_KLS, weights_KL = drawn
+        probs_ZNHLS, deps_ZLS, weights_ZL = drawn
         for k, writer in enumerate(self.writers):
-            for layer in range(probs_KNHLS.shape[1]):
+            for layer in range(probs_ZNHLS.shape[1]):
                 png, w, h = patterns_png(
-                    probs_KNHLS[k, layer],
-                    deps_KLS[k] & (weights_KL[k][:, None] > 0),
+                    probs_ZNHLS[k, layer],
+                    deps_ZLS[k] & (weights_ZL[k][:, None] > 0),
                     f"layer {layer} ({label}, step {step})",
                     has_pattern_H=self.has_pattern_NH[layer],
                 )

@@ -5,7 +5,7 @@
 #
 #   data  (default) each batch is split over the GPUs, parameters replicated (data parallel);
 #         the number of GPUs must divide train.batch_size
-#   seeds the seeds of each run are split over the GPUs (K seeds on K GPUs at once); the
+#   seeds the seeds of each run are split over the GPUs (Z seeds on Z GPUs at once); the
 #         number of GPUs must divide the seed count (train.seeds)
 # ablate checks both before anything is made and says what to change.
 #

@@ -41,9 +41,9 @@ def main() -> None:
     print("step  accuracy per seed     best-head alignment   best-head pull     uniform share")
     for step in range(0, 401, 25):
         out = engine.evaluate(state, arrays)
-        K = len(SEEDS)
-        align = np.nanmax(out["alignment"].reshape(K, -1), 1)
-        pull = np.nanmax(out["gradient_alignment"].reshape(K, -1), 1)
+        Z = len(SEEDS)
+        align = np.nanmax(out["alignment"].reshape(Z, -1), 1)
+        pull = np.nanmax(out["gradient_alignment"].reshape(Z, -1), 1)
         print(
             f"{step:4d}  {np.round(out['accuracy'], 2)}  {np.round(align, 2)}  "
             f"{np.round(pull, 2)}  {float(out['uniform_alignment'][0]):.2f}",

@@ -227,11 +227,11 @@ def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, pr
     for other in (measured, np.asarray(prober.reference_batches[0])):
         assert (ranking != other).any(-1).mean() > 0.9  # nearly every sequence differs
     # The published importance is the ranking batches', not the eval batches'.
-    _, on_eval_KNH = jax.device_get(
+    _, on_eval_ZNH = jax.device_get(
         prober._gradients(prober.params, prober.rest, prober.eval_batches)
     )
     np.testing.assert_allclose(probed["importance"], prober.gate_gradients()[1], rtol=1e-6)
-    assert not np.allclose(probed["importance"], on_eval_KNH, rtol=0.05)
+    assert not np.allclose(probed["importance"], on_eval_ZNH, rtol=0.05)
 
     # The pruning curve is measured on the eval batches: it starts at training's unablated
     # eval accuracy, and every point is the eval-batch accuracy of that prefix removed.
@@ -242,8 +242,8 @@ def test_heads_are_ranked_on_batches_held_out_from_the_measured_ones(run_dir, pr
         int(n) * H + int(h)
         for n, h in (x.split(":") for x in probed["pruning"]["importance_order"][0])
     ]
-    prefix_PNH = probe._prefix_masks(np.asarray(flat), N, H)
-    gate_1PNH, mix_1PRNH = prober.edits(["zero"] * len(prefix_PNH), prefix_PNH)
+    prefix_XNH = probe._prefix_masks(np.asarray(flat), N, H)
+    gate_1PNH, mix_1PRNH = prober.edits(["zero"] * len(prefix_XNH), prefix_XNH)
     on_eval = prober.evaluate(gate_1PNH, mix_1PRNH)["accuracy"][0]
     data = (prober.ranking_batches, prober.reference_batches, prober.fixed_patterns)
     on_ranking = jax.device_get(

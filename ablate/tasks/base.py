@@ -27,8 +27,7 @@ mean mode probability of each order statistic. Real data measures it on the load
 split (`TaskData.chance`). `leaks_future` is True when an input after a scored position
 reveals its target (teacher forcing), so only causal models may train on it.
 
-Axis letters: B batch, L sequence length, P key-value pairs, N data items, R region length,
-S source positions per target, M symbols.
+Axis letters: the table in `ablate.model` (tasks use B, L, P, Q, I, J, C, M, T, U, W, Y).
 """
 
 from __future__ import annotations
@@ -110,16 +109,16 @@ def below(bits: jax.Array, n: int) -> jax.Array:
     return (bits % n).astype(jnp.int32)
 
 
-def distinct(bits_BN: jax.Array, k: int) -> jax.Array:
+def distinct(bits_BI: jax.Array, k: int) -> jax.Array:
     """[B, k] int32: per row, k distinct values of range(N) in uniformly random order."""
     # argsort is stable, so even tied draws give a permutation.
-    return jnp.argsort(bits_BN, axis=-1)[:, :k].astype(jnp.int32)
+    return jnp.argsort(bits_BI, axis=-1)[:, :k].astype(jnp.int32)
 
 
-def deps_from_sources(src_BLS: jax.Array, seq_len: int) -> jax.Array:
+def deps_from_sources(src_BLJ: jax.Array, seq_len: int) -> jax.Array:
     """deps[b, i, j] = any_s src[b, i, s] == j; negative sources mark nothing."""
     j_111L = jnp.arange(seq_len)[None, None, None, :]
-    return jnp.any(src_BLS[:, :, :, None] == j_111L, axis=2)
+    return jnp.any(src_BLJ[:, :, :, None] == j_111L, axis=2)
 
 
 def make_batch(inputs_BL, targets_BL, weights_BL, deps_BLL) -> Batch:
@@ -260,20 +259,20 @@ def mode_share(n: int, m: int) -> tuple[float, float, str]:
             float(share.std(ddof=1) / math.sqrt(draws)),
             (f"estimated: {draws} sampled count vectors"),
         )
-    r_R = np.arange(n + 1)
-    k_K = np.arange(n + 1)
+    r_Y = np.arange(n + 1)
+    k_Y = np.arange(n + 1)
     expected_max = 0.0
     for c in range(n):  # E[max] = sum over c of P(max > c)
         # q[r]: P(the remaining values all get <= c of the r draws left), value by value.
-        q_R = (r_R <= c).astype(float)
+        q_Y = (r_Y <= c).astype(float)
         for values_left in range(2, m + 1):
-            pmf_RK = binom.pmf(k_K[None, :], r_R[:, None], 1.0 / values_left)
-            pmf_RK[:, c + 1 :] = 0.0
-            rest_RK = np.where(
-                k_K[None, :] <= r_R[:, None], q_R[np.maximum(r_R[:, None] - k_K[None, :], 0)], 0.0
+            pmf_YY = binom.pmf(k_Y[None, :], r_Y[:, None], 1.0 / values_left)
+            pmf_YY[:, c + 1 :] = 0.0
+            rest_YY = np.where(
+                k_Y[None, :] <= r_Y[:, None], q_Y[np.maximum(r_Y[:, None] - k_Y[None, :], 0)], 0.0
             )
-            q_R = (pmf_RK * rest_RK).sum(1)
-        expected_max += 1.0 - q_R[n]
+            q_Y = (pmf_YY * rest_YY).sum(1)
+        expected_max += 1.0 - q_Y[n]
     return expected_max / n, 0.0, "exact: E[largest count] / n of the exchangeable draws"
 
 

@@ -1,6 +1,6 @@
 """Controls: tasks that need no pairwise routing (majority: the bag; memorize: none).
 
-Axis letters as in `ablate.tasks.base`.
+Axis letters: the table in `ablate.model`.
 """
 
 from __future__ import annotations
@@ -79,16 +79,16 @@ class Majority(Task):
         self.scored_L = i_L == c.n_items
         self.deps_LL = self.scored_L[:, None] & (i_L[None, :] < c.n_items)
         counts = balanced_counts(c.n_items, c.n_symbols)
-        self.slot_rank_N = np.repeat(np.arange(c.n_symbols), counts).astype(np.int32)
+        self.slot_rank_I = np.repeat(np.arange(c.n_symbols), counts).astype(np.int32)
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         n, m = self.config.n_items, self.config.n_symbols
         symbol_bits, slot_bits = random_bits(key, batch_size, m, n)
         symbol_of_rank_BM = distinct(symbol_bits, m)  # rank 0 is the mode
-        slots_BN = jnp.asarray(self.slot_rank_N)[distinct(slot_bits, n)]
-        x_BN = jnp.take_along_axis(symbol_of_rank_BM, slots_BN, axis=1) + 1
+        slots_BI = jnp.asarray(self.slot_rank_I)[distinct(slot_bits, n)]
+        x_BI = jnp.take_along_axis(symbol_of_rank_BM, slots_BI, axis=1) + 1
         query_B1 = jnp.full((batch_size, 1), self.QUERY, jnp.int32)
-        inputs_BL = jnp.concatenate([x_BN, query_B1], axis=1)
+        inputs_BL = jnp.concatenate([x_BI, query_B1], axis=1)
         targets_BL = jnp.where(self.scored_L[None, :], symbol_of_rank_BM[:, :1] + 1, 0)
         return static_batch(inputs_BL, targets_BL, self.scored_L, self.deps_LL)
 

@@ -1,6 +1,6 @@
 """Recall tasks: associative recall (one or two hops), multi-query recall (MQAR), induction.
 
-Axis letters as in `ablate.tasks.base`, plus C context tokens.
+Axis letters: the table in `ablate.model`.
 """
 
 from __future__ import annotations
@@ -97,20 +97,20 @@ class AssocRecall(Task):
         answer_B1 = jnp.take_along_axis(values_BP, query_B1, axis=1) + c.n_keys
         if self.joint:
             context_BC = self.pair_base + keys_BP * c.n_values + values_BP
-            src_B1S = query_B1[:, :, None]
+            src_B1J = query_B1[:, :, None]
         else:
             context_BC = jnp.stack([keys_BP, values_BP + c.n_keys], axis=-1)
             context_BC = context_BC.reshape(batch_size, 2 * n_pairs)
-            src_B1S = jnp.stack([2 * query_B1, 2 * query_B1 + 1], axis=-1)
+            src_B1J = jnp.stack([2 * query_B1, 2 * query_B1 + 1], axis=-1)
         query_key_B1 = jnp.take_along_axis(keys_BP, query_B1, axis=1)
         inputs_BL = jnp.concatenate([context_BC, query_key_B1], axis=1)
         last_L = jnp.arange(seq_len) == seq_len - 1
         targets_BL = jnp.where(last_L[None, :], answer_B1, 0)
         weights_BL = jnp.broadcast_to(last_L[None, :], (batch_size, seq_len))
-        self_B1S = jnp.full((batch_size, 1, 1), seq_len - 1, jnp.int32)
-        src_B1S = jnp.concatenate([src_B1S, self_B1S], axis=-1)
-        src_BLS = jnp.where(last_L[None, :, None], src_B1S, -1)
-        return make_batch(inputs_BL, targets_BL, weights_BL, deps_from_sources(src_BLS, seq_len))
+        self_B1J = jnp.full((batch_size, 1, 1), seq_len - 1, jnp.int32)
+        src_B1J = jnp.concatenate([src_B1J, self_B1J], axis=-1)
+        src_BLJ = jnp.where(last_L[None, :, None], src_B1J, -1)
+        return make_batch(inputs_BL, targets_BL, weights_BL, deps_from_sources(src_BLJ, seq_len))
 
     def bag_ceiling(self):
         if self.joint:  # a pair token names its key and value: the bag holds the answer
@@ -210,22 +210,22 @@ class MQAR(Task):
         context_BC = jnp.stack([keys_BP, values_BP], axis=-1).reshape(batch_size, 2 * n_pairs)
         # A slot's rank among iid draws: the P lowest-ranked slots hold queries, and the rank
         # names the pair asked, so both the slots and the query order are uniform.
-        rank_BR = jnp.argsort(jnp.argsort(slot_bits, axis=-1), axis=-1).astype(jnp.int32)
-        is_query_BR = rank_BR < n_pairs
-        pair_BR = jnp.minimum(rank_BR, n_pairs - 1)
-        queries_BR = jnp.take_along_axis(keys_BP, pair_BR, axis=1)
-        answers_BR = jnp.take_along_axis(values_BP, pair_BR, axis=1)
+        rank_BQ = jnp.argsort(jnp.argsort(slot_bits, axis=-1), axis=-1).astype(jnp.int32)
+        is_query_BQ = rank_BQ < n_pairs
+        pair_BQ = jnp.minimum(rank_BQ, n_pairs - 1)
+        queries_BQ = jnp.take_along_axis(keys_BP, pair_BQ, axis=1)
+        answers_BQ = jnp.take_along_axis(values_BP, pair_BQ, axis=1)
         inputs_BL = jnp.concatenate(
-            [context_BC, jnp.where(is_query_BR, queries_BR, self.FILLER)], axis=1
+            [context_BC, jnp.where(is_query_BQ, queries_BQ, self.FILLER)], axis=1
         )
         zeros_BC = jnp.zeros((batch_size, 2 * n_pairs), jnp.int32)
-        targets_BL = jnp.concatenate([zeros_BC, jnp.where(is_query_BR, answers_BR, 0)], axis=1)
-        pair_BL = jnp.concatenate([zeros_BC - 1, jnp.where(is_query_BR, pair_BR, -1)], axis=1)
+        targets_BL = jnp.concatenate([zeros_BC, jnp.where(is_query_BQ, answers_BQ, 0)], axis=1)
+        pair_BL = jnp.concatenate([zeros_BC - 1, jnp.where(is_query_BQ, pair_BQ, -1)], axis=1)
         scored_BL = pair_BL >= 0
         self_BL = jnp.where(scored_BL, jnp.arange(seq_len)[None, :], -1)
         # An unscored row has pair -1, so its key and value sources (-2, -1) mark nothing.
-        src_BLS = jnp.stack([2 * pair_BL, 2 * pair_BL + 1, self_BL], axis=-1)
-        return make_batch(inputs_BL, targets_BL, scored_BL, deps_from_sources(src_BLS, seq_len))
+        src_BLJ = jnp.stack([2 * pair_BL, 2 * pair_BL + 1, self_BL], axis=-1)
+        return make_batch(inputs_BL, targets_BL, scored_BL, deps_from_sources(src_BLJ, seq_len))
 
     def bag_ceiling(self):
         # Without order, the value paired with the query key is any of the P context values.

@@ -1,6 +1,6 @@
 """Tasks over a list of items: copy, reverse, sort, and selective copy.
 
-Axis letters as in `ablate.tasks.base`.
+Axis letters: the table in `ablate.model`.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class _ItemsTask(Task):
         """Which item positions j determine the answer at position i (host, numpy)."""
 
     @abc.abstractmethod
-    def _answers(self, x_BN: jax.Array) -> jax.Array:
-        """The answers for the data items x_BN, in output order."""
+    def _answers(self, x_BI: jax.Array) -> jax.Array:
+        """The answers for the data items x_BI, in output order."""
 
     @abc.abstractmethod
     def _solve_items(self, items: np.ndarray) -> np.ndarray:
@@ -76,10 +76,10 @@ class _ItemsTask(Task):
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         c = self.config
-        x_BN = 2 + below(random_bits(key, batch_size, c.n_items)[0], c.n_symbols)
-        tail_BN = jnp.full((batch_size, c.n_items), self.BLANK, jnp.int32).at[:, 0].set(self.SEP)
-        inputs_BL = jnp.concatenate([x_BN, tail_BN], axis=1)
-        targets_BL = jnp.concatenate([jnp.zeros_like(x_BN), self._answers(x_BN)], axis=1)
+        x_BI = 2 + below(random_bits(key, batch_size, c.n_items)[0], c.n_symbols)
+        tail_BI = jnp.full((batch_size, c.n_items), self.BLANK, jnp.int32).at[:, 0].set(self.SEP)
+        inputs_BL = jnp.concatenate([x_BI, tail_BI], axis=1)
+        targets_BL = jnp.concatenate([jnp.zeros_like(x_BI), self._answers(x_BI)], axis=1)
         return static_batch(inputs_BL, targets_BL, self.scored_L, self.deps_LL)
 
     def bag_ceiling(self):
@@ -112,8 +112,8 @@ class Copy(_ItemsTask):
     def _dep_rule(self, i, j):
         return j == i - self.config.n_items
 
-    def _answers(self, x_BN):
-        return x_BN
+    def _answers(self, x_BI):
+        return x_BI
 
     def _solve_items(self, items):
         return items
@@ -129,8 +129,8 @@ class Reverse(_ItemsTask):
     def _dep_rule(self, i, j):
         return j == 2 * self.config.n_items - 1 - i
 
-    def _answers(self, x_BN):
-        return x_BN[:, ::-1]
+    def _answers(self, x_BI):
+        return x_BI[:, ::-1]
 
     def _solve_items(self, items):
         return items[::-1]
@@ -160,8 +160,8 @@ class Sort(_ItemsTask):
     def bag_ceiling(self):
         return 1.0, 0.0, "exact: the sorted items are a function of their multiset"
 
-    def _answers(self, x_BN):
-        return jnp.sort(x_BN, axis=-1)
+    def _answers(self, x_BI):
+        return jnp.sort(x_BI, axis=-1)
 
     def _solve_items(self, items):
         return np.sort(items)
@@ -169,20 +169,20 @@ class Sort(_ItemsTask):
 
 def _order_statistic_chance(n: int, m: int) -> float:
     """Mean over k of max_v P(the k-th smallest of n uniform draws from range(m) is v)."""
-    c_C = np.arange(n + 1)
-    log_comb_C = np.array(
-        [math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1) for c in c_C]
+    c_Y = np.arange(n + 1)
+    log_comb_Y = np.array(
+        [math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1) for c in c_Y]
     )
-    best_N, previous_N = np.zeros(n), np.zeros(n)
+    best_I, previous_I = np.zeros(n), np.zeros(n)
     # Blocks of v keep memory at 256 x n; v = m - 1 (where every cdf is 1) comes last.
     for start in range(0, m - 1, 256):
-        p_V1 = (np.arange(start, min(start + 256, m - 1)) + 1.0)[:, None] / m
-        count_pmf_VC = np.exp(log_comb_C + c_C * np.log(p_V1) + (n - c_C) * np.log1p(-p_V1))
+        p_M1 = (np.arange(start, min(start + 256, m - 1)) + 1.0)[:, None] / m
+        count_pmf_MY = np.exp(log_comb_Y + c_Y * np.log(p_M1) + (n - c_Y) * np.log1p(-p_M1))
         # P(k-th smallest <= v) = P(at least k + 1 draws are <= v)
-        cdf_VN = np.cumsum(count_pmf_VC[:, ::-1], axis=1)[:, ::-1][:, 1:]
-        pmf_VN = np.diff(cdf_VN, axis=0, prepend=previous_N[None, :])
-        best_N, previous_N = np.maximum(best_N, pmf_VN.max(axis=0)), cdf_VN[-1]
-    return float(np.maximum(best_N, 1.0 - previous_N).mean())
+        cdf_MI = np.cumsum(count_pmf_MY[:, ::-1], axis=1)[:, ::-1][:, 1:]
+        pmf_MI = np.diff(cdf_MI, axis=0, prepend=previous_I[None, :])
+        best_I, previous_I = np.maximum(best_I, pmf_MI.max(axis=0)), cdf_MI[-1]
+    return float(np.maximum(best_I, 1.0 - previous_I).mean())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,18 +230,18 @@ class SelectiveCopy(Task):
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         n, region, seq_len = self.config.n_items, self.region, self.seq_len
         pos_bits, item_bits = random_bits(key, batch_size, region, n)
-        pos_BN = jnp.sort(distinct(pos_bits, n), axis=-1)
-        x_BN = 2 + below(item_bits, self.config.n_symbols)
+        pos_BI = jnp.sort(distinct(pos_bits, n), axis=-1)
+        x_BI = 2 + below(item_bits, self.config.n_symbols)
         rows_B1 = jnp.arange(batch_size)[:, None]
-        region_BR = (
-            jnp.full((batch_size, region), self.BLANK, jnp.int32).at[rows_B1, pos_BN].set(x_BN)
+        region_BU = (
+            jnp.full((batch_size, region), self.BLANK, jnp.int32).at[rows_B1, pos_BI].set(x_BI)
         )
-        tail_BN = jnp.full((batch_size, n), self.BLANK, jnp.int32).at[:, 0].set(self.SEP)
-        inputs_BL = jnp.concatenate([region_BR, tail_BN], axis=1)
-        targets_BL = jnp.concatenate([jnp.zeros_like(region_BR), x_BN], axis=1)
+        tail_BI = jnp.full((batch_size, n), self.BLANK, jnp.int32).at[:, 0].set(self.SEP)
+        inputs_BL = jnp.concatenate([region_BU, tail_BI], axis=1)
+        targets_BL = jnp.concatenate([jnp.zeros_like(region_BU), x_BI], axis=1)
         weights_L = jnp.arange(seq_len) >= region
         weights_BL = jnp.broadcast_to(weights_L[None, :], (batch_size, seq_len))
-        src_BL = jnp.concatenate([jnp.full((batch_size, region), -1, jnp.int32), pos_BN], axis=1)
+        src_BL = jnp.concatenate([jnp.full((batch_size, region), -1, jnp.int32), pos_BI], axis=1)
         deps_BLL = deps_from_sources(src_BL[:, :, None], seq_len)
         return make_batch(inputs_BL, targets_BL, weights_BL, deps_BLL)
 
