@@ -296,3 +296,48 @@ def _deep_copy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deep_copy(v) for v in data]
     return data
+
+
+# Model fields of run folders written before variants owned their settings: (old field, the
+# variants it applied to, the field in their settings).
+_LEGACY_MODEL_FIELDS = (
+    ("random_scale", ("random_fixed", "synthesizer"), "scale"),
+    ("gaussian_sigma", ("gaussian",), "sigma"),
+    ("gaussian_offsets", ("gaussian",), "offsets"),
+)
+
+
+def _names_in(spec: Any) -> set[str]:
+    """Every variant name in a `model.attention` value (a name, or nested lists of names)."""
+    if isinstance(spec, str):
+        return {spec}
+    if isinstance(spec, list | tuple):
+        return set().union(*(_names_in(x) for x in spec))
+    return set()
+
+
+def upgrade_saved(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A run folder's saved experiment (config.json) in today's fields.
+
+    Earlier versions wrote `model.n_classes` (always 0: a classification head was refused)
+    and the variant settings `model.random_scale`, `gaussian_sigma`, `gaussian_offsets`; they
+    now live in `model.attention_settings.NAME`: each value moves to the variants it applied to
+    that the model uses (as today's config.json records their settings), so an old run folder
+    resumes and probes as it was. Anything else is returned as it was, for validation to judge.
+    """
+    data = _deep_copy(dict(data))
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return data
+    if model.get("n_classes") == 0:
+        del model["n_classes"]
+    used = _names_in(model.get("attention"))
+    settings = model.get("attention_settings", {})
+    for old, variants, field in _LEGACY_MODEL_FIELDS:
+        if old not in model or not isinstance(settings, dict):
+            continue
+        value = model.pop(old)
+        for name in sorted(used & set(variants)):
+            settings.setdefault(name, {}).setdefault(field, value)
+        model["attention_settings"] = settings
+    return data

@@ -43,7 +43,7 @@ from flax import nnx
 from ablate.ablation import edited, recorded
 from ablate.attention import MIXERS, MixerSettings
 from ablate.checkpoint import Checkpointer
-from ablate.config import ConfigError
+from ablate.config import ConfigError, upgrade_saved
 from ablate.core import Definition, Programs, TrainState, eval_batch
 from ablate.distributed import is_primary
 from ablate.experiment import Experiment, build_experiment
@@ -88,7 +88,7 @@ def read_experiment(run_dir: str | Path) -> Experiment:
     ckpt_dir = run_dir / CHECKPOINT_DIR
     if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise ConfigError([("run_dir", f"{ckpt_dir} holds no checkpoint: train the run first")])
-    return build_experiment(json.loads((run_dir / CONFIG_FILE).read_text()))
+    return build_experiment(upgrade_saved(json.loads((run_dir / CONFIG_FILE).read_text())))
 
 
 def load_run(run_dir: str | Path) -> tuple[Experiment, TrainState, int]:

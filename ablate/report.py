@@ -310,6 +310,32 @@ def _fmt(s: dict[str, Any] | None) -> str:
     return f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
 
 
+_OLD_HEAD_PART = re.compile(r"(layer \d+ head \d+): (.+)")
+
+
+def _upgraded_row(row: dict) -> dict:
+    """A results row as today's sweep writes it. Rows of earlier versions name the frozen
+    parts in text ("layer 0 head 1: W_q, W_k", "token_embed"); today each is an entry of
+    `model.frozen_parts` (part, kind, what, content_routing)."""
+    frozen = row.get("frozen")
+    if not frozen or not all(isinstance(p, str) for p in frozen):
+        return row
+    entries = []
+    for text in frozen:
+        if head := _OLD_HEAD_PART.fullmatch(text):
+            what = head.group(2)
+            entries.append({"part": head.group(1), "kind": "head", "what": what,
+                            "content_routing": "W_q" in what})  # fmt: skip
+        elif text.startswith("layer."):
+            entries.append({"part": text, "kind": "layer", "what": "every weight of the block",
+                            "content_routing": False})  # fmt: skip
+        else:
+            what = {"token_embed": "token embeddings", "pos_embed": "position embeddings"}
+            entries.append({"part": text, "kind": "embedding", "what": what.get(text, text),
+                            "content_routing": False})  # fmt: skip
+    return {**row, "frozen": entries}
+
+
 def _frozen_text(parts: list[str]) -> str:
     """Frozen parts (model.frozen_parts' entries) in few words: per-head entries are counted,
     not listed one by one."""
@@ -695,7 +721,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     meta_path = sweep_dir / SWEEP_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.setdefault("name", sweep_dir.name)
-    summary = summarize(read_jsonl(sweep_dir / RESULTS_FILE))
+    summary = summarize([_upgraded_row(r) for r in read_jsonl(sweep_dir / RESULTS_FILE)])
     out = sweep_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
     for old in out.glob("*.png"):  # plots of runs no longer in the table must not linger

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ablate.config import ConfigError, flatten
+from ablate.config import ConfigError, flatten, upgrade_saved
 
 CONFIG_FILE = "config.json"
 BACKUP_CONFIG = "config.before-change"  # + "-N.json"
@@ -290,7 +290,7 @@ def check_run_config(run_dir: Path, config: dict, allow_change: bool) -> list[st
     if not path.is_file():
         return []
     try:
-        saved = flatten(json.loads(path.read_text()))
+        saved = flatten(upgrade_saved(json.loads(path.read_text())))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(
             [("", f"{path} is unreadable ({e}); refusing to resume into {run_dir}")]

@@ -419,3 +419,27 @@ def test_a_pull_that_stays_at_the_uniform_share_is_said_so():
     ]
     g = summarize(rows)["groups"][0]
     assert "the loss never pulled attention towards the dependency positions" in g["statement"]
+
+
+def test_rows_of_earlier_versions_with_frozen_parts_in_text_read_as_today(tmp_path):
+    """Old results.jsonl rows name frozen parts in text; the report reads them as the entries
+    today's sweep writes (the same statement as for today's rows)."""
+    from ablate.report import _upgraded_row
+
+    old_text = ["token_embed", "pos_embed", "layer 0 head 0: W_q, W_k", "layer 0 head 1: W_q, W_k"]
+    today = _frozen(attention="frozen", freeze=("token_embed", "pos_embed"))
+    assert _upgraded_row({"frozen": old_text})["frozen"] == today
+    assert _upgraded_row({"frozen": ["layer 1 head 0: random pattern"]})["frozen"] == [
+        {"part": "layer 1 head 0", "kind": "head", "what": "random pattern",
+         "content_routing": False}
+    ]  # fmt: skip
+    accs = {("assoc", "learned"): [1.0, 1.0, 0.99], ("assoc", "frozen"): [0.99, 1.0, 0.98]}
+    sweep_dir = _sweep(tmp_path, accs)
+    results = sweep_dir / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    for r in rows:
+        if r["variant"] == "frozen":
+            r["frozen"] = old_text[2:]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((write_report(sweep_dir).parent / "report" / "summary.json").read_text())
+    assert "W_q, W_k in 2 heads" in summary["groups"][0]["statement"]

@@ -147,3 +147,39 @@ def test_a_damaged_results_table_exits_with_the_io_code_naming_the_line(tmp_path
     (tmp_path / RESULTS_FILE).write_text("{]\n" + json.dumps({"run": "a"}) + "\n")
     assert main(["report", str(tmp_path)]) == EXIT_IO
     assert f"{tmp_path / RESULTS_FILE}, line 1: not a JSON object" in capsys.readouterr().err
+
+
+def _as_written_before_variant_settings(config: dict, **old_values) -> dict:
+    """`config` as config.json was written before variants owned their settings."""
+    old = json.loads(json.dumps(config))
+    del old["model"]["attention_settings"]
+    old["model"] |= {"n_classes": 0, "random_scale": 1.0, "gaussian_sigma": 1.0,
+                     "gaussian_offsets": []} | old_values  # fmt: skip
+    return old
+
+
+def test_an_old_run_folder_resumes_and_probes_with_its_settings(tmp_path):
+    from ablate.config import upgrade_saved
+    from ablate.experiment import build_experiment
+    from ablate.runfolder import CONFIG_FILE, check_run_config
+
+    data = {
+        "task": {"name": "copy"},
+        "model": {"attention": [["random_fixed", "gaussian"], "learned"], "n_heads": 2},
+    }
+    config = build_experiment(data).to_dict()
+    # Written at the old defaults: the same run, so resuming sees no change.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / CONFIG_FILE).write_text(json.dumps(_as_written_before_variant_settings(config)))
+    assert check_run_config(run_dir, config, allow_change=False) == []
+    # Old non-default values move to the variants that used them, and build.
+    old = _as_written_before_variant_settings(config, random_scale=0.5, gaussian_sigma=2.0)
+    upgraded = upgrade_saved(old)
+    assert upgraded["model"]["attention_settings"] == {
+        "gaussian": {"sigma": 2.0, "offsets": []},
+        "random_fixed": {"scale": 0.5},
+    }
+    settings = build_experiment(upgraded).model.attention_settings
+    assert settings["random_fixed"].scale == 0.5 and settings["gaussian"].sigma == 2.0
+    assert old["model"]["random_scale"] == 0.5  # the saved dict itself is left alone
