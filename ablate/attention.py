@@ -141,7 +141,8 @@ class Mixer(nnx.Module):
 
     Facts a subclass states where the defaults are wrong: `Config` (its settings),
     `mixing_flops` (or `flops_per_token` where weights or a trained pattern add to it),
-    `describe` (plain words for its kept-at-init variables) and the flags below.
+    `describe` (plain words for its kept-at-init variables), `lacks` (what the report says it
+    lacks against learned attention) and the flags below.
     """
 
     #: The variant's settings: a frozen dataclass subclassing NoSettings, with defaults.
@@ -151,6 +152,12 @@ class Mixer(nnx.Module):
     mixing_flops: ClassVar[int] = 4
     #: Plain words for the variables `kept_at_init` names (default: the attribute's name).
     describe: ClassVar[Mapping[str, str]] = {}
+    #: What the variant lacks against learned attention, in the report's words: (the long
+    #: form for its sentences, the short form for its tables); None for learned attention.
+    lacks: ClassVar[tuple[str, str] | None] = (
+        "learned attention (the variant does not say what it lacks)",
+        "learned attention",
+    )
 
     #: False for mixers whose token mixing is not a row-stochastic pattern (fourier).
     has_pattern: ClassVar[bool] = True
@@ -219,6 +226,8 @@ class Mixer(nnx.Module):
 class Learned(Mixer):
     """softmax(Q K^T / sqrt(K) + mask), with trainable W_q and W_k."""
 
+    lacks = None
+
     weight_type: ClassVar[type[nnx.Variable]] = nnx.Param
     qk_scores = True
     #: Q K^T and P V: 2 L K forward each, 4 L K backward each.
@@ -260,11 +269,15 @@ class Learned(Mixer):
 class FrozenQK(Learned):
     """As `learned`, but W_q and W_k stay at their random init (content routing, never learned)."""
 
+    lacks = ("learned W_q/W_k: its routing still depends on content", "learned W_q/W_k")
+
     weight_type = Frozen
 
 
 class Uniform(Mixer):
     """1/|V(i)| on the visible positions: the masked mean of the values."""
+
+    lacks = ("learned routing: it averages every visible position", "learned routing")
 
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         ones_B1LS = jnp.ones(visible_BLS.shape, x_BLD.dtype)[:, None]
@@ -285,6 +298,8 @@ class RandomTableConfig(NoSettings):
 
 class RandomFixed(Mixer):
     """softmax(R_h + mask) with R_h drawn once at init and never trained."""
+
+    lacks = ("learned routing: a fixed random pattern", "learned routing")
 
     Config = RandomTableConfig
     table_type: ClassVar[type[nnx.Variable]] = Fixed
@@ -313,6 +328,11 @@ class RandomFixed(Mixer):
 class Synthesizer(RandomFixed):
     """softmax(R_h + mask) with R_h a trainable, input-independent parameter (Tay et al. 2021)."""
 
+    lacks = (
+        "content-dependent routing: a learned pattern, the same for every input",
+        "content-dependent routing",
+    )
+
     table_type = nnx.Param
 
 
@@ -334,6 +354,8 @@ class GaussianConfig(NoSettings):
 
 class Gaussian(Mixer):
     """A hard-coded Gaussian around position i + offset_h (You et al. 2020)."""
+
+    lacks = ("learned routing: a fixed local pattern", "learned routing")
 
     Config = GaussianConfig
 
@@ -363,6 +385,8 @@ def default_gaussian_offsets(n_heads: int, causal: bool) -> tuple[int, ...]:
 class Identity(Mixer):
     """Each token sees only itself: no mixing at all (the lower bound)."""
 
+    lacks = ("any mixing between positions", "any mixing")
+
     def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
         L = x_BLD.shape[1]
         eye_1LS = jnp.eye(L, dtype=x_BLD.dtype)[None]
@@ -377,6 +401,8 @@ class Fourier(Mixer):
     positions, so there is no pattern and no alignment for these heads; a causal model is
     refused because the transform sees every position.
     """
+
+    lacks = ("learned routing: fixed Fourier mixing", "learned routing")
 
     has_pattern = False
     supports_causal = False

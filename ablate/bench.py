@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ablate.attention import Learned
+from ablate.attention import MIXERS, Learned
 from ablate.config import ConfigError
 from ablate.experiment import Experiment, build_experiment
 from ablate.malloc import TUNABLES
@@ -98,8 +98,6 @@ SHAPES: dict[str, tuple[dict, dict, int]] = {
     # --quick only: a smoke test of every code path in seconds.
     "tiny": ({"name": "mqar", "seq_len": 32}, {"d_model": 32, "n_heads": 2, "n_layers": 1}, 8),
 }
-CAUSAL_VARIANTS = ("learned", "frozen", "synthesizer", "uniform", "random_fixed", "gaussian",
-                   "none")  # fmt: skip
 QUICK_SWEEP_VARIANTS = ("learned", "frozen", "uniform", "random_fixed", "none")
 SEEDS = 8  # Z of the vmapped-vs-sequential comparison, unless asked otherwise
 
@@ -557,12 +555,14 @@ def make_plan(
     accelerator = jax.default_backend() != "cpu"
     asked_variants = variants
     dtype = dtype or ("bfloat16" if accelerator else "float32")
+    # Every registered variant a causal model can use (bench models are causal).
+    causal = tuple(name for name, cls in MIXERS.items() if cls.supports_causal)
     if variants == "all":
-        variants = CAUSAL_VARIANTS
+        variants = causal
     elif variants:
         variants = tuple(variants.split(","))
     else:  # on a CPU, the variants of context_quick.toml (each costs a compile)
-        variants = CAUSAL_VARIANTS if accelerator else QUICK_SWEEP_VARIANTS
+        variants = causal if accelerator else QUICK_SWEEP_VARIANTS
     if quick:
         return Plan(
             dtype=dtype,

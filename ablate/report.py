@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ablate.attention import MIXERS
 from ablate.config import ConfigError
 from ablate.metrics import (
     Interval,
@@ -51,19 +52,6 @@ ESSENTIAL = 0.8  # whole interval above: the variant loses almost all of the gai
 DISPENSABLE = 0.2  # interval holds 0 and stays below this: no measurable loss
 PULL = ("gradient_alignment_max_init", "gradient_alignment_max_peak", "gradient_alignment_max")
 LEVELS = (("chance", "chance"), ("fixed_routing_ceiling", "fixed"), ("bag_ceiling", "bag"))
-# What each registered variant lacks against learned attention (long form, table form).
-LACKS = {
-    "uniform": ("learned routing: it averages every visible position", "learned routing"),
-    "random_fixed": ("learned routing: a fixed random pattern", "learned routing"),
-    "gaussian": ("learned routing: a fixed local pattern", "learned routing"),
-    "fourier": ("learned routing: fixed Fourier mixing", "learned routing"),
-    "synthesizer": (
-        "content-dependent routing: a learned pattern, the same for every input",
-        "content-dependent routing",
-    ),
-    "frozen": ("learned W_q/W_k: its routing still depends on content", "learned W_q/W_k"),
-    "none": ("any mixing between positions", "any mixing"),
-}
 VERDICT_TEXT = {
     "essential": "{v} loses almost all of learned attention's gain over chance (context "
     "dependence {dep}, the whole interval above {essential}): the task needs what {v} lacks, "
@@ -196,7 +184,8 @@ def _attention_names(attention: Any) -> set[str]:
 def _lacks(row: dict[str, Any], label: str) -> tuple[str, str]:
     """(long, short) words for what a variant lacks against learned attention."""
     names = _attention_names(row.get("attention")) or {label}
-    known = [LACKS[n] for n in sorted(names) if n in LACKS]
+    # Each variant states its own words (`Mixer.lacks`); a name no longer registered has none.
+    known = [MIXERS[n].lacks for n in sorted(names) if n in MIXERS and MIXERS[n].lacks]
     if names == {"learned"} or not known:
         long = short = "learned attention in some heads" if names - {"learned"} else "nothing"
     elif len(names) == 1:

@@ -38,6 +38,7 @@ class Shifted(Mixer):
 
     Config = ShiftConfig
     describe = {"table": "shift pattern"}
+    lacks = ("learned routing: a fixed shift back", "learned routing")
 
     def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config=None):
         super().__init__(n_heads, settings, rngs, config)
@@ -102,6 +103,10 @@ def test_a_variant_from_outside_is_validated_trained_reported_and_benched(shifte
     assert [p["what"] for p in row["frozen"]] == ["shift pattern"] * 2
     report = (sweep_dir / "REPORT.md").read_text()
     assert "shifted" in report and "shift pattern in 2 heads" in report
+    summary = json.loads((sweep_dir / "report" / "summary.json").read_text())
+    entry = summary["groups"][0]["variants"]["shifted"]
+    assert entry["lacks"] == "learned routing: a fixed shift back"  # its own words
+    assert entry["lacks_short"] == "learned routing"
     config = json.loads((sweep_dir / "copy-shifted" / "config.json").read_text())
     assert config["model"]["attention_settings"] == {"shifted": {"shift": 2}}
 
@@ -116,3 +121,4 @@ def test_a_variant_from_outside_is_validated_trained_reported_and_benched(shifte
     runner = bench.EngineRunner(exp)
     assert runner.flops_per_step == bench.train_flops_per_step(exp) > 0
     runner.dispatch()
+    assert "shifted" in bench.make_plan(variants="all").variants
