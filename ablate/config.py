@@ -170,12 +170,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     dot = f"{path}." if path else ""
     for key in data:
         if key not in fields:
-            problems.append(
-                (
-                    dotted(path, key),
-                    f"unknown field; {cls.__name__} has: {', '.join(sorted(fields))}",
-                )
-            )
+            where = dotted(path, key)
+            moved = MOVED.get(where)
+            message = f"unknown field; {cls.__name__} has: {', '.join(sorted(fields))}"
+            problems.append((where, f"moved to {moved}" if moved else message))
     kwargs = {}
     for name in fields:
         if name in data:
@@ -297,6 +295,16 @@ def _deep_copy(data: Any) -> Any:
         return [_deep_copy(v) for v in data]
     return data
 
+
+# Fields that moved, by their old dotted path: what an experiment file now writes instead.
+MOVED = {
+    "model.random_scale": "model.attention_settings.random_fixed.scale "
+    "(and model.attention_settings.synthesizer.scale)",
+    "model.gaussian_sigma": "model.attention_settings.gaussian.sigma",
+    "model.gaussian_offsets": "model.attention_settings.gaussian.offsets",
+    "model.n_classes": "nothing: the model has no classification head (text_classification "
+    "predicts its label at a final CLS token; set task.n_classes)",
+}
 
 # Model fields of run folders written before variants owned their settings: (old field, the
 # variants it applied to, the field in their settings).

@@ -183,3 +183,14 @@ def test_an_old_run_folder_resumes_and_probes_with_its_settings(tmp_path):
     settings = build_experiment(upgraded).model.attention_settings
     assert settings["random_fixed"].scale == 0.5 and settings["gaussian"].sigma == 2.0
     assert old["model"]["random_scale"] == 0.5  # the saved dict itself is left alone
+
+
+def test_an_old_experiment_file_is_told_where_a_moved_field_went():
+    from ablate.config import ConfigError
+    from ablate.experiment import build_experiment
+
+    with pytest.raises(ConfigError) as info:
+        build_experiment({"task": {"name": "copy"}, "model": {"gaussian_sigma": 2.0}})
+    assert info.value.problems == [
+        ("model.gaussian_sigma", "moved to model.attention_settings.gaussian.sigma")
+    ]
