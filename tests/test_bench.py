@@ -77,6 +77,7 @@ def test_flops_per_step_scale_with_tokens_seeds_and_frozen_layers():
     assert frozen == HAND_COUNTS["learned"] - 2 * (128 + 128 + 512)
 
 
+@pytest.mark.slow
 def test_quick_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # learned only: its runner is the engine phase's, so the variants table costs no compile

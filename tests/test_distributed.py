@@ -153,6 +153,7 @@ def test_mesh_on_one_device_is_refused_before_anything_is_made(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.slow
 def test_resuming_on_another_mesh_is_not_a_config_change(tmp_path):
     exp = tiny(**{"train.steps": 10})
     train(exp, tmp_path / "r", progress=False)

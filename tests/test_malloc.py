@@ -61,6 +61,7 @@ def test_keep_restarts_the_command_once_in_the_same_process_with_the_same_argume
     assert "attention variants:" in done.stdout  # then the command ran
 
 
+@pytest.mark.slow
 def test_no_restart_by_default_with_your_tunables_or_from_library_calls():
     for env in ({}, {"ABLATE_MALLOC": "keep", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}):
         done = run_python(CLI, **env)

@@ -191,6 +191,7 @@ def test_eval_history_reads_the_pull_at_init_its_peak_and_the_end(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_a_text_task_is_read_once_per_sweep_and_shared_by_its_points(tmp_path, monkeypatch):
     """Three variants of one text task (one probed): its data is read once, and every run
     trains on that one device copy of it."""

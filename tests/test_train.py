@@ -56,6 +56,7 @@ def run_steps(exp):
     return state
 
 
+@pytest.mark.slow
 def test_learned_beats_chance_and_uniform_falls_far_behind(tmp_path):
     # 8 pairs drawn from 32 keys: measured, uniform averaging reaches ~0.3 here while learned
     # attention solves it. (With only 8 keys, the bag of pair tokens fits in d_model and uniform
