@@ -1,5 +1,6 @@
 """The package's import graph has no cycle: every `import` of an ablate module counts, those
-made on demand inside a function too (they hide a cycle, not remove it)."""
+made on demand inside a function too (they hide a cycle, not remove it), and importing
+`ablate.tasks.base` imports its parent package `ablate.tasks` (its `__init__`) first."""
 
 import ast
 from pathlib import Path
@@ -26,7 +27,18 @@ def module_imports(root: Path) -> dict[str, set[str]]:
             elif isinstance(node, ast.Import):
                 edges.update(a.name for a in node.names if a.name.startswith("ablate"))
         graph[name] = edges
-    return {m: {e for e in edges if e in graph and e != m} for m, edges in graph.items()}
+    return {m: with_parents(edges, graph, m) for m, edges in graph.items()}
+
+
+def with_parents(edges: set[str], graph: dict, module: str) -> set[str]:
+    """`edges` plus the parent packages they run first; a parent package of `module` itself
+    is already being imported when `module` runs, so only an explicit import of it counts."""
+    own = {".".join(module.split(".")[:n]) for n in range(1, module.count(".") + 2)}
+    implied = set()
+    for e in edges:
+        parts = e.split(".")
+        implied.update(".".join(parts[:n]) for n in range(2, len(parts)))
+    return {e for e in edges | (implied - own) if e in graph and e != module}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -56,7 +68,8 @@ def test_no_import_cycle():
     )
     assert not {m for m in graph["ablate.data"] if m.startswith("ablate.tasks")}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
-    # The check can fail: the tasks <-> data cycle this layout removed is found.
-    assert find_cycle(
-        {**graph, "ablate.data": {"ablate.tasks.base"}, "ablate.tasks.base": {"ablate.data"}}
-    )
+    # The check can fail: one import of the tasks' base by data (as the old layout had) closes
+    # a cycle through the tasks package's __init__, which imports the text tasks, which import
+    # data.
+    data_back = with_parents({"ablate.tasks.base"}, graph, "ablate.data")
+    assert find_cycle({**graph, "ablate.data": graph["ablate.data"] | data_back})
