@@ -79,7 +79,11 @@ class ModelConfig:
             object.__setattr__(self, "attention", spec)
         object.__setattr__(self, "freeze", tuple(self.freeze))
         check(self)
-        used = tuple(dict.fromkeys(n for layer in self.head_variants() for n in layer))
+        # The names the spec uses, read from it directly: expanding it per head first would
+        # build n_layers x n_heads names before their ranges are checked.
+        spec = self.attention
+        entries = [spec] if isinstance(spec, str) else spec
+        used = tuple(dict.fromkeys(n for e in entries for n in ([e] if isinstance(e, str) else e)))
         settings, _ = variant_settings(self.attention_settings, used)
         object.__setattr__(self, "attention_settings", settings)
 

@@ -262,6 +262,14 @@ class Prober:
             )
             resampled = model(reference_BL, valid_BL=reference_valid_BL, return_patterns=True)
             patterns = jnp.stack([uniform, random, mean_pattern, jnp.stack(resampled.patterns)])
+            if valid is not None:
+                # Padded sequences: a replacement pattern attends only where this batch's own
+                # heads may (its visible, unpadded positions), renormalised, as a variant would.
+                visible_11B1LS = visibility(self.L, self.settings.causal, valid, B)[
+                    None, None, :, None
+                ]
+                patterns = patterns * visible_11B1LS
+                patterns = patterns / jnp.maximum(patterns.sum(-1, keepdims=True), 1e-30)
 
             def edited(edit):
                 ablated = self._edited(model, *edit, patterns, mean_output)

@@ -551,3 +551,15 @@ def test_variant_settings_are_validated_with_dotted_paths_and_reach_the_mixers()
         "model.attention_settings.random_fixed.scale",
     }
     assert "'learned' has no settings" in problems["model.attention_settings.learned"]
+
+
+def test_validation_does_not_expand_the_attention_spec_per_head(monkeypatch):
+    """A huge n_layers (as a fuzzed file gives) is validated without building n_layers x
+    n_heads names first: the settings of the used variants are read from the spec itself."""
+
+    def expanded(self):
+        raise AssertionError("head_variants called during validation")
+
+    monkeypatch.setattr(ModelConfig, "head_variants", expanded)
+    cfg = ModelConfig(vocab_size=8, seq_len=4, n_layers=2**31, attention="random_fixed")
+    assert list(cfg.attention_settings) == ["random_fixed"]

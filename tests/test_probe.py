@@ -425,3 +425,29 @@ def test_a_padded_bidirectional_model_is_probed_with_its_padding_masked(tmp_path
         ]
     )
     assert abs(unmasked - evaluated["loss"][0]) > 0.01  # the mask does move the numbers
+
+    # A replacement pattern attends only to the batch's unpadded positions: the probe's
+    # "uniform" on every head equals every head averaging its visible positions, built here by
+    # hand through the mixer edit, and differs from averaging padding too.
+    from ablate.ablation import edited
+    from ablate.attention import normalize_rows
+    from ablate.model import visibility
+
+    N, H, L, K = 1, 2, exp.task.seq_len, exp.model.head_dim
+    probed = prober.ablate("uniform", np.ones((1, N, H), np.float32))["loss"][0, 0]
+
+    def uniform_loss(mask_padding: bool) -> float:
+        losses = []
+        for e in range(exp.train.eval_batches):
+            B = inputs_EBL.shape[1]
+            valid = valid_EBL[e] if mask_padding else None
+            visible_BLS = visibility(L, False, valid, B)
+            fill = normalize_rows(jnp.ones((B, H, L, L)), visible_BLS)[None]
+            ones, zeros = jnp.ones((N, H)), jnp.zeros((N, H))
+            averaged = edited(model, ones, ones, fill, zeros, jnp.zeros((N, 1, L, H, K)))
+            logits = averaged(inputs_EBL[e], valid_BL=valid_EBL[e]).logits
+            losses.append(token_metrics(logits, targets_EBL[e], weights_EBL[e])["loss"])
+        return float(np.mean(losses))
+
+    assert probed == pytest.approx(uniform_loss(mask_padding=True), rel=1e-5)
+    assert abs(probed - uniform_loss(mask_padding=False)) > 1e-3
