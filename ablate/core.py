@@ -48,6 +48,7 @@ from ablate.metrics import (
     gradient_alignment,
     token_metrics,
     uniform_alignment,
+    uniform_entropy,
 )
 from ablate.model import ModelConfig, Transformer, visibility
 from ablate.tasks import Batch, Task
@@ -276,6 +277,7 @@ def evaluate(
         B, L = batch.inputs.shape
         visible = visibility(L, exp.model.causal, valid_BL, B)
         m["uniform_alignment"] = uniform_alignment(batch.deps, visible, batch.weights)
+        m["uniform_entropy"] = uniform_entropy(visible, valid_BL)
         if not (task.has_dependencies and exp.train.gradient_alignment):
             # Real data has no mask to pull towards; or the pull was not asked for.
             m["gradient_alignment"] = jnp.full(definition.has_pattern_NH.shape, jnp.nan)

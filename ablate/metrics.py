@@ -89,6 +89,14 @@ def uniform_alignment(deps_BLS: jax.Array, visible_BLS: jax.Array, weights_BL: j
     return jnp.where(n_rows > 0, (share_BL * rows_BL).sum() / jnp.maximum(n_rows, 1.0), jnp.nan)
 
 
+def uniform_entropy(visible_BLS: jax.Array, valid_BL: jax.Array | None = None) -> jax.Array:
+    """The entropy uniform attention would have: log |V(i)|, averaged over every real
+    (non-padding) query position as `attention_metrics` averages entropy_H."""
+    real_BL = jnp.ones(visible_BLS.shape[:2]) if valid_BL is None else valid_BL.astype(jnp.float32)
+    log_n_BL = jnp.log(jnp.maximum(visible_BLS.astype(jnp.float32).sum(-1), 1.0))
+    return (log_n_BL * real_BL).sum() / jnp.maximum(real_BL.sum(), 1.0)
+
+
 def descent_direction(
     grad_BHLS: jax.Array, probs_BHLS: jax.Array, visible_BLS: jax.Array, qk_scores_H
 ) -> jax.Array:

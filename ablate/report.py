@@ -51,6 +51,11 @@ from ablate.runfolder import (
 ESSENTIAL = 0.8  # whole interval above: the variant loses almost all of the gain
 DISPENSABLE = 0.2  # interval holds 0 and stays below this: no measurable loss
 PULL = ("gradient_alignment_max_init", "gradient_alignment_max_peak", "gradient_alignment_max")
+ONSETS = ("alignment_onset_step", "loss_onset_step", "gradient_alignment_onset_step")
+# How far (learned - uniform) may stray, as a whole interval, for "stays at the uniform level"
+# on a control: attention mass for alignment, nats for entropy.
+UNIFORM_ALIGNMENT_TOLERANCE = 0.02
+UNIFORM_ENTROPY_TOLERANCE = 0.05
 LEVELS = (("chance", "chance"), ("fixed_routing_ceiling", "fixed"), ("bag_ceiling", "bag"))
 VERDICT_TEXT = {
     "essential": "{v} loses almost all of learned attention's gain over chance (context "
@@ -107,6 +112,20 @@ HOW_TO_READ = """## How to read this
   attention where a position's value would lower the loss. Read its curve beside alignment's
   and accuracy's (only as finely as the evals are spaced); score- and pattern-based pulls are
   not on one scale.
+- **Onsets** (learned attention): per seed, the first eval step at which a curve has gone
+  half way from its step-0 value to its end: the best-head alignment (largest over heads at
+  each eval) to its last eval, the loss down to its last eval, the pull to its peak. None for
+  a seed whose curve did not move that way. Steps are only as fine as the evals: the true
+  crossing lies between the onset's eval and the one before it. Orders are read per seed
+  (alignment onset - loss onset, pull onset - alignment onset) from the interval's bounds:
+  *before* (wholly below 0), *after* (wholly above 0), else not distinguishable at this eval
+  spacing.
+- **Controls** (tasks that need no pairwise context): learned attention's final alignment
+  (best head, mean over heads) and entropy (mean over heads, most concentrated head) minus
+  what uniform attention over the visible positions gives (its alignment; its entropy, the
+  log of the number of visible positions averaged over query positions as the heads'
+  entropy is), per seed. *Stays at the uniform level* only when the whole interval lies
+  within +-0.02 (mass) or +-0.05 nats (entropy).
 """
 NEEDS = {
     "content": "needs content",
@@ -230,6 +249,40 @@ def _by_seed(rows: list[dict[str, Any]], field: str = "accuracy") -> dict[Any, f
     }
 
 
+def _paired(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """Mean and interval over seeds of row[a] - row[b], from the rows holding both."""
+    return _stat(
+        (r[a] - r[b] for r in rows if finite(r.get(a)) and finite(r.get(b))),
+        (-math.inf, math.inf),
+    )
+
+
+def _onset_order(good: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paired onset differences (steps) over seeds, the widest eval gap, and how many
+    seeds recorded no alignment onset (their alignment did not rise)."""
+    spacing = [r["eval_spacing"] for r in good if finite(r.get("eval_spacing"))]
+    return dict(
+        alignment_minus_loss_onset=_paired(good, "alignment_onset_step", "loss_onset_step"),
+        pull_minus_alignment_onset=_paired(
+            good, "gradient_alignment_onset_step", "alignment_onset_step"
+        ),
+        eval_spacing=max(spacing) if spacing else None,
+        alignment_onset_missing=sum(
+            "alignment_onset_step" in r and r["alignment_onset_step"] is None for r in good
+        ),
+    )
+
+
+def _versus_uniform(good: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final alignment and entropy minus uniform attention's, paired per seed (the row)."""
+    return dict(
+        alignment_max_minus_uniform=_paired(good, "alignment_max", "alignment_uniform"),
+        alignment_mean_minus_uniform=_paired(good, "alignment_mean", "alignment_uniform"),
+        entropy_mean_minus_uniform=_paired(good, "entropy_mean", "entropy_uniform"),
+        entropy_min_minus_uniform=_paired(good, "entropy_min", "entropy_uniform"),
+    )
+
+
 def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     first = next(iter(runs.values()))[0]
     all_rows = [r for rs in runs.values() for r in rs]
@@ -254,9 +307,10 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         e["lacks"], e["lacks_short"] = _lacks(rs[0], label) if label != "learned" else ("", "-")
         for name in ("accuracy", "alignment_max", "alignment_max_init", *PULL):
             e[name] = _stat(r.get(name) for r in good)
-        e["gradient_alignment_peak_step"] = _stat(
-            (r.get("gradient_alignment_peak_step") for r in good), (0.0, math.inf)
-        )
+        for name in ("gradient_alignment_peak_step", *ONSETS):
+            e[name] = _stat((r.get(name) for r in good), (0.0, math.inf))
+        e |= _onset_order(good)
+        e |= _versus_uniform(good)
         # exp(held-out loss); rows of older sweeps have only the loss.
         e["perplexity"] = _stat(
             (r.get("perplexity", perplexity(r.get("loss"))) for r in good), (1.0, math.inf)
@@ -291,12 +345,12 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return group
 
 
-def _fmt(s: dict[str, Any] | None) -> str:
+def _fmt(s: dict[str, Any] | None, digits: int = 2) -> str:
     if s is None or not finite(s["mean"]):
         return "n/a"
     if not _interval(s).has_interval:
-        return f"{s['mean']:.2f} ({s['n']} seed{'s' * (s['n'] > 1)}, no interval)"
-    return f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
+        return f"{s['mean']:.{digits}f} ({s['n']} seed{'s' * (s['n'] > 1)}, no interval)"
+    return f"{s['mean']:.{digits}f} [{s['low']:.{digits}f}, {s['high']:.{digits}f}]"
 
 
 _OLD_HEAD_PART = re.compile(r"(layer \d+ head \d+): (.+)")
@@ -384,6 +438,122 @@ def _pull_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
     return text + "."
 
 
+def _order(d: dict[str, Any] | None) -> str | None:
+    """before / after / not distinguishable, from a paired difference's interval bounds
+    (None: no interval)."""
+    if d is None or not _interval(d).has_interval:
+        return None
+    if d["high"] < 0:
+        return "before"
+    return "after" if d["low"] > 0 else "not distinguishable"
+
+
+def _order_text(d: dict[str, Any], first: str, second: str, spacing: str) -> str:
+    """'first's onset comes before second's' (or after, or cannot be told apart)."""
+    order = _order(d)
+    if order is None:
+        return f"with {d['n']} seed(s) there is no interval, so no order is claimed"
+    if order == "not distinguishable":
+        return f"{first}'s and {second}'s onsets are not distinguishable at {spacing}"
+    return f"{first}'s onset comes {order} {second}'s"
+
+
+def _onset_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
+    """When learned heads' alignment rose, against the loss's fall and the pull's rise."""
+    u = g["alignment_uniform"]
+    if learned["alignment_max"] is None or u is None or u > 0.9:
+        return None  # no alignment, or it cannot tell (see the alignment sentence)
+    align, loss, pull = (learned[name] for name in ONSETS)
+    missing, n = learned["alignment_onset_missing"], learned["seeds_ok"]
+    gap = learned["eval_spacing"]
+    spacing = f"this eval spacing (evals at most {gap} steps apart)" if gap else "this eval spacing"
+    if align is None:
+        if missing == n and n:
+            return (
+                "The best-head alignment of learned heads did not rise above its step-0 value "
+                f"in any of the {n} seeds: it has no onset."
+            )
+        return None
+    text = (
+        "Onsets (the first eval at which a curve has gone half way from its step-0 value to "
+        "its end; steps only as fine as the evals, "
+        + (f"at most {gap} steps apart" if gap else "whose spacing is not recorded")
+        + f"): learned heads' best-head alignment at step {_fmt(align, 0)}"
+    )
+    if loss is not None:
+        text += f", the loss at step {_fmt(loss, 0)}"
+    if missing:
+        text += f" ({missing} of {n} seeds' alignment did not rise: no onset, left out)"
+    if (d := learned["alignment_minus_loss_onset"]) is not None:
+        text += f"; per seed, alignment onset - loss onset is {_fmt(d, 0)} steps: "
+        text += _order_text(d, "the alignment", "the loss", spacing)
+    text += "."
+    if pull is not None and (d := learned["pull_minus_alignment_onset"]) is not None:
+        text += (
+            f" The loss's pull got half way to its peak at step {_fmt(pull, 0)}; per seed, "
+            f"pull onset - alignment onset is {_fmt(d, 0)} steps: "
+            + _order_text(d, "the pull", "the alignment", spacing)
+            + "."
+        )
+    return text
+
+
+def _uniform_level(d: dict[str, Any], tolerance: float, unit: str = "", below: str = "") -> str:
+    """Whether (learned - uniform) stays at 0, from its interval's bounds and a tolerance;
+    `below` says what a move below means."""
+    if not _interval(d).has_interval:
+        return f"with {d['n']} seed(s) there is no interval, so no claim"
+    within = f"+-{tolerance}{unit}"
+    if d["low"] >= -tolerance and d["high"] <= tolerance:
+        return f"it stays at the uniform level (the interval lies within {within})"
+    if d["low"] <= 0 <= d["high"]:
+        return (
+            "not distinguishable from the uniform level, but the interval reaches beyond "
+            f"{within}, so it is not shown to stay there"
+        )
+    if d["low"] > 0:
+        return f"it moved above the uniform level by {d['mean']:.2f}{unit}"
+    return f"it moved below the uniform level by {-d['mean']:.2f}{unit}" + (
+        f" ({below})" if below else ""
+    )
+
+
+def _control_text(learned: dict[str, Any]) -> str | None:
+    """On a control task (no pairwise context to find): whether learned attention's
+    alignment and entropy stay where uniform weighting puts them."""
+    best, mean = learned["alignment_max_minus_uniform"], learned["alignment_mean_minus_uniform"]
+    ent, low = learned["entropy_mean_minus_uniform"], learned["entropy_min_minus_uniform"]
+    tol_a, tol_e, nats = UNIFORM_ALIGNMENT_TOLERANCE, UNIFORM_ENTROPY_TOLERANCE, " nats"
+    concentrated = "more concentrated than uniform attention"
+    parts = []
+    if best is not None:
+        text = (
+            "Control (no pairwise context to find): learned attention's final alignment minus "
+            f"uniform attention's is {_fmt(best)} for the best head: {_uniform_level(best, tol_a)}"
+        )
+        if mean is not None:
+            text += f"; averaged over heads {_fmt(mean)}: {_uniform_level(mean, tol_a)}"
+        parts.append(text + ".")
+    elif learned["alignment_max"] is None and ent is not None:
+        parts.append(
+            "Control without context dependencies (each target depends on its own token "
+            "only): alignment does not apply, only entropy."
+        )
+    if ent is not None:
+        text = (
+            "Learned attention's entropy minus that of uniform attention over the visible "
+            "positions (log of their number, averaged over query positions as the heads' "
+            f"entropy is) is {_fmt(ent)} nats averaged over heads: "
+            + _uniform_level(ent, tol_e, nats, concentrated)
+        )
+        if low is not None:
+            text += f"; for the most concentrated head {_fmt(low)}: " + _uniform_level(
+                low, tol_e, nats, concentrated
+            )
+        parts.append(text + ".")
+    return " ".join(parts) or None
+
+
 def _statement(g: dict[str, Any]) -> str:
     """The plain-words paragraph for one task, every clause chosen from the numbers."""
     v, chance, learned = g["variants"], g["chance"], g["variants"].get("learned")
@@ -469,6 +639,10 @@ def _statement(g: dict[str, Any]) -> str:
         )
     if learned is not None and (pull := _pull_text(g, learned)):
         out.append(pull)
+    if learned is not None and (onsets := _onset_text(g, learned)):
+        out.append(onsets)
+    if learned is not None and g["context_need"] == "none" and (control := _control_text(learned)):
+        out.append(control)
     lost = [
         f"`{k}` ({e['seeds_total'] - e['seeds_ok']} of {e['seeds_total']})"
         for k, e in v.items()

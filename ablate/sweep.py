@@ -332,6 +332,14 @@ class ResultsTable:
             "gradient_alignment_max_peak",
             "gradient_alignment_peak_step",
             "gradient_alignment_max",
+            "alignment_onset_step",
+            "loss_onset_step",
+            "gradient_alignment_onset_step",
+            "eval_spacing",
+            "alignment_mean",
+            "entropy_mean",
+            "entropy_min",
+            "entropy_uniform",
             "steps",
             "wall_seconds",
             "compile_seconds",
@@ -410,6 +418,30 @@ def _point_fields(
     }
 
 
+def _finite(per_head: Any) -> np.ndarray:
+    """The finite values of a per-head (N, H) array or list (None or NaN: no pattern)."""
+    values = np.asarray(per_head, dtype=float).ravel()
+    return values[np.isfinite(values)]
+
+
+def _float(x: Any) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def _entropy_fields(final: dict[str, Any], k: int) -> dict[str, Any]:
+    """Seed k's mean-head alignment, attention entropy (per head, mean and lowest over
+    heads) and uniform attention's entropy (None in a run from before it was measured)."""
+    alignment, entropy = _finite(final["alignment"][k]), _finite(final["entropy"][k])
+    uniform = final.get("uniform_entropy")
+    return {
+        "alignment_mean": float(alignment.mean()) if alignment.size else None,
+        "entropy": nan_to_none(np.asarray(final["entropy"][k], dtype=float).tolist()),
+        "entropy_mean": float(entropy.mean()) if entropy.size else None,
+        "entropy_min": float(entropy.min()) if entropy.size else None,
+        "entropy_uniform": None if uniform is None else _float(uniform[k]),
+    }
+
+
 def _rows_for(point: Point, result, history: dict, levels: dict) -> list[dict[str, Any]]:
     rows = []
     for k, seed in enumerate(result.seeds):
@@ -428,6 +460,7 @@ def _rows_for(point: Point, result, history: dict, levels: dict) -> list[dict[st
                 "alignment_max": float(finite.max()) if finite.size else None,
                 "alignment_uniform": nan_to_none(result.final["uniform_alignment"][k]),
                 "alignment_max_init": None,
+                **_entropy_fields(result.final, k),
                 **history.get(seed, {}),
                 "steps": result.steps,
                 "wall_seconds": result.wall_seconds,
@@ -466,10 +499,39 @@ def _best_head(per_head: Any) -> float | None:
     return max(values) if values else None
 
 
+def onset_step(
+    steps: Sequence[int], values: Sequence[float | None], target: float | None, *, rises: bool
+) -> int | None:
+    """The first eval step at which a curve has covered half of its way from its step-0 value
+    to `target`: value(s) >= v0 + (target - v0) / 2 for a rising curve (<= for a falling one).
+
+    The crossing itself lies between the eval before that step and that step: the onset is
+    only as fine as the evals. None when there is no step-0 value or no target, or when the
+    curve does not move the stated way (target - v0 not > 0 for rising, not < 0 for falling:
+    no rise, no onset; one eval alone never moves). Steps without a value are skipped.
+    """
+    if not steps or steps[0] != 0 or values[0] is None or target is None:
+        return None
+    sign = 1.0 if rises else -1.0
+    half = sign * (target - values[0]) / 2
+    if not half > 0:
+        return None
+    return next(
+        (s for s, v in zip(steps, values) if v is not None and sign * (v - values[0]) >= half),
+        None,
+    )
+
+
 def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Per seed, from the run's metrics file: best-head alignment at step 0, and the best
     head's gradient alignment (the loss's pull on the dependency positions) at step 0, at
-    its peak (with the step) and at the last eval."""
+    its peak (with the step) and at the last eval; the onsets (`onset_step`) of the
+    best-head alignment (half way to its last eval), of the loss (half way down to its last
+    eval) and of the pull (half way to its peak); and the widest gap between evals.
+
+    "Best head" is the largest value over heads at each eval (the curve the report draws), so
+    it may be another head at another step.
+    """
     out: dict[int, dict[str, Any]] = {}
     evals: dict[int, dict[int, dict]] = {}
     for row in read_jsonl(run_dir / METRICS_FILE):
@@ -480,14 +542,23 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
         pull = {s: _best_head(by_step[s].get("gradient_alignment")) for s in steps}
         known = [s for s in steps if pull[s] is not None]
         peak = max(known, key=lambda s: pull[s]) if known else None
+        align = [_best_head(by_step[s].get("alignment")) for s in steps]
+        loss = [_float(by_step[s].get("loss")) for s in steps]
         out[seed] = {
-            "alignment_max_init": _best_head(by_step[steps[0]].get("alignment"))
-            if steps[0] == 0
-            else None,
+            "alignment_max_init": align[0] if steps[0] == 0 else None,
             "gradient_alignment_max_init": pull.get(0),
             "gradient_alignment_max_peak": None if peak is None else pull[peak],
             "gradient_alignment_peak_step": peak,
             "gradient_alignment_max": pull[steps[-1]],
+            "alignment_onset_step": onset_step(steps, align, align[-1], rises=True),
+            "loss_onset_step": onset_step(steps, loss, loss[-1], rises=False),
+            "gradient_alignment_onset_step": onset_step(
+                steps,
+                [pull[s] for s in steps],
+                None if peak is None else pull[peak],
+                rises=True,
+            ),
+            "eval_spacing": int(np.diff(steps).max()) if len(steps) > 1 else None,
         }
     return out
 

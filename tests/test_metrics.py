@@ -11,6 +11,7 @@ from ablate.metrics import (
     mean_interval,
     paired_dependence,
     uniform_alignment,
+    uniform_entropy,
 )
 from ablate.model import visibility
 
@@ -44,6 +45,23 @@ def test_uniform_alignment_matches_uniform_pattern():
     expected = (1 / 4 + 1 / 5) / 2
     np.testing.assert_allclose(uniform_alignment(deps, visible, weights), expected, rtol=1e-6)
     np.testing.assert_allclose(from_pattern, expected, rtol=1e-6)
+
+
+def test_uniform_entropy_is_the_entropy_of_a_uniform_pattern_averaged_as_entropy_is():
+    # Causal, length 4; the second sequence is padded after 2 tokens (its padded queries see
+    # nothing and do not count, as in attention_metrics).
+    valid = jnp.array([[True] * 4, [True, True, False, False]])
+    visible = visibility(4, True, valid, 2)
+    probs = visible / jnp.maximum(visible.sum(-1, keepdims=True), 1)
+    from_pattern = attention_metrics(probs[:, None], jnp.eye(4, dtype=bool)[None], valid, valid)
+    # Real queries see 1, 2, 3, 4 positions and 1, 2: mean log of those over 6 queries.
+    expected = (2 * np.log(1) + 2 * np.log(2) + np.log(3) + np.log(4)) / 6
+    np.testing.assert_allclose(uniform_entropy(visible, valid), expected, rtol=1e-6)
+    np.testing.assert_allclose(from_pattern["entropy"], [expected], rtol=1e-6)
+    # Without padding every query is real: causal (1..4 visible) differs from bidirectional.
+    causal = uniform_entropy(visibility(4, True, None, 1))
+    np.testing.assert_allclose(causal, np.log([1, 2, 3, 4]).mean(), rtol=1e-6)
+    np.testing.assert_allclose(uniform_entropy(visibility(4, False, None, 1)), np.log(4))
 
 
 def test_alignment_is_nan_without_context_dependencies():

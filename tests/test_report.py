@@ -443,3 +443,115 @@ def test_rows_of_earlier_versions_with_frozen_parts_in_text_read_as_today(tmp_pa
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = json.loads((write_report(sweep_dir).parent / "report" / "summary.json").read_text())
     assert "W_q, W_k in 2 heads" in summary["groups"][0]["statement"]
+
+
+def _onset_rows(alignment_minus_loss, pull_minus_alignment=None, *, spacing=50):
+    """Learned rows whose per-seed alignment onset - loss onset are the given steps."""
+    rows = []
+    for s, d in enumerate(alignment_minus_loss):
+        onsets = {"loss_onset_step": 300, "alignment_onset_step": None if d is None else 300 + d}
+        if pull_minus_alignment is not None:
+            onsets["gradient_alignment_onset_step"] = 300 + d + pull_minus_alignment[s]
+        rows.append(_row("t", "learned", s, 1.0, eval_spacing=spacing, **onsets))
+    return summarize(rows)["groups"][0]
+
+
+@pytest.mark.parametrize(
+    "per_seed,phrase",
+    [
+        ([-100, -90, -110], "the alignment's onset comes before the loss's"),
+        ([100, 90, 110], "the alignment's onset comes after the loss's"),
+        ([-100, -50, -150], "not distinguishable at this eval spacing"),  # spread: reaches 0
+        (
+            [-50, 0, 50],
+            "the alignment's and the loss's onsets are not distinguishable at this "
+            "eval spacing (evals at most 50 steps apart)",
+        ),
+        ([0, 0, 0], "not distinguishable at this eval spacing"),  # the same eval every seed
+        ([-100, -50], "with 2 seed(s) there is no interval, so no order is claimed"),
+    ],
+)
+def test_the_alignment_onset_is_ordered_against_the_loss_from_the_interval_bounds(per_seed, phrase):
+    g = _onset_rows(per_seed)
+    d = g["variants"]["learned"]["alignment_minus_loss_onset"]
+    assert d["mean"] == pytest.approx(np.mean(per_seed))
+    assert phrase in g["statement"]
+    assert "steps only as fine as the evals, at most 50 steps apart" in g["statement"]
+    assert f"alignment onset - loss onset is {np.mean(per_seed):.0f}" in g["statement"]
+    assert "the pull's" not in g["statement"]  # no pull onset recorded: nothing said of it
+    said = [
+        w for w in ("comes before", "comes after", "not distinguishable") if w in g["statement"]
+    ]
+    assert len(said) <= 1 and all(w in phrase for w in said)  # one order, the one expected
+
+
+@pytest.mark.parametrize(
+    "pull,phrase",
+    [
+        ([-100, -90, -110], "the pull's onset comes before the alignment's"),
+        ([20, 30, 25], "the pull's onset comes after the alignment's"),
+        ([-50, 10, 50], "the pull's and the alignment's onsets are not distinguishable"),
+    ],
+)
+def test_the_pull_onset_is_ordered_against_the_alignment_the_same_way(pull, phrase):
+    g = _onset_rows([-100, -90, -110], pull)
+    assert "the alignment's onset comes before the loss's" in g["statement"]
+    assert phrase in g["statement"]
+    assert g["variants"]["learned"]["gradient_alignment_onset_step"]["mean"] == pytest.approx(
+        300 - 100 + np.mean(pull)
+    )
+
+
+def test_seeds_whose_alignment_never_rose_have_no_onset_and_are_counted():
+    g = _onset_rows([-100, None, -50, -150])
+    assert "(1 of 4 seeds' alignment did not rise: no onset, left out)" in g["statement"]
+    assert g["variants"]["learned"]["alignment_minus_loss_onset"]["n"] == 3
+    g = _onset_rows([None, None, None])
+    assert "did not rise above its step-0 value in any of the 3 seeds" in g["statement"]
+    assert "Onsets (" not in g["statement"]
+
+
+def _control_rows(task, alignment_max, entropy_min, *, alignment_uniform=0.5):
+    """Learned rows of a control task with the given per-seed alignment and lowest-head
+    entropy (uniform attention's entropy is 2.0, its alignment `alignment_uniform`)."""
+    rows = []
+    for s, (a, e) in enumerate(zip(alignment_max, entropy_min)):
+        fields = dict(
+            alignment_max=a,
+            alignment_mean=a,
+            alignment_uniform=alignment_uniform,
+            entropy_mean=2.0 - 0.001 * s,
+            entropy_min=e,
+            entropy_uniform=2.0,
+        )
+        rows.append(_row(task, "learned", s, 1.0, need="none", **fields))
+    return summarize(rows)["groups"][0]
+
+
+def test_controls_say_whether_learned_attention_stays_at_the_uniform_level():
+    # Alignment within 0.01 of uniform's, the mean-head entropy too, one head concentrates.
+    g = _control_rows("majority", [0.5, 0.51, 0.505], [1.0, 0.9, 1.1])
+    text = g["statement"]
+    assert (
+        "for the best head: it stays at the uniform level (the interval lies within +-0.02" in text
+    )
+    assert "nats averaged over heads: it stays at the uniform level" in text
+    assert (
+        "for the most concentrated head -1.00 [-1.25, -0.75]: it moved below the uniform level "
+        "by 1.00 nats (more concentrated than uniform attention)" in text
+    )
+    low = g["variants"]["learned"]["entropy_min_minus_uniform"]
+    assert (low["mean"], low["high"] < 0) == (pytest.approx(-1.0), True)
+    # An interval that holds 0 but is wide is not "stays".
+    g = _control_rows("majority", [0.3, 0.7, 0.5], [2.0, 2.0, 2.0])
+    assert (
+        "not distinguishable from the uniform level, but the interval reaches beyond +-0.02"
+        in g["statement"]
+    )
+    # Memorize has no context dependencies: entropy only, and said so.
+    g = _control_rows("memorize", [None] * 3, [2.0, 1.99, 2.0], alignment_uniform=None)
+    assert "alignment does not apply, only entropy" in g["statement"]
+    assert "final alignment minus" not in g["statement"]
+    # A task that needs context gets no control sentence.
+    rows = [_row("t", "learned", s, 1.0, entropy_mean=1.0, entropy_uniform=2.0) for s in range(3)]
+    assert "Control" not in summarize(rows)["groups"][0]["statement"]

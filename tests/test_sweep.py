@@ -187,8 +187,91 @@ def test_eval_history_reads_the_pull_at_init_its_peak_and_the_end(tmp_path):
             "gradient_alignment_max_peak": 0.7,
             "gradient_alignment_peak_step": 100,
             "gradient_alignment_max": 0.5,
+            "alignment_onset_step": None,  # flat at 0.2: it never rose
+            "loss_onset_step": None,  # no loss in these rows
+            "gradient_alignment_onset_step": 100,  # half way from 0.2 to its peak 0.7
+            "eval_spacing": 100,
         }
     }
+
+
+@pytest.mark.parametrize(
+    "steps,values,target,rises,onset",
+    [
+        ([0, 50, 100, 150], [0.1, 0.2, 0.5, 0.6], 0.6, True, 100),  # half way: 0.35
+        ([0, 50, 100], [0.25, 0.5, 0.75], 0.75, True, 50),  # exactly half way counts
+        ([0, 50, 100], [2.0, 1.0, 0.5], 0.5, False, 50),  # a falling loss: half way is 1.25
+        ([0, 50, 100], [0.1, None, 0.6], 0.6, True, 100),  # a step without a value is skipped
+        ([0, 50, 100], [0.3, 0.3, 0.3], 0.3, True, None),  # flat: never rises
+        ([0, 50, 100], [0.3, 0.5, 0.2], 0.2, True, None),  # ends below its start
+        ([0, 50, 100], [2.0, 2.5, 3.0], 3.0, False, None),  # a loss that rose has no onset
+        ([0, 50, 100], [None, 0.2, 0.6], 0.6, True, None),  # no step-0 value
+        ([0, 50, 100], [None, None, None], None, True, None),  # no alignment (memorize)
+        ([50, 100], [0.1, 0.6], 0.6, True, None),  # no eval at step 0
+        ([0], [0.4], 0.4, True, None),  # a single eval never moves
+        ([], [], None, True, None),
+    ],
+)
+def test_onset_is_the_first_eval_half_way_from_the_start_to_the_target(
+    steps, values, target, rises, onset
+):
+    from ablate.sweep import onset_step
+
+    assert onset_step(steps, values, target, rises=rises) == onset
+
+
+def _eval_rows(seed, evals):
+    return [
+        {"kind": "eval", "step": step, "seed": seed, "loss": loss, "alignment": align}
+        | ({"gradient_alignment": pull} if pull is not None else {})
+        for step, loss, align, pull in evals
+    ]
+
+
+def test_eval_history_onsets_of_alignment_loss_and_pull_per_seed(tmp_path):
+    from ablate.sweep import _eval_history
+
+    lines = _eval_rows(  # evals 50 then 100 steps apart
+        0,
+        [
+            (0, 2.0, [[0.1, 0.05]], [[0.1, 0.1]]),
+            (50, 1.0, [[0.15, 0.2]], [[0.6, 0.2]]),  # loss half way (<= 1.25); pull peaks
+            (150, 0.8, [[0.5, 0.1]], [[0.3, 0.2]]),  # best head (another one) past 0.35
+            (250, 0.5, [[0.6, 0.1]], [[0.2, 0.2]]),
+        ],
+    )
+    lines += _eval_rows(1, [(0, 1.0, [[None]], None), (100, 0.5, [[None]], None)])  # memorize
+    lines += _eval_rows(2, [(0, 1.0, [[0.3]], [[0.3]])])  # a single eval
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    got = _eval_history(tmp_path)
+    onsets = ("alignment_onset_step", "loss_onset_step", "gradient_alignment_onset_step")
+    assert [got[0][k] for k in onsets] == [150, 50, 50]
+    assert got[0]["eval_spacing"] == 100
+    assert [got[1][k] for k in onsets] == [None, 100, None]  # no alignment, no pull
+    assert [got[2][k] for k in onsets] == [None, None, None]
+    assert got[2]["eval_spacing"] is None
+
+
+def test_rows_carry_entropy_against_uniform_attention():
+    from ablate.sweep import _entropy_fields
+
+    nan = float("nan")
+    final = {
+        "alignment": [[[0.2, nan], [0.4, 0.6]]],  # a head without a pattern is left out
+        "entropy": [[[1.0, nan], [2.0, 0.5]]],
+        "uniform_entropy": [2.5],
+    }
+    assert _entropy_fields(final, 0) == {
+        "alignment_mean": pytest.approx(0.4),
+        "entropy": [[1.0, None], [2.0, 0.5]],
+        "entropy_mean": pytest.approx(3.5 / 3),
+        "entropy_min": 0.5,
+        "entropy_uniform": 2.5,
+    }
+    # A run from before uniform entropy was measured; a task with no alignment at all.
+    old = {"alignment": [[[nan]]], "entropy": [[[1.0]]]}
+    fields = _entropy_fields(old, 0)
+    assert fields["entropy_uniform"] is None and fields["alignment_mean"] is None
 
 
 @pytest.mark.slow
