@@ -56,6 +56,20 @@ from ablate.tasks.base import outside
 
 # Counted on the device every step, checked on the host, never logged.
 INVALID_TOKENS = "invalid_tokens"
+# Per-head eval metrics (N, H): NaN where a head has no pattern.
+PER_HEAD = (
+    "alignment",
+    "entropy",
+    "distance",
+    "gradient_alignment",
+    "alignment_cheap",
+    "gradient_alignment_cheap",
+    "conflict_alignment",
+    "conflict_alignment_cheap",
+)
+# The conflict sequences' eval keys: fold_in(eval key, this), then the batch index (the
+# ordinary eval batches fold the batch index into the eval key itself).
+CONFLICT_STREAM = 2**31 - 1
 
 
 class TrainState(NamedTuple):
@@ -192,6 +206,12 @@ class Sampler:
         """Held-out batch `i` of the eval stream."""
         return self.rows(eval_batch(self.task, arrays, self.eval_key, i, self.batch_size))
 
+    def conflict(self, i: jax.Array) -> Batch:
+        """Held-out batch `i` of a task's conflict sequences (a stream of its own)."""
+        stream = jax.random.fold_in(self.eval_key, CONFLICT_STREAM)
+        key = jax.random.fold_in(stream, i)
+        return self.rows(self.task.conflict_sample(key, self.batch_size))
+
 
 def bad_ids(inputs, targets, weights, model: ModelConfig):
     """(bad inputs, bad labels) masks, numpy or jax alike: token ids outside the embedding
@@ -278,23 +298,55 @@ def evaluate(
         visible = visibility(L, exp.model.causal, valid_BL, B)
         m["uniform_alignment"] = uniform_alignment(batch.deps, visible, batch.weights)
         m["uniform_entropy"] = uniform_entropy(visible, valid_BL)
-        if not (task.has_dependencies and exp.train.gradient_alignment):
-            # Real data has no mask to pull towards; or the pull was not asked for.
-            m["gradient_alignment"] = jnp.full(definition.has_pattern_NH.shape, jnp.nan)
-            return m
-        grads = definition._pattern_gradients(model, batch, valid_BL, out.patterns)
-        m["gradient_alignment"] = jnp.stack(
-            [
-                gradient_alignment(
-                    descent_direction(g, p, visible, qk_H), batch.deps, batch.weights
-                )
+        # Real data has no mask to pull towards; or the pull was not asked for: NaN.
+        pulls = task.has_dependencies and exp.train.gradient_alignment
+        if pulls:
+            grads = definition._pattern_gradients(model, batch, valid_BL, out.patterns)
+            directions = [
+                descent_direction(g, p, visible, qk_H)
                 for g, p, qk_H in zip(grads, out.patterns, definition.qk_scores_NH)
             ]
-        )
+
+        def pull(deps):
+            if not pulls:
+                return jnp.full(definition.has_pattern_NH.shape, jnp.nan)
+            return jnp.stack([gradient_alignment(d, deps, batch.weights) for d in directions])
+
+        m["gradient_alignment"] = pull(batch.deps)
+        if task.cheap_route is not None:
+            m |= _routes(sampler, model, batch, out.patterns, visible, i, pull)
         return m
 
     per_batch = jax.lax.map(one, jnp.arange(exp.train.eval_batches))
     return jax.tree.map(lambda x: x.mean(0), per_batch)
+
+
+def _routes(sampler, model, batch, patterns, visible, i, pull) -> dict:
+    """A task with a cheap route: alignment and the loss's pull measured against the cheap
+    route's mask too, and on conflict sequences (where only the content route answers) the
+    accuracy and both alignments: which route the model took."""
+    task = sampler.task
+    cheap = task.cheap_deps(batch.weights)
+    m = {
+        "alignment_cheap": _per_head(patterns, cheap, batch.weights, "alignment"),
+        "uniform_alignment_cheap": uniform_alignment(cheap, visible, batch.weights),
+        "gradient_alignment_cheap": pull(cheap),
+    }
+    conflict = sampler.conflict(i)
+    out = model(conflict.inputs, return_patterns=True)
+    m["conflict_accuracy"] = token_metrics(out.logits, conflict.targets, conflict.weights)[
+        "accuracy"
+    ]
+    m["conflict_alignment"] = _per_head(out.patterns, conflict.deps, conflict.weights, "alignment")
+    m["conflict_alignment_cheap"] = _per_head(
+        out.patterns, task.cheap_deps(conflict.weights), conflict.weights, "alignment"
+    )
+    return m
+
+
+def _per_head(patterns, deps, weights, name: str) -> jax.Array:
+    """(N, H) of one per-head attention metric over the layers' patterns."""
+    return jnp.stack([attention_metrics(p, deps, weights)[name] for p in patterns])
 
 
 def first_patterns(
@@ -398,8 +450,9 @@ class Programs:
         """Held-out metrics per seed (leading axis Z); per-head arrays are (Z, N, H), NaN
         where a head has no pattern."""
         out = jax.device_get(self._evaluate(state.params, state.rest, arrays))
-        for name in ("alignment", "entropy", "distance", "gradient_alignment"):
-            out[name] = np.where(self.definition.has_pattern_NH[None], out[name], np.nan)
+        for name in PER_HEAD:
+            if name in out:
+                out[name] = np.where(self.definition.has_pattern_NH[None], out[name], np.nan)
         return out
 
     def patterns(self, state: TrainState, arrays: Any):

@@ -226,6 +226,20 @@ def estimate_fixed_routing(splits: _Splits, own: bool = True) -> Level:
     return _ratio(c, s, _estimated(len(splits.sample.inputs), what))
 
 
+def estimate_route(splits: _Splits, task: Task) -> Level:
+    """The declared cheap route: the own token plus the task's `cheap_positions`."""
+    x, V = splits.sample.inputs, splits.vocab
+
+    def keys_of(rows, i):
+        key = x[rows, i]
+        for j in task.cheap_positions(i):
+            key = key * V + x[rows, j]
+        return [key]
+
+    c, s = splits.correct(keys_of, choose=False)
+    return _ratio(c, s, _estimated(len(splits.sample.inputs), "the declared cheap route"))
+
+
 def estimate_bag(splits: _Splits) -> Level:
     """The multiset of visible tokens, the own token and the index (a lower bound when sparse)."""
     x = splits.sample.inputs
@@ -278,7 +292,10 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
       closes at most CONTENT_MAX_SHARE of the gap from chance to 1;
     - `content`: fixed routing and the bag each close at most CONTENT_MAX_SHARE of the gap
       from chance to 1 (neither one fixed position nor order-free counting answers it);
-    - `position`: fixed routing reaches at least POSITION_MIN.
+    - `position`: fixed routing reaches at least POSITION_MIN;
+    - `competing`: the declared cheap route reaches the task's stated `cheap_level`, no one
+      fixed position beats the larger of that level and what a `content` task may leave
+      (CONTENT_MAX_SHARE of the gap), and the bag closes at most CONTENT_MAX_SHARE of it.
     """
     splits = _Splits(draw(task, n_sequences, seed), causal=True)
     found = []
@@ -308,6 +325,29 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
                 )
         if need == "position" and fixed.value < POSITION_MIN:
             found.append(f"a `position` task, yet fixed routing reaches only {fixed}")
-    if need not in ("none", "bag", "content", "position"):
-        found.append(f"context_need {need!r} is not one of none, bag, content, position")
+    if need == "competing":
+        found += _audit_competing(task, splits, bag)
+    if need not in ("none", "bag", "content", "position", "competing"):
+        found.append(f"context_need {need!r} is not one of none, bag, content, position, competing")
+    return found
+
+
+def _audit_competing(task: Task, splits: _Splits, bag: Level) -> list[str]:
+    """The `competing` clauses of `audit`: nothing cheaper than the declared cheap route."""
+    found = []
+    route = estimate_route(splits, task)
+    if abs(route.value - task.cheap_level) > 4 * route.se + 0.01:
+        found.append(
+            f"the cheap route is stated to reach {task.cheap_level:.3f} but reaches {route}"
+        )
+    fixed = estimate_fixed_routing(splits)
+    gap = max(1 - task.chance, 1e-9)
+    allowed = max(task.cheap_level, task.chance + CONTENT_MAX_SHARE * gap)
+    if fixed.value > allowed + 4 * fixed.se + 0.01:
+        found.append(
+            f"a `competing` task, yet fixed routing reaches {fixed}, more than the declared "
+            f"cheap route ({task.cheap_level:.3f}) or a content task's allowance"
+        )
+    if (bag.value - task.chance) / gap > CONTENT_MAX_SHARE:
+        found.append(f"a `competing` task, yet the bag of tokens reaches {bag}")
     return found

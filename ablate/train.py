@@ -33,7 +33,7 @@ import numpy as np
 
 from ablate.checkpoint import Checkpointer, CheckpointMismatch
 from ablate.config import ConfigError, flatten
-from ablate.core import INVALID_TOKENS, Programs, TrainState, bad_ids
+from ablate.core import INVALID_TOKENS, PER_HEAD, Programs, TrainState, bad_ids
 from ablate.data import DataError  # one class for every bad-data error (exit 3)
 from ablate.distributed import any_process, check_mesh, is_primary, on_primary
 from ablate.experiment import Experiment
@@ -463,12 +463,15 @@ class _Logger:
                 "eval/chance": self.chance,
                 "attention/alignment_uniform": out["uniform_alignment"][k],
             }
+            if "conflict_accuracy" in out:  # a task with a cheap route
+                scalars["eval/conflict_accuracy"] = out["conflict_accuracy"][k]
+                scalars["attention/alignment_uniform_cheap"] = out["uniform_alignment_cheap"][k]
             N, H = out["alignment"].shape[1:]
             for layer in range(N):
                 for head in range(H):
                     if not self.has_pattern_NH[layer, head]:
                         continue
-                    for name in ("alignment", "entropy", "distance", "gradient_alignment"):
+                    for name in (n for n in PER_HEAD if n in out):
                         scalars[f"attention/{name}/layer{layer}_head{head}"] = out[name][
                             k, layer, head
                         ]

@@ -16,7 +16,7 @@ from typing import Any
 from ablate.config import ConfigError, from_dict
 from ablate.tasks.base import TASKS, Batch, Task, TaskData, mode_share, register
 from ablate.tasks.controls import Majority, Memorize, balanced_counts
-from ablate.tasks.recall import MQAR, AssocRecall, Induction
+from ablate.tasks.recall import MQAR, AssocRecall, CompetingRecall, Induction
 from ablate.tasks.sequences import Copy, Reverse, SelectiveCopy, Sort
 from ablate.tasks.text import StdlibLM, TextClassification, TextLM
 
@@ -25,6 +25,7 @@ __all__ = [
     "TASKS",
     "AssocRecall",
     "Batch",
+    "CompetingRecall",
     "Copy",
     "Induction",
     "Majority",

@@ -153,10 +153,17 @@ class Task(abc.ABC):
     #: The padding id, for tasks whose sequences are padded (None: never padded).
     pad_id: ClassVar[int | None] = None
 
+    #: A task with a second, cheaper route to the answer names it in words (None: one route)
+    #: and defines `cheap_positions`, `cheap_level` (that route's accuracy on the training
+    #: distribution) and `conflict_sample` (sequences where only the content route answers).
+    cheap_route: ClassVar[str | None] = None
+    cheap_level: float
+
     name: ClassVar[str]
     # "content" (content-dependent routing needed), "position" (fixed routing suffices),
     # "bag" (the bag of visible tokens determines the answer; fixed positions hold candidates)
-    # or "none" (a control: the bag determines it and no fixed position gives anything away).
+    # "none" (a control: the bag determines it and no fixed position gives anything away)
+    # or "competing" (a content route that is always right and a declared cheap route).
     context_need: ClassVar[str]
     leaks_future: ClassVar[bool] = False
     Config: ClassVar[type]
@@ -195,6 +202,23 @@ class Task(abc.ABC):
     def valid_mask(self, inputs_BL: jax.Array) -> jax.Array | None:
         """valid_BL for padded tasks (attention masks padding out), else None."""
         return None if self.pad_id is None else inputs_BL != self.pad_id
+
+    def cheap_positions(self, i: int) -> list[int]:
+        """The fixed positions the cheap route reads for the target at position i."""
+        raise TypeError(f"{self.name} has no cheap route")
+
+    def conflict_sample(self, key: jax.Array, batch_size: int) -> Batch:
+        """Sequences where the routes disagree (only the content route answers them)."""
+        raise TypeError(f"{self.name} has no cheap route")
+
+    def cheap_deps(self, weights_BL: jax.Array) -> jax.Array:
+        """The cheap route's mask [B, L, L] (its positions and the target's own, at scored
+        rows): what alignment and the loss's pull are also measured against."""
+        route_LL = np.zeros((self.seq_len, self.seq_len), bool)
+        for i in range(self.seq_len):
+            route_LL[i, self.cheap_positions(i)] = True
+            route_LL[i, i] = True
+        return (weights_BL > 0)[:, :, None] & jnp.asarray(route_LL)[None]
 
     def reference(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(targets, weights) of one valid sequence or prefix, computed from its inputs alone."""

@@ -257,6 +257,102 @@ class MQAR(Task):
         return len(queries) <= n_pairs and len(queries) + room >= n_pairs
 
 
+@dataclasses.dataclass(frozen=True)
+class CompetingRecallConfig(Knobs):
+    """Knobs of `competing_recall`."""
+
+    n_pairs: int = 4
+    n_keys: int = 8
+    n_values: int = 8
+    cheap_share: float = 0.5
+
+    @property
+    def distinct_values(self) -> bool:  # as MQAR's recipe: values are always distinct
+        return True
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = bounds(self, n_pairs=(2, 1024), n_keys=(2, MAX_SYMBOLS), n_values=(2, MAX_SYMBOLS))
+        found += bounds(self, cheap_share=(0.0, 1.0))
+        found += at_most("n_pairs", self.n_pairs, self.n_keys, f"{self.n_keys} distinct keys")
+        values = f"n_values allows {self.n_values} distinct values"
+        return found + at_most("n_pairs", self.n_pairs, self.n_values, values)
+
+
+COIN = 2**16  # cheap_share's resolution: a 16-bit coin per sequence
+
+
+@register
+class CompetingRecall(MQAR):
+    """Multi-query recall with two routes to each answer: by content, and a cheaper one.
+
+    k1 v1 .. kP vP, then the P queries, one per slot right after the context (no fillers):
+    the target at query slot t is the value of the key it names (distinct keys and values, as
+    in `mqar`). With probability `cheap_share` (p) per sequence the queries come in context
+    order (slot t names pair t); otherwise in a uniformly random order. Two strategies then
+    help: the content route (find the key equal to the query, read the value after it) is
+    always right; the cheap route (slot t copies position 2t + 1, a fixed position per
+    target) is right in every query of an in-order sequence and, elsewhere, where a random
+    order happens to leave pair t at slot t, so its accuracy is `cheap_level` = p + (1 - p)/P.
+    At p = 1 both routes are perfect on the training distribution. deps (the content route's
+    mask) are mqar's; the cheap route's mask is `cheap_deps`.
+
+    Which route training took is read on conflict sequences (`conflict_sample`: random order,
+    scored only at slots t whose query does not name pair t), where the cheap route's answer
+    is always wrong (values are distinct) and only the content route answers. Labelled
+    `competing` (the audit checks that nothing cheaper than the declared cheap route exists).
+    """
+
+    name = "competing_recall"
+    context_need = "competing"
+    Config = CompetingRecallConfig
+    cheap_route = "slot t copies the value of pair t (a fixed position per query slot)"
+
+    def __init__(self, config: CompetingRecallConfig | None = None):
+        Task.__init__(self, config)
+        c = self.config
+        self.vocab_size, self.seq_len = 1 + c.n_keys + c.n_values, 3 * c.n_pairs
+        self.chance = 1.0 / c.n_values
+        self.threshold = round(c.cheap_share * COIN)
+        p = self.threshold / COIN
+        self.cheap_level = p + (1.0 - p) / c.n_pairs
+
+    def sample(self, key: jax.Array, batch_size: int) -> Batch:
+        return self._draw(key, batch_size, conflict=False)
+
+    def conflict_sample(self, key: jax.Array, batch_size: int) -> Batch:
+        """Random-order sequences scored only where slot t does not ask pair t."""
+        return self._draw(key, batch_size, conflict=True)
+
+    def _draw(self, key: jax.Array, batch_size: int, conflict: bool) -> Batch:
+        c, P, L = self.config, self.config.n_pairs, self.seq_len
+        key_bits, value_bits, order_bits, coin_bits = random_bits(
+            key, batch_size, c.n_keys, c.n_values, P, 1
+        )
+        keys_BP = 1 + distinct(key_bits, P)
+        values_BP = 1 + c.n_keys + distinct(value_bits, P)
+        slot_1P = jnp.arange(P)[None, :]
+        in_order_B1 = (coin_bits % COIN < self.threshold) & (not conflict)
+        pair_BP = jnp.where(in_order_B1, slot_1P, distinct(order_bits, P))
+        context_BC = jnp.stack([keys_BP, values_BP], axis=-1).reshape(batch_size, 2 * P)
+        queries_BP = jnp.take_along_axis(keys_BP, pair_BP, axis=1)
+        answers_BP = jnp.take_along_axis(values_BP, pair_BP, axis=1)
+        scored_BP = (pair_BP != slot_1P) if conflict else jnp.ones_like(pair_BP, bool)
+        inputs_BL = jnp.concatenate([context_BC, queries_BP], axis=1)
+        zeros_BC = jnp.zeros((batch_size, 2 * P), jnp.int32)
+        targets_BL = jnp.concatenate([zeros_BC, jnp.where(scored_BP, answers_BP, 0)], axis=1)
+        asked_BP = jnp.where(scored_BP, pair_BP, -1)
+        pair_BL = jnp.concatenate([zeros_BC - 1, asked_BP], axis=1)
+        scored_BL = pair_BL >= 0
+        self_BL = jnp.where(scored_BL, jnp.arange(L)[None, :], -1)
+        src_BLJ = jnp.stack([2 * pair_BL, 2 * pair_BL + 1, self_BL], axis=-1)
+        return make_batch(inputs_BL, targets_BL, scored_BL, deps_from_sources(src_BLJ, L))
+
+    def cheap_positions(self, i: int) -> list[int]:
+        """Slot t = i - 2P copies the value of pair t, at position 2t + 1."""
+        t = i - 2 * self.config.n_pairs
+        return [2 * t + 1] if t >= 0 else []
+
+
 # ---------------------------------------------------------------------------- induction
 
 
