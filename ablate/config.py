@@ -314,6 +314,10 @@ _LEGACY_MODEL_FIELDS = (
     ("gaussian_offsets", ("gaussian",), "offsets"),
 )
 
+# Train fields that run folders written before them lack: the value that reproduces what such
+# a run did (eval_points, unused by "every", at its default so resuming sees no change).
+_ADDED_TRAIN_FIELDS = {"eval_schedule": "every", "eval_points": 24}
+
 
 def _names_in(spec: Any) -> set[str]:
     """Every variant name in a `model.attention` value (a name, or nested lists of names)."""
@@ -331,9 +335,14 @@ def upgrade_saved(data: Mapping[str, Any]) -> dict[str, Any]:
     and the variant settings `model.random_scale`, `gaussian_sigma`, `gaussian_offsets`; they
     now live in `model.attention_settings.NAME`: each value moves to the variants it applied to
     that the model uses (as today's config.json records their settings), so an old run folder
-    resumes and probes as it was. Anything else is returned as it was, for validation to judge.
+    resumes and probes as it was. Train fields added since get the value that reproduces what
+    such a run did. Anything else is returned as it was, for validation to judge.
     """
     data = _deep_copy(dict(data))
+    train = data.get("train")
+    if isinstance(train, dict):
+        for field, value in _ADDED_TRAIN_FIELDS.items():
+            train.setdefault(field, value)
     model = data.get("model")
     if not isinstance(model, dict):
         return data

@@ -14,7 +14,7 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ablate.config import (
     ConfigError,
@@ -23,6 +23,7 @@ from ablate.config import (
     dotted,
     from_dict,
     load_toml,
+    one_of,
     to_dict,
 )
 from ablate.distributed import MeshConfig
@@ -30,6 +31,9 @@ from ablate.model import ModelConfig
 from ablate.tasks import Task, make_task
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+EvalSchedule = Literal["every", "log"]
+# Past this many, a log schedule is no longer sparse; the bound also keeps eval_steps() cheap.
+MAX_EVAL_POINTS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,12 @@ class TrainConfig:
     steps_per_dispatch: int = 50
     log_every: int = 50
     eval_every: int = 250
+    # When to evaluate (always at step 0 and at the last step): "every" every `eval_every`
+    # steps (0: only then); "log" at `eval_points` steps spaced geometrically from the first
+    # chunk to the last step (eval_every unused), dense early where attention changes
+    # fastest. See eval_steps().
+    eval_schedule: EvalSchedule = "every"
+    eval_points: int = 24
     eval_batches: int = 4
     eval_seed: int = 12345
     checkpoint_every: int = 500
@@ -98,6 +108,12 @@ class TrainConfig:
                 found.append(
                     (name, f"must be >= 0 (0 = only at the end), got {getattr(self, name)}")
                 )
+        if message := one_of(self.eval_schedule, get_args(EvalSchedule)):
+            found.append(("eval_schedule", message))
+        if not 2 <= self.eval_points <= MAX_EVAL_POINTS:
+            found.append(
+                ("eval_points", f"must be in [2, {MAX_EVAL_POINTS}], got {self.eval_points}")
+            )
         if self.keep_checkpoints < 1:
             found.append(("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"))
         if not self.seeds:
@@ -114,6 +130,26 @@ class TrainConfig:
                 ("steps", f"must be a multiple of steps_per_dispatch={spd}, got {self.steps}")
             )
         return found
+
+    def eval_steps(self) -> tuple[int, ...]:
+        """The steps the host loop evaluates at, sorted; always 0 and `steps`.
+
+        The host sees the state only between chunks of `steps_per_dispatch` steps, so a log
+        point is rounded to the nearest chunk boundary: with C = steps / steps_per_dispatch
+        chunks, the points are steps_per_dispatch * round(C ** (i / (eval_points - 1))) for
+        i = 0 .. eval_points - 1 (geomspace(steps_per_dispatch, steps, eval_points) in whole
+        chunks). Points that round to the same chunk are merged, so a run of few chunks gets
+        fewer evals than eval_points. The points depend on `steps`: extending a run moves them.
+        """
+        spd, n = self.steps_per_dispatch, self.eval_points
+        if self.eval_schedule == "log":
+            chunks = self.steps // spd
+            inner = {spd * round(chunks ** (i / (n - 1))) for i in range(n)}
+        elif self.eval_every:
+            inner = set(range(self.eval_every, self.steps, self.eval_every))
+        else:
+            inner = set()
+        return tuple(sorted({0, *inner, self.steps}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -265,6 +265,7 @@ def _train_locked(
         # Dispatch, log, evaluate and save until done.
         bar = _progress(progress and is_primary(), tc.steps, start, exp.name)
         step, t_window, drawn = start, time.perf_counter(), None
+        eval_at = set(tc.eval_steps())
         final = programs.evaluate(state, arrays) if start >= tc.steps else {}
         while step < tc.steps:
             state, chunk_metrics = programs.train_chunk(state, arrays)
@@ -272,7 +273,7 @@ def _train_locked(
             step += tc.steps_per_dispatch
             last = step == tc.steps
             log_now = last or step % tc.log_every == 0
-            eval_now = last or (tc.eval_every and step % tc.eval_every == 0)
+            eval_now = step in eval_at  # holds the last step
             draw_now = last or (tc.heatmap_every and step % tc.heatmap_every == 0)
             checked = log_now or eval_now or draw_now
             if checked:

@@ -185,6 +185,23 @@ def test_an_old_run_folder_resumes_and_probes_with_its_settings(tmp_path):
     assert old["model"]["random_scale"] == 0.5  # the saved dict itself is left alone
 
 
+def test_a_run_folder_from_before_the_eval_schedule_resumes_as_every(tmp_path):
+    from ablate.experiment import build_experiment
+    from ablate.runfolder import CONFIG_FILE, check_run_config
+
+    config = build_experiment({"task": {"name": "copy"}}).to_dict()
+    old = json.loads(json.dumps(config))
+    del old["train"]["eval_schedule"], old["train"]["eval_points"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / CONFIG_FILE).write_text(json.dumps(old))
+    assert check_run_config(run_dir, config, allow_change=False) == []
+    # It ran on the "every" schedule: asking for "log" is a change.
+    log = build_experiment({"task": {"name": "copy"}, "train": {"eval_schedule": "log"}})
+    changed = check_run_config(run_dir, log.to_dict(), allow_change=True)
+    assert changed == ["train.eval_schedule: 'every' -> 'log'"]
+
+
 def test_an_old_experiment_file_is_told_where_a_moved_field_went():
     from ablate.config import ConfigError
     from ablate.experiment import build_experiment

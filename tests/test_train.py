@@ -11,7 +11,8 @@ from ablate.attention import Fixed, Frozen
 from ablate.cli import main
 from ablate.config import ConfigError
 from ablate.core import Programs
-from ablate.experiment import build_experiment
+from ablate.experiment import TrainConfig, build_experiment
+from ablate.runfolder import read_jsonl
 from ablate.train import train
 
 
@@ -128,8 +129,43 @@ def test_frozen_and_fixed_state_unchanged_by_training():
     assert all(changed)
 
 
+def test_eval_schedules_give_their_steps_and_bad_values_are_refused():
+    every = lambda **kw: TrainConfig(steps=1000, steps_per_dispatch=50, **kw).eval_steps()
+    assert every(eval_every=250) == (0, 250, 500, 750, 1000)
+    assert every(eval_every=300) == (0, 300, 600, 900, 1000)
+    assert every(eval_every=0) == (0, 1000)
+
+    log = lambda **kw: TrainConfig(eval_schedule="log", **kw).eval_steps()
+    # 1000 ** (i / 3) for i = 0..3; in chunks of 5 steps, 8 ** (i / 3).
+    assert log(steps=1000, steps_per_dispatch=1, eval_points=4) == (0, 1, 10, 100, 1000)
+    assert log(steps=40, steps_per_dispatch=5, eval_points=4) == (0, 5, 10, 20, 40)
+    steps = log(steps=10_000, steps_per_dispatch=10, eval_points=24)
+    gaps = np.diff(steps)
+    assert steps[0] == 0 and steps[-1] == 10_000 and (gaps > 0).all()
+    assert all(s % 10 == 0 for s in steps)  # only chunk boundaries are reachable
+    assert 20 <= len(steps) <= 25 and gaps[:5].max() < gaps[-5:].min()
+    assert log(steps=100, steps_per_dispatch=50) == (0, 50, 100)  # two chunks: merged
+    # The log schedule reads eval_points, not eval_every.
+    assert log(steps=1000, steps_per_dispatch=1, eval_points=4, eval_every=500)[2] == 10
+
+    for field, value, words in (
+        ("eval_schedule", "linear", ["'every'", "'log'"]),
+        ("eval_points", 1, ["[2, 1000]"]),
+        ("eval_points", 10**6, ["[2, 1000]"]),
+    ):
+        with pytest.raises(ConfigError) as e:
+            tiny(**{f"train.{field}": value})
+        assert [p for p, _ in e.value.problems] == [f"train.{field}"]
+        assert all(w in str(e.value) for w in words), str(e.value)
+        with pytest.raises(ConfigError, match=field):  # built directly, too
+            TrainConfig(**{field: value})
+
+
 def test_resume_is_bit_identical(tmp_path):
-    exp = tiny(**{"train.steps": 40, "train.seeds": [0, 1]})
+    # On the log schedule, evals land before, at and after the step the first run stops at.
+    log = {"train.eval_schedule": "log", "train.eval_points": 4, "train.steps_per_dispatch": 5}
+    exp = tiny(**{"train.steps": 40, "train.seeds": [0, 1]}, **log)
+    assert exp.train.eval_steps() == (0, 5, 10, 20, 40)
     straight = train(exp, tmp_path / "straight", progress=False)
     partial = train(exp, tmp_path / "resumed", progress=False, stop_after=20)
     assert partial.steps == 20
@@ -140,8 +176,12 @@ def test_resume_is_bit_identical(tmp_path):
     from ablate.checkpoint import Checkpointer, abstract_like
 
     target = abstract_like(Programs(exp).init())
-    _, a, _ = Checkpointer(tmp_path / "straight" / "checkpoints").restore_latest(target)
-    _, b, _ = Checkpointer(tmp_path / "resumed" / "checkpoints").restore_latest(target)
+    straight_ckpt = Checkpointer(tmp_path / "straight" / "checkpoints")
+    resumed_ckpt = Checkpointer(tmp_path / "resumed" / "checkpoints")
+    # Saved every checkpoint_every = 10 steps (the newest 2 kept), whatever the evals do.
+    assert straight_ckpt.steps() == resumed_ckpt.steps() == [30, 40]
+    _, a, _ = straight_ckpt.restore_latest(target)
+    _, b, _ = resumed_ckpt.restore_latest(target)
     for x, y in zip(leaves(a), leaves(b)):
         np.testing.assert_array_equal(x, y)
 
@@ -151,6 +191,11 @@ def test_resume_is_bit_identical(tmp_path):
         return [(r["step"], r["seed"], r["kind"], r["loss"]) for r in out]
 
     assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
+    # The loop evaluated exactly at the schedule's steps (eval_every = 0 would be 0 and 40).
+    for d in ("straight", "resumed"):
+        evals = [r for r in read_jsonl(tmp_path / d / "metrics.jsonl") if r["kind"] == "eval"]
+        for seed in (0, 1):
+            assert [r["step"] for r in evals if r["seed"] == seed] == [0, 5, 10, 20, 40]
 
 
 def test_tensorboard_files_have_scalars_images_hparams(tmp_path):
