@@ -68,14 +68,15 @@ class ReferenceLevels:
     fixed_routing: Level
     bag: Level
 
-    def row(self) -> dict[str, Any]:
-        """The flat fields a results row carries."""
+    def row(self, prefix: str = "") -> dict[str, Any]:
+        """The flat fields a results row carries (`prefix`: of conflict sequences)."""
         out: dict[str, Any] = {}
         for name, level in (
             ("chance", self.chance),
             ("fixed_routing_ceiling", self.fixed_routing),
             ("bag_ceiling", self.bag),
         ):
+            name = prefix + name
             out[name], out[f"{name}_se"], out[f"{name}_method"] = (
                 level.value,
                 level.se,
@@ -227,16 +228,18 @@ def estimate_fixed_routing(splits: _Splits, own: bool = True) -> Level:
 
 
 def estimate_route(splits: _Splits, task: Task) -> Level:
-    """The declared cheap route: the own token plus the task's `cheap_positions`."""
+    """The declared cheap route: a lookup from the tokens at the task's `cheap_positions`,
+    with or without the own token (whichever scores better on the middle part: the own token
+    multiplies the views, which a finite sample fits less well when it adds nothing)."""
     x, V = splits.sample.inputs, splits.vocab
 
     def keys_of(rows, i):
-        key = x[rows, i]
+        key = np.zeros(len(rows), np.int64)
         for j in task.cheap_positions(i):
             key = key * V + x[rows, j]
-        return [key]
+        return [key, key * V + x[rows, i]]
 
-    c, s = splits.correct(keys_of, choose=False)
+    c, s = splits.correct(keys_of, choose=True)
     return _ratio(c, s, _estimated(len(splits.sample.inputs), "the declared cheap route"))
 
 
@@ -279,6 +282,37 @@ def reference_levels(
     chance = Level(float(task.chance), 0.0, "exact: derived by the task")
     bag = bag_level(task, splits)
     return ReferenceLevels(chance, estimate_fixed_routing(splits), bag)
+
+
+class ConflictSequences:
+    """A task's conflict sequences (where only the content route answers) read as a task of
+    their own, so that their reference levels are the same readers' levels."""
+
+    has_dependencies = True
+
+    def __init__(self, task: Task):
+        self.task, self.chance, self.seq_len = task, task.chance, task.seq_len
+
+    def sample(self, key: jax.Array, batch_size: int):
+        return self.task.conflict_sample(key, batch_size)
+
+    def bag_ceiling(self):
+        return self.task.conflict_bag_ceiling()
+
+
+def conflict_levels(
+    task: Task, *, causal: bool = True, n_sequences: int | None = None, seed: int = 0
+) -> ReferenceLevels | None:
+    """The reference levels on a task's conflict sequences (None: the task has one route).
+
+    What a reader without content reaches where the routes disagree: conflict accuracy above
+    both ceilings is the content route's; at or below them, no sign of it.
+    """
+    if task.cheap_route is None:
+        return None
+    return reference_levels(
+        ConflictSequences(task), causal=causal, n_sequences=n_sequences, seed=seed
+    )
 
 
 def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[str]:

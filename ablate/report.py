@@ -51,7 +51,21 @@ from ablate.runfolder import (
 ESSENTIAL = 0.8  # whole interval above: the variant loses almost all of the gain
 DISPENSABLE = 0.2  # interval holds 0 and stays below this: no measurable loss
 PULL = ("gradient_alignment_max_init", "gradient_alignment_max_peak", "gradient_alignment_max")
-ONSETS = ("alignment_onset_step", "loss_onset_step", "gradient_alignment_onset_step")
+ONSETS = (
+    "alignment_onset_step",
+    "loss_onset_step",
+    "accuracy_onset_step",
+    "gradient_alignment_onset_step",
+)
+# Tasks with a cheap route (results rows of competing tasks): shares, then onset steps.
+ROUTES = (
+    "conflict_accuracy",
+    "alignment_cheap_max",
+    "conflict_alignment_max",
+    "conflict_alignment_cheap_max",
+    "gradient_alignment_cheap_max_peak",
+)
+ROUTE_ONSETS = ("conflict_accuracy_onset_step", "alignment_cheap_onset_step")
 # How far (learned - uniform) may stray, as a whole interval, for "stays at the uniform level"
 # on a control: attention mass for alignment, nats for entropy.
 UNIFORM_ALIGNMENT_TOLERANCE = 0.02
@@ -114,10 +128,14 @@ HOW_TO_READ = """## How to read this
   not on one scale.
 - **Onsets** (learned attention): per seed, the first eval step at which a curve has gone
   half way from its step-0 value to its end: the best-head alignment (largest over heads at
-  each eval) to its last eval, the loss down to its last eval, the pull to its peak. None for
-  a seed whose curve did not move that way. Steps are only as fine as the evals: the true
+  each eval) to its last eval, the loss down to its last eval, the accuracy up to its last
+  eval, the pull to its peak. None for a seed whose curve did not move that way. The loss
+  starts far above log(number of answers) (the model does not yet know which tokens are
+  answers), so the first half of its fall can come before any use of context; the accuracy's
+  onset is closer to when answers were found. Steps are only as fine as the evals: the true
   crossing lies between the onset's eval and the one before it. Orders are read per seed
-  (alignment onset - loss onset, pull onset - alignment onset) from the interval's bounds:
+  (alignment onset - loss onset, alignment onset - accuracy onset, pull onset - alignment
+  onset) from the interval's bounds:
   *before* (wholly below 0), *after* (wholly above 0), else not distinguishable at this eval
   spacing.
 - **Controls** (tasks that need no pairwise context): learned attention's final alignment
@@ -132,6 +150,7 @@ NEEDS = {
     "position": "needs position",
     "bag": "needs only the bag of tokens",
     "none": "control: no pairwise context",
+    "competing": "two routes: content, or a cheap one",
     "unknown": "real data",
 }
 
@@ -263,6 +282,7 @@ def _onset_order(good: list[dict[str, Any]]) -> dict[str, Any]:
     spacing = [r["eval_spacing"] for r in good if finite(r.get("eval_spacing"))]
     return dict(
         alignment_minus_loss_onset=_paired(good, "alignment_onset_step", "loss_onset_step"),
+        alignment_minus_accuracy_onset=_paired(good, "alignment_onset_step", "accuracy_onset_step"),
         pull_minus_alignment_onset=_paired(
             good, "gradient_alignment_onset_step", "alignment_onset_step"
         ),
@@ -305,11 +325,14 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         e |= dict(seeds=[r.get("seed") for r in good], seeds_ok=len(good), seeds_total=len(rs))
         e["frozen"] = rs[0].get("frozen") or []
         e["lacks"], e["lacks_short"] = _lacks(rs[0], label) if label != "learned" else ("", "-")
-        for name in ("accuracy", "alignment_max", "alignment_max_init", *PULL):
+        for name in ("accuracy", "alignment_max", "alignment_max_init", *PULL, *ROUTES):
             e[name] = _stat(r.get(name) for r in good)
-        for name in ("gradient_alignment_peak_step", *ONSETS):
+        for name in ("gradient_alignment_peak_step", *ONSETS, *ROUTE_ONSETS):
             e[name] = _stat((r.get(name) for r in good), (0.0, math.inf))
         e |= _onset_order(good)
+        e["conflict_per_seed"] = [
+            r["conflict_accuracy"] for r in good if finite(r.get("conflict_accuracy"))
+        ]
         e |= _versus_uniform(good)
         # exp(held-out loss); rows of older sweeps have only the loss.
         e["perplexity"] = _stat(
@@ -340,6 +363,11 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     group["eval_sequences"] = first.get("eval_sequences")
     group |= dict(context_need=first.get("context_need"), variants=variants)
     group["alignment_uniform"] = uniform["mean"] if uniform else None
+    group["cheap_route"], group["cheap_level"] = first.get("cheap_route"), first.get("cheap_level")
+    ceilings = [first.get(f"conflict_{f}") for f in ("fixed_routing_ceiling", "bag_ceiling")]
+    group["conflict_top"] = max((c for c in ceilings if finite(c)), default=chance)
+    uniform_cheap = _stat(r.get("alignment_uniform_cheap") for r in ok_rows)
+    group["alignment_uniform_cheap"] = uniform_cheap["mean"] if uniform_cheap else None
     group["learned_learns"] = learns if "learned" in runs else None
     group["statement"] = _statement(group)
     return group
@@ -438,6 +466,76 @@ def _pull_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
     return text + "."
 
 
+def route_taken(g: dict[str, Any], e: dict[str, Any]) -> str | None:
+    """Which route a variant's model answers by, from its accuracy on conflict sequences
+    (where the cheap route is wrong and only content answers), read against what readers
+    without content reach on them (`top`: the larger of their fixed-routing and bag
+    ceilings) and chance: "content" (the whole interval above `top`), "cheap" (wholly below
+    chance: it answers as the cheap route does, wrongly), "no content" (not above `top`),
+    "unclear" (the interval straddles `top`); None: no cheap route, or no interval."""
+    conflict = e.get("conflict_accuracy")
+    if not g.get("cheap_route") or conflict is None or not _interval(conflict).has_interval:
+        return None
+    if conflict["low"] > g["conflict_top"]:
+        return "content"
+    if conflict["high"] < g["chance"]:
+        return "cheap"
+    return "no content" if conflict["high"] <= g["conflict_top"] else "unclear"
+
+
+ROUTE_TEXT = {
+    "content": "it found the content route",
+    "cheap": "below chance: it answers as the cheap route does, so it took the cheap route",
+    "no content": "no sign of the content route: not above what a reader without content "
+    "reaches there, though not below chance either, so it does not simply follow the cheap "
+    "route",
+    "unclear": "the interval straddles that level: which route it took is not shown",
+}
+
+
+def _route_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
+    """Which route learned attention took on a task with two, and when."""
+    route = route_taken(g, learned)
+    if route is None:
+        return None
+    conflict = learned["conflict_accuracy"]
+    text = (
+        f"Two routes answer this task: by content (always right) and a cheap one, "
+        f"{g['cheap_route']}, which alone reaches {g['cheap_level']:.2f} here. On conflict "
+        f"sequences, where the cheap route's answer is wrong and only content answers, "
+        f"learned attention reaches {_fmt(conflict)} (chance {g['chance']:.2f}; readers "
+        f"without content reach {g['conflict_top']:.2f} there"
+        + (
+            f"; per seed {', '.join(f'{a:.2f}' for a in learned['conflict_per_seed'])}"
+            if route in ("no content", "unclear")
+            else ""
+        )
+        + f"): {ROUTE_TEXT[route]}"
+    )
+    if route == "content" and (onset := learned["conflict_accuracy_onset_step"]) is not None:
+        text += f" (its conflict accuracy half way up at step {_fmt(onset, 0)})"
+    if route == "cheap" and (onset := learned["alignment_cheap_onset_step"]) is not None:
+        text += f" (attention on the cheap route's position half way up at step {_fmt(onset, 0)})"
+    content, cheap = learned["conflict_alignment_max"], learned["conflict_alignment_cheap_max"]
+    if content is not None and cheap is not None:
+        text += (
+            f". On those sequences the best head puts {_fmt(content)} of its attention on the "
+            f"content route's positions and the best head {_fmt(cheap)} on the cheap route's"
+        )
+        if g.get("alignment_uniform_cheap") is not None:
+            text += f" (uniform attention: {g['alignment_uniform_cheap']:.2f} on the cheap one)"
+    pull, pull_cheap = (
+        learned["gradient_alignment_max_peak"],
+        learned["gradient_alignment_cheap_max_peak"],
+    )
+    if pull is not None and pull_cheap is not None:
+        text += (
+            f". The loss's pull peaked at {_fmt(pull)} on the content positions and "
+            f"{_fmt(pull_cheap)} on the cheap route's (best heads, training distribution)"
+        )
+    return text + "."
+
+
 def _order(d: dict[str, Any] | None) -> str | None:
     """before / after / not distinguishable, from a paired difference's interval bounds
     (None: no interval)."""
@@ -463,7 +561,7 @@ def _onset_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
     u = g["alignment_uniform"]
     if learned["alignment_max"] is None or u is None or u > 0.9:
         return None  # no alignment, or it cannot tell (see the alignment sentence)
-    align, loss, pull = (learned[name] for name in ONSETS)
+    align, loss, accuracy, pull = (learned[name] for name in ONSETS)
     missing, n = learned["alignment_onset_missing"], learned["seeds_ok"]
     gap = learned["eval_spacing"]
     spacing = f"this eval spacing (evals at most {gap} steps apart)" if gap else "this eval spacing"
@@ -482,11 +580,16 @@ def _onset_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
     )
     if loss is not None:
         text += f", the loss at step {_fmt(loss, 0)}"
+    if accuracy is not None:
+        text += f", the accuracy at step {_fmt(accuracy, 0)}"
     if missing:
         text += f" ({missing} of {n} seeds' alignment did not rise: no onset, left out)"
     if (d := learned["alignment_minus_loss_onset"]) is not None:
         text += f"; per seed, alignment onset - loss onset is {_fmt(d, 0)} steps: "
         text += _order_text(d, "the alignment", "the loss", spacing)
+    if (d := learned.get("alignment_minus_accuracy_onset")) is not None:
+        text += f"; alignment onset - accuracy onset is {_fmt(d, 0)} steps: "
+        text += _order_text(d, "the alignment", "the accuracy", spacing)
     text += "."
     if pull is not None and (d := learned["pull_minus_alignment_onset"]) is not None:
         text += (
@@ -639,6 +742,12 @@ def _statement(g: dict[str, Any]) -> str:
         )
     if learned is not None and (pull := _pull_text(g, learned)):
         out.append(pull)
+    if learned is not None and (route := _route_text(g, learned)):
+        out.append(
+            "(On the training distribution the content route's positions include the cheap "
+            "route's wherever the two agree, so the alignment and pull above do not tell the "
+            "routes apart; conflict sequences do.) " + route
+        )
     if learned is not None and (onsets := _onset_text(g, learned)):
         out.append(onsets)
     if learned is not None and g["context_need"] == "none" and (control := _control_text(learned)):
@@ -751,11 +860,56 @@ def _answer(summary: dict) -> list[str]:
     return lines
 
 
+def _why(summary: dict) -> list[str]:
+    """The section "Why attention learned context here": per task, learned heads' pull,
+    alignment and onsets side by side, and for tasks with two routes the route taken."""
+    rows = []
+    for g in summary["groups"]:
+        e = g["variants"].get("learned")
+        if e is None or not g["learned_learns"] or e["alignment_max"] is None:
+            continue
+        u = g["alignment_uniform"]
+        pull = " / ".join(_fmt(e[name]) for name in PULL)
+        step = e["gradient_alignment_peak_step"]
+        onsets = " / ".join(_fmt(e[name], 0) for name in ONSETS)
+        route = route_taken(g, e)
+        route_cell = "-" if route is None else f"{route} ({_fmt(e['conflict_accuracy'])})"
+        rows.append(
+            f"| {g['label']} | {u:.2f} | {_fmt(e['alignment_max_init'])} -> "
+            f"{_fmt(e['alignment_max'])} | {pull} | {_fmt(step, 0)} | {onsets} "
+            f"| {route_cell} |"
+            if u is not None
+            else None
+        )
+    rows = [r for r in rows if r]
+    if not rows:
+        return []
+    return [
+        "## Why attention learned context here",
+        "",
+        "Learned attention only, best head per eval; intervals over seeds. The pull is the "
+        "share of the loss's descent direction on the dependency positions (a uniform push "
+        "gives the uniform share); onsets are the first eval at which a curve has gone half "
+        "way from step 0 to its end (the pull: to its peak), as fine as the evals. On a task "
+        "with two routes, the route is read from the accuracy on conflict sequences (in "
+        "brackets), where only the content route answers. Each task's paragraph below words "
+        "these from the interval bounds.",
+        "",
+        "| task | uniform share | alignment init -> end | pull init / peak / end "
+        "| pull peak step | onset: alignment / loss / accuracy / pull "
+        "| route (conflict accuracy) |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _markdown(summary: dict, meta: dict, plots: dict) -> str:
     cmd = meta.get("command")
     lines = [f"# Report: {meta['name']}", "", "Reproduce:", ""]
     lines += [f"```\n{cmd}\n```" if cmd else "(no sweep.json: command unknown)", ""]
     lines += _answer(summary) if summary["groups"] else ["No results yet.", ""]
+    lines += _why(summary)
     lines += [HOW_TO_READ]
     lines += ["![accuracy](report/accuracy.png)", "", "![dependence](report/dependence.png)", ""]
     for g in summary["groups"]:

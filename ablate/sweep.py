@@ -334,12 +334,20 @@ class ResultsTable:
             "gradient_alignment_max",
             "alignment_onset_step",
             "loss_onset_step",
+            "accuracy_onset_step",
             "gradient_alignment_onset_step",
             "eval_spacing",
             "alignment_mean",
             "entropy_mean",
             "entropy_min",
             "entropy_uniform",
+            "cheap_level",
+            "conflict_accuracy",
+            "conflict_accuracy_onset_step",
+            "alignment_cheap_max",
+            "alignment_cheap_onset_step",
+            "conflict_alignment_max",
+            "conflict_alignment_cheap_max",
             "steps",
             "wall_seconds",
             "compile_seconds",
@@ -386,13 +394,15 @@ def _task_key(exp: Experiment) -> tuple[str, str]:
 
 def task_levels(exp: Experiment, cache: dict | None = None) -> dict[str, Any]:
     """The task's reference levels as row fields (computed once per task and visibility)."""
-    from ablate.reference import no_levels_row, reference_levels
+    from ablate.reference import conflict_levels, no_levels_row, reference_levels
 
     cache = {} if cache is None else cache
     key = (exp.task.name, repr(exp.task.config), exp.model.causal)
     if key not in cache:
         levels = reference_levels(exp.task, causal=exp.model.causal)
         cache[key] = no_levels_row() if levels is None else levels.row()
+        if conflict := conflict_levels(exp.task, causal=exp.model.causal):
+            cache[key] |= conflict.row("conflict_")
     return cache[key]
 
 
@@ -413,6 +423,11 @@ def _point_fields(
         "seed": seed,
         "chance": chance,
         **levels,
+        **(
+            {"cheap_route": exp.task.cheap_route, "cheap_level": exp.task.cheap_level}
+            if exp.task.cheap_route
+            else {}
+        ),
         "eval_sequences": exp.train.eval_batches * exp.train.batch_size,
         "run_dir": point.run_name,
     }
@@ -459,6 +474,7 @@ def _rows_for(point: Point, result, history: dict, levels: dict) -> list[dict[st
                 "alignment": nan_to_none(alignment.tolist()),
                 "alignment_max": float(finite.max()) if finite.size else None,
                 "alignment_uniform": nan_to_none(result.final["uniform_alignment"][k]),
+                **_route_fields(result.final, k),
                 "alignment_max_init": None,
                 **_entropy_fields(result.final, k),
                 **history.get(seed, {}),
@@ -468,6 +484,22 @@ def _rows_for(point: Point, result, history: dict, levels: dict) -> list[dict[st
             }
         )
     return rows
+
+
+def _route_fields(final: dict[str, Any], k: int) -> dict[str, Any]:
+    """Seed k's last eval on a task with a cheap route (nothing otherwise): the accuracy on
+    conflict sequences, and best-head alignment and pull against each route's mask."""
+    if "conflict_accuracy" not in final:
+        return {}
+    best = lambda name: _best_head(nan_to_none(np.asarray(final[name][k], float).tolist()))
+    return {
+        "conflict_accuracy": float(final["conflict_accuracy"][k]),
+        "alignment_cheap_max": best("alignment_cheap"),
+        "alignment_uniform_cheap": nan_to_none(float(final["uniform_alignment_cheap"][k])),
+        "conflict_alignment_max": best("conflict_alignment"),
+        "conflict_alignment_cheap_max": best("conflict_alignment_cheap"),
+        "gradient_alignment_cheap_max": best("gradient_alignment_cheap"),
+    }
 
 
 def _failed_rows(
@@ -544,6 +576,7 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
         peak = max(known, key=lambda s: pull[s]) if known else None
         align = [_best_head(by_step[s].get("alignment")) for s in steps]
         loss = [_float(by_step[s].get("loss")) for s in steps]
+        accuracy = [_float(by_step[s].get("accuracy")) for s in steps]
         out[seed] = {
             "alignment_max_init": align[0] if steps[0] == 0 else None,
             "gradient_alignment_max_init": pull.get(0),
@@ -552,6 +585,7 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
             "gradient_alignment_max": pull[steps[-1]],
             "alignment_onset_step": onset_step(steps, align, align[-1], rises=True),
             "loss_onset_step": onset_step(steps, loss, loss[-1], rises=False),
+            "accuracy_onset_step": onset_step(steps, accuracy, accuracy[-1], rises=True),
             "gradient_alignment_onset_step": onset_step(
                 steps,
                 [pull[s] for s in steps],
@@ -560,7 +594,27 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
             ),
             "eval_spacing": int(np.diff(steps).max()) if len(steps) > 1 else None,
         }
+        if by_step[steps[-1]].get("conflict_accuracy") is not None:
+            out[seed] |= _route_history(steps, by_step)
     return out
+
+
+def _route_history(steps: list[int], by_step: dict[int, dict]) -> dict[str, Any]:
+    """For a task with a cheap route: the onsets of the conflict accuracy (the content
+    route's) and of the best head's alignment with the cheap route's mask, each half way to
+    its last eval, and the best head's pull towards the cheap route at init, peak and end."""
+    conflict = [_float(by_step[s].get("conflict_accuracy")) for s in steps]
+    cheap = [_best_head(by_step[s].get("alignment_cheap")) for s in steps]
+    pull = {s: _best_head(by_step[s].get("gradient_alignment_cheap")) for s in steps}
+    known = [s for s in steps if pull[s] is not None]
+    peak = max(known, key=lambda s: pull[s]) if known else None
+    return {
+        "conflict_accuracy_onset_step": onset_step(steps, conflict, conflict[-1], rises=True),
+        "alignment_cheap_onset_step": onset_step(steps, cheap, cheap[-1], rises=True),
+        "gradient_alignment_cheap_max_init": pull.get(0),
+        "gradient_alignment_cheap_max_peak": None if peak is None else pull[peak],
+        "gradient_alignment_cheap_peak_step": peak,
+    }
 
 
 def run_sweep(

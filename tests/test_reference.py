@@ -6,14 +6,20 @@ import pytest
 
 from ablate import reference
 from ablate.reference import _Splits, audit, draw, estimate_bag, reference_levels
-from ablate.tasks import TASKS, Majority, make_task, mode_share
+from ablate.tasks import TASKS, CompetingRecall, Majority, make_task, mode_share
 from ablate.tasks.base import random_bits, static_batch
+from ablate.tasks.recall import CompetingRecallConfig
 
 # Every registered synthetic task at its defaults and two other sizes. A task added to the
 # registry without an entry here fails `test_every_registered_task_is_audited`.
 AUDIT_SIZES = {
     "assoc_recall": [{}, {"n_pairs": 4, "n_keys": 6}, {"pair_tokens": "separate"}],
     "mqar": [{}, {"n_pairs": 8, "seq_len": 32, "n_keys": 16, "n_values": 16}, {"n_pairs": 2}],
+    "competing_recall": [
+        {},
+        {"cheap_share": 0.0, "n_pairs": 6, "n_keys": 12, "n_values": 12},
+        {"cheap_share": 1.0},
+    ],
     # repeat_len 4 would fail: its bag ceiling H_3 / 3 = 0.61 closes 0.59 of the gap.
     "induction": [{}, {"repeat_len": 6, "max_gap": 4}, {"max_gap": 0}],
     "copy": [{}, {"n_items": 4, "n_symbols": 4}, {"n_items": 12, "n_symbols": 16}],
@@ -170,3 +176,34 @@ def test_causal_readers_see_only_earlier_positions_and_bidirectional_ones_all():
     causal, both = _Splits(s, causal=True), _Splits(s, causal=False)
     assert list(causal.visible(4)) == [0, 1, 2, 3] and list(both.visible(4)) == list(range(6))
     assert abs(estimate_bag(causal).value - estimate_bag(both).value) < 0.02
+
+
+class UnderstatedRoute(CompetingRecall):
+    """Claims its cheap route is right only at chance: the audit must measure it."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.cheap_level = self.chance
+
+
+class HiddenRoute(CompetingRecall):
+    """Declares a poor route (slot t copies the value of pair t + 1, right only where a
+    random order put that pair there): the far better fixed route, value t, is hidden."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        p = self.threshold / 2**16
+        self.cheap_level = (1 - p) / self.config.n_pairs
+
+    def cheap_positions(self, i):
+        t = i - 2 * self.config.n_pairs
+        return [2 * ((t + 1) % self.config.n_pairs) + 1] if t >= 0 else []
+
+
+def test_the_audit_measures_the_declared_cheap_route_and_finds_a_cheaper_one():
+    n = 3 * 4096
+    assert audit(make_task("competing_recall", {"cheap_share": 0.9}), n_sequences=n) == []
+    understated = audit(UnderstatedRoute(CompetingRecallConfig(cheap_share=0.9)), n_sequences=n)
+    assert any("cheap route is stated to reach 0.125" in f for f in understated), understated
+    hidden = audit(HiddenRoute(CompetingRecallConfig(cheap_share=0.9)), n_sequences=n)
+    assert any("yet fixed routing reaches 0.9" in f for f in hidden), hidden

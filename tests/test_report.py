@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from ablate import report
 from ablate.model import ModelConfig, frozen_parts
 from ablate.report import summarize, write_report
 
@@ -555,3 +556,56 @@ def test_controls_say_whether_learned_attention_stays_at_the_uniform_level():
     # A task that needs context gets no control sentence.
     rows = [_row("t", "learned", s, 1.0, entropy_mean=1.0, entropy_uniform=2.0) for s in range(3)]
     assert "Control" not in summarize(rows)["groups"][0]["statement"]
+
+
+def _route_rows(conflict, accuracy=1.0):
+    """Learned rows of a two-route task (chance 0.125) with the given per-seed accuracy on
+    conflict sequences."""
+    fields = dict(
+        cheap_route="slot t copies the value of pair t",
+        cheap_level=0.9,
+        alignment_uniform_cheap=0.07,
+        alignment_cheap_max=0.9,
+        conflict_alignment_max=0.3,
+        conflict_alignment_cheap_max=0.95,
+        gradient_alignment_cheap_max_peak=0.5,
+        alignment_cheap_onset_step=40,
+        conflict_accuracy_onset_step=120,
+        conflict_fixed_routing_ceiling=0.33,
+        conflict_bag_ceiling=0.25,
+    )
+    rows = [
+        _row("competing", "learned", s, accuracy, chance=0.125, need="competing", **fields)
+        | {"conflict_accuracy": c}
+        for s, c in enumerate(conflict)
+    ]
+    return summarize(rows)
+
+
+@pytest.mark.parametrize(
+    "conflict, route, phrase",
+    [
+        ([0.9, 0.95, 0.99], "content", "it found the content route (its conflict accuracy half"),
+        ([0.0, 0.01, 0.0], "cheap", "below chance: it answers as the cheap route does, so it"),
+        # Mean 0.22 above chance but at most what readers without content reach (0.33).
+        ([0.2, 0.25, 0.22], "no content", "per seed 0.20, 0.25, 0.22): no sign of the content"),
+        # Mean 0.35 above 0.33, but the interval reaches below it: no claim.
+        ([0.2, 0.5, 0.35], "unclear", "the interval straddles that level"),
+    ],
+)
+def test_the_route_taken_is_read_from_the_conflict_accuracy_bounds(conflict, route, phrase):
+    summary = _route_rows(conflict)
+    g = summary["groups"][0]
+    assert report.route_taken(g, g["variants"]["learned"]) == route
+    assert phrase in g["statement"]
+    assert "which alone reaches 0.90 here" in g["statement"]
+    why = report._why(summary)
+    assert why[0] == "## Why attention learned context here"
+    assert any(line.startswith("| competing |") and f"| {route} (" in line for line in why)
+
+
+def test_no_route_sentence_without_a_cheap_route():
+    rows = [_row("t", "learned", s, 1.0) for s in range(3)]
+    g = summarize(rows)["groups"][0]
+    assert report.route_taken(g, g["variants"]["learned"]) is None
+    assert "Two routes" not in g["statement"]

@@ -22,6 +22,7 @@ SMALL = {
         {"n_pairs": 3, "n_keys": 4, "n_values": 6, "pair_tokens": "separate"},
     ],
     "mqar": [{"n_pairs": 3, "seq_len": 11, "n_keys": 5, "n_values": 6}],
+    "competing_recall": [{"n_pairs": 3, "n_keys": 5, "n_values": 6, "cheap_share": 0.5}],
     "induction": [{"repeat_len": 4, "n_symbols": 6}],
     "copy": [{"n_items": 4, "n_symbols": 3}],
     "reverse": [{"n_items": 4, "n_symbols": 3}],
@@ -124,7 +125,7 @@ def _changes(task, x, i):
 # a query must find (changing it leaves the query unanswerable) and, in induction, the query
 # itself (the second copy must repeat the first). Nothing else may be unreachable.
 def _pinned_ok(name, x, i, j):
-    if name in ("assoc_recall", "mqar"):
+    if name in ("assoc_recall", "mqar", "competing_recall"):
         return j < i and x[j] == x[i]
     if name == "induction":
         return j == i
@@ -291,7 +292,8 @@ def test_unknown_task_lists_valid_names_and_paths_nest():
 @pytest.mark.parametrize("name", SYNTHETIC)
 def test_configs_are_frozen_plain_data_with_defaults(name):
     cls = tasks.TASKS[name]
-    assert cls.name == name and cls.context_need in ("content", "position", "bag", "none")
+    needs = ("content", "position", "bag", "none", "competing")
+    assert cls.name == name and cls.context_need in needs
     config = cls.Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.__setattr__(dataclasses.fields(config)[0].name, 1)
@@ -299,3 +301,40 @@ def test_configs_are_frozen_plain_data_with_defaults(name):
     assert all(hints[f.name] in (int, float, bool, str) for f in dataclasses.fields(config))
     with pytest.raises(TypeError):
         cls(object())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9, 1.0])
+def test_competing_recall_cheap_route_is_right_in_its_share(p):
+    # The cheap route (slot t copies position 2t + 1) is right in every query of an in-order
+    # sequence, a share p of sequences plus the random orders that happen to be in order
+    # (1/P!), and per token in p + (1 - p)/P (the task's stated cheap_level); its mask marks
+    # exactly that position and the query itself.
+    P, n = 4, 8192
+    task = tasks.make_task("competing_recall", {"n_pairs": P, "cheap_share": p})
+    inputs, targets, weights, _ = host(jax.jit(task.sample, static_argnums=1)(jax.random.key(1), n))
+    copied = inputs[:, [2 * t + 1 for t in range(P)]]
+    right = copied == targets[:, 2 * P :]
+    in_order = p + (1 - p) / 24
+    assert abs(right.all(1).mean() - in_order) < 4 * np.sqrt(in_order * (1 - in_order) / n) + 1e-9
+    # Tokens of one sequence are not independent: bound by the sequence-level spread.
+    assert abs(right.mean() - task.cheap_level) < 4 * right.mean(1).std() / np.sqrt(n) + 1e-9
+    cheap = np.asarray(task.cheap_deps(jax.numpy.asarray(weights[:2])))
+    for t in range(P):
+        assert np.flatnonzero(cheap[0, 2 * P + t]).tolist() == [2 * t + 1, 2 * P + t]
+    assert not cheap[:, : 2 * P].any()
+
+
+def test_competing_recall_conflict_sequences_defeat_only_the_cheap_route():
+    # Scored only where slot t does not ask pair t: the cheap route is always wrong there
+    # (values are distinct), the content route (the host solver) always right.
+    P = 4
+    task = tasks.make_task("competing_recall", {"n_pairs": P, "cheap_share": 1.0})
+    inputs, targets, weights, deps = host(task.conflict_sample(jax.random.key(2), 2048))
+    scored = weights[:, 2 * P :] > 0
+    copied = inputs[:, [2 * t + 1 for t in range(P)]]
+    assert scored.mean() == pytest.approx(1 - 1 / P, abs=0.03)
+    assert not np.any((copied == targets[:, 2 * P :]) & scored)
+    for b in range(64):
+        assert task.is_valid(inputs[b])
+        np.testing.assert_array_equal(task.reference(inputs[b])[0] * weights[b], targets[b])
+    assert not deps[weights == 0].any()

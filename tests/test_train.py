@@ -366,3 +366,25 @@ def test_the_loss_points_at_the_context_before_accuracy_leaves_the_bag_level():
     assert pulled < leaves_bag, curve  # the pull comes first ...
     assert attention[pulled] < uniform[pulled] + 0.2  # ... while attention has not moved yet
     assert attention[-1] > 0.9
+
+
+def test_a_task_with_two_routes_is_measured_against_both_masks_and_on_conflict_sequences():
+    # Uniform heads put exactly the uniform share on any mask: alignment with the cheap
+    # route's mask must equal uniform attention's share of it, 1 / (i + 1) at query slot i.
+    P = 3
+    task = {"name": "competing_recall", "n_pairs": P, "n_keys": 4, "n_values": 4}
+    exp = tiny(
+        task=task | {"cheap_share": 1.0},
+        **{"model.attention": "uniform", "train.gradient_alignment": True},
+    )
+    programs = Programs(exp)
+    out = programs.evaluate(programs.init(), ())
+    share = np.mean([1 / (2 * P + t + 1) for t in range(P)])
+    assert out["uniform_alignment_cheap"][0] == pytest.approx(share, rel=1e-5)
+    np.testing.assert_allclose(out["alignment_cheap"][0], share, rtol=1e-5)
+    assert out["alignment_cheap"].shape == out["conflict_alignment"].shape == (1, 2, 2)
+    assert np.isfinite(out["gradient_alignment_cheap"]).all()
+    assert 0.0 <= out["conflict_accuracy"][0] <= 1.0
+    # Conflict rows skip slot t = pair t, so the uniform share there is weighted otherwise:
+    # finite, and the content mask (key and value) gets two positions' worth.
+    assert np.all(out["conflict_alignment"][0] > out["conflict_alignment_cheap"][0])

@@ -211,6 +211,10 @@ class Task(abc.ABC):
         """Sequences where the routes disagree (only the content route answers them)."""
         raise TypeError(f"{self.name} has no cheap route")
 
+    def conflict_bag_ceiling(self) -> tuple[float, float, str] | None:
+        """`bag_ceiling` of the conflict sequences (None: estimated from a sample)."""
+        return None
+
     def cheap_deps(self, weights_BL: jax.Array) -> jax.Array:
         """The cheap route's mask [B, L, L] (its positions and the target's own, at scored
         rows): what alignment and the loss's pull are also measured against."""

@@ -347,6 +347,10 @@ class CompetingRecall(MQAR):
         src_BLJ = jnp.stack([2 * pair_BL, 2 * pair_BL + 1, self_BL], axis=-1)
         return make_batch(inputs_BL, targets_BL, scored_BL, deps_from_sources(src_BLJ, L))
 
+    def conflict_bag_ceiling(self):
+        # Order-free, a conflict query's value is still any of the P distinct context values.
+        return 1.0 / self.config.n_pairs, 0.0, "exact: 1 / n_pairs distinct values"
+
     def cheap_positions(self, i: int) -> list[int]:
         """Slot t = i - 2P copies the value of pair t, at position 2t + 1."""
         t = i - 2 * self.config.n_pairs
