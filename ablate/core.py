@@ -66,6 +66,7 @@ PER_HEAD = (
     "gradient_alignment_cheap",
     "conflict_alignment",
     "conflict_alignment_cheap",
+    "conflict_gradient_alignment",
 )
 # The conflict sequences' eval keys: fold_in(eval key, this), then the batch index (the
 # ordinary eval batches fold the batch index into the eval key itself).
@@ -299,32 +300,35 @@ def evaluate(
         m["uniform_alignment"] = uniform_alignment(batch.deps, visible, batch.weights)
         m["uniform_entropy"] = uniform_entropy(visible, valid_BL)
         # Real data has no mask to pull towards; or the pull was not asked for: NaN.
-        pulls = task.has_dependencies and exp.train.gradient_alignment
-        if pulls:
-            grads = definition._pattern_gradients(model, batch, valid_BL, out.patterns)
-            directions = [
-                descent_direction(g, p, visible, qk_H)
-                for g, p, qk_H in zip(grads, out.patterns, definition.qk_scores_NH)
-            ]
-
-        def pull(deps):
-            if not pulls:
-                return jnp.full(definition.has_pattern_NH.shape, jnp.nan)
-            return jnp.stack([gradient_alignment(d, deps, batch.weights) for d in directions])
-
+        measured = task.has_dependencies and exp.train.gradient_alignment
+        pull = _pull(definition, model, batch, out.patterns, visible, measured)
         m["gradient_alignment"] = pull(batch.deps)
         if task.cheap_route is not None:
-            m |= _routes(sampler, model, batch, out.patterns, visible, i, pull)
+            m |= _routes(definition, sampler, model, batch, out.patterns, visible, i, pull)
         return m
 
     per_batch = jax.lax.map(one, jnp.arange(exp.train.eval_batches))
     return jax.tree.map(lambda x: x.mean(0), per_batch)
 
 
-def _routes(sampler, model, batch, patterns, visible, i, pull) -> dict:
-    """A task with a cheap route: alignment and the loss's pull measured against the cheap
-    route's mask too, and on conflict sequences (where only the content route answers) the
-    accuracy and both alignments: which route the model took."""
+def _pull(definition, model, batch, patterns, visible, measured: bool):
+    """deps -> (N, H): the share of the loss's descent direction on each head's attention
+    (this batch's loss) that falls on a mask; all NaN where the pull is not `measured`."""
+    if not measured:
+        return lambda deps: jnp.full(definition.has_pattern_NH.shape, jnp.nan)
+    grads = definition._pattern_gradients(model, batch, batch.valid, patterns)
+    directions = [
+        descent_direction(g, p, visible, qk_H)
+        for g, p, qk_H in zip(grads, patterns, definition.qk_scores_NH)
+    ]
+    return lambda deps: jnp.stack([gradient_alignment(d, deps, batch.weights) for d in directions])
+
+
+def _routes(definition, sampler, model, batch, patterns, visible, i, pull) -> dict:
+    """A task with a cheap route: alignment and the loss's pull (`pull`, of eval batch i)
+    measured against the cheap route's mask too; on conflict sequences (where only the
+    content route answers) the accuracy, both alignments, and the pull of their loss towards
+    the content route."""
     task = sampler.task
     cheap = task.cheap_deps(batch.weights)
     m = {
@@ -333,6 +337,7 @@ def _routes(sampler, model, batch, patterns, visible, i, pull) -> dict:
         "gradient_alignment_cheap": pull(cheap),
     }
     conflict = sampler.conflict(i)
+    conflict = EvalBatch(*conflict, None)
     out = model(conflict.inputs, return_patterns=True)
     m["conflict_accuracy"] = token_metrics(out.logits, conflict.targets, conflict.weights)[
         "accuracy"
@@ -341,6 +346,10 @@ def _routes(sampler, model, batch, patterns, visible, i, pull) -> dict:
     m["conflict_alignment_cheap"] = _per_head(
         out.patterns, task.cheap_deps(conflict.weights), conflict.weights, "alignment"
     )
+    m["conflict_uniform_alignment"] = uniform_alignment(conflict.deps, visible, conflict.weights)
+    measured = definition.exp.train.gradient_alignment  # a synthetic task: it has deps
+    conflict_pull = _pull(definition, model, conflict, out.patterns, visible, measured)
+    m["conflict_gradient_alignment"] = conflict_pull(conflict.deps)
     return m
 
 

@@ -167,7 +167,8 @@ def bars(groups: list[dict], field: str, path: Path, ylabel: str, colors: dict) 
 
 
 def curves_plot(g: dict, curves: dict[str, dict], path: Path, colors: dict) -> None:
-    """Over training, one line per variant: accuracy, best-head alignment and the loss's pull
+    """Over training, one line per variant: accuracy (and, on a task with two routes, the
+    accuracy on conflict sequences, dashed), best-head alignment and the loss's pull
     (best-head gradient alignment), beside uniform; perplexity instead of the last two for
     real data, which has no dependency mask."""
     from matplotlib.figure import Figure
@@ -184,6 +185,14 @@ def curves_plot(g: dict, curves: dict[str, dict], path: Path, colors: dict) -> N
     ax_acc = axes[0]
     for label, c in curves.items():
         ax_acc.plot(c["step"], c["accuracy"], label=label, color=colors[label])
+        if any(finite(y) for y in c.get("conflict", [])):  # a task with two routes
+            ax_acc.plot(
+                c["step"],
+                c["conflict"],
+                label=f"{label}, conflict sequences",
+                color=colors[label],
+                ls="--",
+            )
         for ax, right in zip(axes[1:], panels):
             # Step 0 (a random model: perplexity ~ vocabulary size) would flatten the rest.
             points = [(s, y) for s, y in zip(c["step"], c[right]) if right != "perplexity" or s > 0]

@@ -50,7 +50,8 @@ from ablate.runfolder import (
 # a verdict reads the interval's bounds only, never the mean.
 ESSENTIAL = 0.8  # whole interval above: the variant loses almost all of the gain
 DISPENSABLE = 0.2  # interval holds 0 and stays below this: no measurable loss
-PULL = ("gradient_alignment_max_init", "gradient_alignment_max_peak", "gradient_alignment_max")
+PULL_PARTS = ("_init", "_peak", "")
+PULL = tuple(f"gradient_alignment_max{x}" for x in PULL_PARTS)
 ONSETS = (
     "alignment_onset_step",
     "loss_onset_step",
@@ -64,8 +65,15 @@ ROUTES = (
     "conflict_alignment_max",
     "conflict_alignment_cheap_max",
     "gradient_alignment_cheap_max_peak",
+    "conflict_gradient_alignment_max_init",
+    "conflict_gradient_alignment_max_peak",
+    "conflict_gradient_alignment_max",
 )
-ROUTE_ONSETS = ("conflict_accuracy_onset_step", "alignment_cheap_onset_step")
+ROUTE_ONSETS = (
+    "conflict_accuracy_onset_step",
+    "alignment_cheap_onset_step",
+    "conflict_gradient_alignment_peak_step",
+)
 # How far (learned - uniform) may stray, as a whole interval, for "stays at the uniform level"
 # on a control: attention mass for alignment, nats for entropy.
 UNIFORM_ALIGNMENT_TOLERANCE = 0.02
@@ -366,8 +374,9 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     group["cheap_route"], group["cheap_level"] = first.get("cheap_route"), first.get("cheap_level")
     ceilings = [first.get(f"conflict_{f}") for f in ("fixed_routing_ceiling", "bag_ceiling")]
     group["conflict_top"] = max((c for c in ceilings if finite(c)), default=chance)
-    uniform_cheap = _stat(r.get("alignment_uniform_cheap") for r in ok_rows)
-    group["alignment_uniform_cheap"] = uniform_cheap["mean"] if uniform_cheap else None
+    for name in ("alignment_uniform_cheap", "conflict_alignment_uniform"):
+        level = _stat(r.get(name) for r in ok_rows)
+        group[name] = level["mean"] if level else None
     group["learned_learns"] = learns if "learned" in runs else None
     group["statement"] = _statement(group)
     return group
@@ -533,7 +542,28 @@ def _route_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
             f". The loss's pull peaked at {_fmt(pull)} on the content positions and "
             f"{_fmt(pull_cheap)} on the cheap route's (best heads, training distribution)"
         )
-    return text + "."
+    text += "."
+    init, peak, end = (learned[f"conflict_gradient_alignment_max{x}"] for x in PULL_PARTS)
+    u = g.get("conflict_alignment_uniform")
+    if peak is not None and u is not None:
+        step = learned["conflict_gradient_alignment_peak_step"]
+        text += (
+            f" On conflict sequences the loss's pull on the content route's positions (best "
+            f"head; a uniform push gives {u:.2f}) was {_fmt(init)} at init, peaked at "
+            f"{_fmt(peak)} (step {_fmt(step, 0)}) and ended at {_fmt(end)}"
+        )
+        if _interval(end).has_interval and end["low"] > u and route != "content":
+            text += (
+                ": where the routes disagree, the loss still points at the content route "
+                "the model has not taken"
+            )
+            if g["cheap_level"] >= 1.0:
+                text += (
+                    " (training never sees such sequences here: the cheap route is right on "
+                    "every training query, so nothing follows this pull)"
+                )
+        text += "."
+    return text
 
 
 def _order(d: dict[str, Any] | None) -> str | None:
@@ -785,6 +815,7 @@ def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
     return {
         "step": steps,
         "accuracy": [mean(s, lambda r: r.get("accuracy")) for s in steps],
+        "conflict": [mean(s, lambda r: r.get("conflict_accuracy")) for s in steps],
         "alignment": [mean(s, lambda r: best(r.get("alignment"))) for s in steps],
         "pull": [mean(s, lambda r: best(r.get("gradient_alignment"))) for s in steps],
         "uniform": [mean(s, lambda r: r.get("uniform_alignment")) for s in steps],
@@ -874,6 +905,10 @@ def _why(summary: dict) -> list[str]:
         onsets = " / ".join(_fmt(e[name], 0) for name in ONSETS)
         route = route_taken(g, e)
         route_cell = "-" if route is None else f"{route} ({_fmt(e['conflict_accuracy'])})"
+        conflict_pull = " / ".join(
+            _fmt(e[f"conflict_gradient_alignment_max{x}"]) for x in PULL_PARTS
+        )
+        route_cell += f" | {conflict_pull if route else '-'}"
         rows.append(
             f"| {g['label']} | {u:.2f} | {_fmt(e['alignment_max_init'])} -> "
             f"{_fmt(e['alignment_max'])} | {pull} | {_fmt(step, 0)} | {onsets} "
@@ -892,13 +927,15 @@ def _why(summary: dict) -> list[str]:
         "gives the uniform share); onsets are the first eval at which a curve has gone half "
         "way from step 0 to its end (the pull: to its peak), as fine as the evals. On a task "
         "with two routes, the route is read from the accuracy on conflict sequences (in "
-        "brackets), where only the content route answers. Each task's paragraph below words "
-        "these from the interval bounds.",
+        "brackets), where only the content route answers; the conflict pull is the loss's "
+        "pull on those sequences towards the content route's positions (the training "
+        "distribution's masks overlap where the routes agree). Each task's paragraph below "
+        "words these from the interval bounds.",
         "",
         "| task | uniform share | alignment init -> end | pull init / peak / end "
         "| pull peak step | onset: alignment / loss / accuracy / pull "
-        "| route (conflict accuracy) |",
-        "|---|---|---|---|---|---|---|",
+        "| route (conflict accuracy) | conflict pull init / peak / end |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

@@ -499,6 +499,8 @@ def _route_fields(final: dict[str, Any], k: int) -> dict[str, Any]:
         "conflict_alignment_max": best("conflict_alignment"),
         "conflict_alignment_cheap_max": best("conflict_alignment_cheap"),
         "gradient_alignment_cheap_max": best("gradient_alignment_cheap"),
+        "conflict_alignment_uniform": nan_to_none(float(final["conflict_uniform_alignment"][k])),
+        "conflict_gradient_alignment_max": best("conflict_gradient_alignment"),
     }
 
 
@@ -602,19 +604,22 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
 def _route_history(steps: list[int], by_step: dict[int, dict]) -> dict[str, Any]:
     """For a task with a cheap route: the onsets of the conflict accuracy (the content
     route's) and of the best head's alignment with the cheap route's mask, each half way to
-    its last eval, and the best head's pull towards the cheap route at init, peak and end."""
+    its last eval; the best head's pull towards the cheap route, and on conflict sequences
+    towards the content route, at init and at its peak (with the step)."""
     conflict = [_float(by_step[s].get("conflict_accuracy")) for s in steps]
     cheap = [_best_head(by_step[s].get("alignment_cheap")) for s in steps]
-    pull = {s: _best_head(by_step[s].get("gradient_alignment_cheap")) for s in steps}
-    known = [s for s in steps if pull[s] is not None]
-    peak = max(known, key=lambda s: pull[s]) if known else None
-    return {
+    out = {
         "conflict_accuracy_onset_step": onset_step(steps, conflict, conflict[-1], rises=True),
         "alignment_cheap_onset_step": onset_step(steps, cheap, cheap[-1], rises=True),
-        "gradient_alignment_cheap_max_init": pull.get(0),
-        "gradient_alignment_cheap_max_peak": None if peak is None else pull[peak],
-        "gradient_alignment_cheap_peak_step": peak,
     }
+    for name in ("gradient_alignment_cheap", "conflict_gradient_alignment"):
+        pull = {s: _best_head(by_step[s].get(name)) for s in steps}
+        known = [s for s in steps if pull[s] is not None]
+        peak = max(known, key=lambda s: pull[s]) if known else None
+        out[f"{name}_max_init"] = pull.get(0)
+        out[f"{name}_max_peak"] = None if peak is None else pull[peak]
+        out[f"{name}_peak_step"] = peak
+    return out
 
 
 def run_sweep(

@@ -576,7 +576,14 @@ def _route_rows(conflict, accuracy=1.0):
     )
     rows = [
         _row("competing", "learned", s, accuracy, chance=0.125, need="competing", **fields)
-        | {"conflict_accuracy": c}
+        | {
+            "conflict_accuracy": c,
+            "conflict_alignment_uniform": 0.1,
+            "conflict_gradient_alignment_max_init": 0.2,
+            "conflict_gradient_alignment_max_peak": 0.7 + 0.01 * s,
+            "conflict_gradient_alignment_peak_step": 100,
+            "conflict_gradient_alignment_max": 0.6 + 0.01 * s,
+        }
         for s, c in enumerate(conflict)
     ]
     return summarize(rows)
@@ -599,6 +606,13 @@ def test_the_route_taken_is_read_from_the_conflict_accuracy_bounds(conflict, rou
     assert report.route_taken(g, g["variants"]["learned"]) == route
     assert phrase in g["statement"]
     assert "which alone reaches 0.90 here" in g["statement"]
+    assert (
+        "On conflict sequences the loss's pull on the content route's positions" in g["statement"]
+    )
+    # The pull's end (0.61 [0.58, 0.63]) lies above the uniform 0.10: said only where the
+    # model has not taken the content route.
+    still = "the loss still points at the content route the model has not taken"
+    assert (still in g["statement"]) == (route != "content")
     why = report._why(summary)
     assert why[0] == "## Why attention learned context here"
     assert any(line.startswith("| competing |") and f"| {route} (" in line for line in why)

@@ -384,6 +384,8 @@ def test_a_task_with_two_routes_is_measured_against_both_masks_and_on_conflict_s
     np.testing.assert_allclose(out["alignment_cheap"][0], share, rtol=1e-5)
     assert out["alignment_cheap"].shape == out["conflict_alignment"].shape == (1, 2, 2)
     assert np.isfinite(out["gradient_alignment_cheap"]).all()
+    assert np.isfinite(out["conflict_gradient_alignment"]).all()
+    assert 0.0 < out["conflict_uniform_alignment"][0] < 1.0
     assert 0.0 <= out["conflict_accuracy"][0] <= 1.0
     # Conflict rows skip slot t = pair t, so the uniform share there is weighted otherwise:
     # finite, and the content mask (key and value) gets two positions' worth.
