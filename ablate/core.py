@@ -342,6 +342,10 @@ def _routes(definition, sampler, model, batch, patterns, visible, i, pull) -> di
     m["conflict_accuracy"] = token_metrics(out.logits, conflict.targets, conflict.weights)[
         "accuracy"
     ]
+    # How often the model gives the cheap route's (wrong) answer where the routes disagree.
+    cheap_answer = out.logits.argmax(-1) == task.cheap_answer(conflict.inputs)
+    scored = jnp.maximum(conflict.weights.sum(), 1.0)
+    m["conflict_cheap_agreement"] = (cheap_answer * conflict.weights).sum() / scored
     m["conflict_alignment"] = _per_head(out.patterns, conflict.deps, conflict.weights, "alignment")
     m["conflict_alignment_cheap"] = _per_head(
         out.patterns, task.cheap_deps(conflict.weights), conflict.weights, "alignment"

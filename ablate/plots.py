@@ -193,12 +193,23 @@ def curves_plot(g: dict, curves: dict[str, dict], path: Path, colors: dict) -> N
                 color=colors[label],
                 ls="--",
             )
+            ax_acc.plot(
+                c["step"],
+                c["cheap_agreement"],
+                label=f"{label}, conflict answers = the cheap route's",
+                color=colors[label],
+                ls=":",
+            )
         for ax, right in zip(axes[1:], panels):
             # Step 0 (a random model: perplexity ~ vocabulary size) would flatten the rest.
             points = [(s, y) for s, y in zip(c["step"], c[right]) if right != "perplexity" or s > 0]
             if any(finite(y) for _, y in points):
                 ax.plot(*zip(*points), label=label, color=colors[label])
     ax_acc.axhline(g["chance"], color="k", ls="--", lw=0.8, label="chance")
+    if g.get("cheap_route"):
+        ax_acc.axhline(
+            g["conflict_top"], color="C4", ls="--", lw=0.8, label="no-content readers, conflicts"
+        )
     for field, color, style, name in (
         ("fixed_routing_ceiling", "C3", ":", "fixed-routing ceiling"),
         ("bag_ceiling", "C2", "-.", "bag ceiling"),

@@ -68,12 +68,17 @@ ROUTES = (
     "conflict_gradient_alignment_max_init",
     "conflict_gradient_alignment_max_peak",
     "conflict_gradient_alignment_max",
+    "conflict_cheap_agreement",
 )
 ROUTE_ONSETS = (
     "conflict_accuracy_onset_step",
     "alignment_cheap_onset_step",
     "conflict_gradient_alignment_peak_step",
+    "cheap_phase_start",
+    "cheap_phase_end",
 )
+# A seed gives the cheap route's answer on at least this share of conflict targets: "cheap".
+CHEAP_AGREEMENT = 0.9
 # How far (learned - uniform) may stray, as a whole interval, for "stays at the uniform level"
 # on a control: attention mass for alignment, nats for entropy.
 UNIFORM_ALIGNMENT_TOLERANCE = 0.02
@@ -135,17 +140,28 @@ HOW_TO_READ = """## How to read this
   and accuracy's (only as finely as the evals are spaced); score- and pattern-based pulls are
   not on one scale.
 - **Onsets** (learned attention): per seed, the first eval step at which a curve has gone
-  half way from its step-0 value to its end: the best-head alignment (largest over heads at
-  each eval) to its last eval, the loss down to its last eval, the accuracy up to its last
-  eval, the pull to its peak. None for a seed whose curve did not move that way. The loss
-  starts far above log(number of answers) (the model does not yet know which tokens are
-  answers), so the first half of its fall can come before any use of context; the accuracy's
-  onset is closer to when answers were found. Steps are only as fine as the evals: the true
+  half way from its step-0 value to its end: the alignment of the head that ends most
+  aligned, and that head's pull (to its peak), so both onsets are of one head; the accuracy
+  up to its last eval; the loss down to its last eval, measured from the lower of its step-0
+  value and -log chance (a random model's loss starts far above the loss of knowing only
+  which answers occur, and that first fall uses no context). None for a seed whose curve did
+  not move that way. Steps are only as fine as the evals: the true
   crossing lies between the onset's eval and the one before it. Orders are read per seed
   (alignment onset - loss onset, alignment onset - accuracy onset, pull onset - alignment
   onset) from the interval's bounds:
   *before* (wholly below 0), *after* (wholly above 0), else not distinguishable at this eval
   spacing.
+- **Two routes** (tasks with a cheap route besides the content one): which route the model
+  answers by is read on conflict sequences, where the cheap route's answer is wrong and only
+  content answers: *content* when the conflict accuracy's interval lies above what readers
+  without content reach there (the larger of their fixed-routing and bag ceilings); *cheap*
+  when the model gives the cheap route's answer on at least 0.9 of conflict targets (the
+  interval's lower bound); else content is not shown. A seed's *cheap phase* runs from the
+  first eval at which most of its conflict answers are the cheap route's to the first after
+  it at which they are not. The verdict is the state at the last eval: the report says when
+  the conflict accuracy was still rising there. Alignment and pull on the training
+  distribution do not separate the routes (the content positions include the cheap one
+  wherever the routes agree); on conflict sequences they do.
 - **Controls** (tasks that need no pairwise context): learned attention's final alignment
   (best head, mean over heads) and entropy (mean over heads, most concentrated head) minus
   what uniform attention over the visible positions gives (its alignment; its entropy, the
@@ -288,7 +304,11 @@ def _onset_order(good: list[dict[str, Any]]) -> dict[str, Any]:
     """The paired onset differences (steps) over seeds, the widest eval gap, and how many
     seeds recorded no alignment onset (their alignment did not rise)."""
     spacing = [r["eval_spacing"] for r in good if finite(r.get("eval_spacing"))]
+    near = [r["onset_spacing"] for r in good if finite(r.get("onset_spacing"))]
+    heads = sorted({r["onset_head"] for r in good if r.get("onset_head")})
     return dict(
+        onset_spacing=max(near) if near else None,
+        onset_heads=heads,
         alignment_minus_loss_onset=_paired(good, "alignment_onset_step", "loss_onset_step"),
         alignment_minus_accuracy_onset=_paired(good, "alignment_onset_step", "accuracy_onset_step"),
         pull_minus_alignment_onset=_paired(
@@ -308,6 +328,8 @@ def _versus_uniform(good: list[dict[str, Any]]) -> dict[str, Any]:
         alignment_mean_minus_uniform=_paired(good, "alignment_mean", "alignment_uniform"),
         entropy_mean_minus_uniform=_paired(good, "entropy_mean", "entropy_uniform"),
         entropy_min_minus_uniform=_paired(good, "entropy_min", "entropy_uniform"),
+        entropy_mean_change=_paired(good, "entropy_mean", "entropy_mean_init"),
+        entropy_min_change=_paired(good, "entropy_min", "entropy_min_init"),
     )
 
 
@@ -338,6 +360,11 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for name in ("gradient_alignment_peak_step", *ONSETS, *ROUTE_ONSETS):
             e[name] = _stat((r.get(name) for r in good), (0.0, math.inf))
         e |= _onset_order(good)
+        e["conflict_tail_rise"] = _stat(
+            (r.get("conflict_accuracy_tail_rise") for r in good), (-1.0, 1.0)
+        )
+        e["cheap_phase_seeds"] = sum(r.get("cheap_phase_start") is not None for r in good)
+        e["cheap_phase_left"] = sum(r.get("cheap_phase_end") is not None for r in good)
         e["conflict_per_seed"] = [
             r["conflict_accuracy"] for r in good if finite(r.get("conflict_accuracy"))
         ]
@@ -372,6 +399,7 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     group |= dict(context_need=first.get("context_need"), variants=variants)
     group["alignment_uniform"] = uniform["mean"] if uniform else None
     group["cheap_route"], group["cheap_level"] = first.get("cheap_route"), first.get("cheap_level")
+    group["conflict_share"] = first.get("conflict_share")
     ceilings = [first.get(f"conflict_{f}") for f in ("fixed_routing_ceiling", "bag_ceiling")]
     group["conflict_top"] = max((c for c in ceilings if finite(c)), default=chance)
     for name in ("alignment_uniform_cheap", "conflict_alignment_uniform"):
@@ -476,92 +504,117 @@ def _pull_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
 
 
 def route_taken(g: dict[str, Any], e: dict[str, Any]) -> str | None:
-    """Which route a variant's model answers by, from its accuracy on conflict sequences
-    (where the cheap route is wrong and only content answers), read against what readers
-    without content reach on them (`top`: the larger of their fixed-routing and bag
-    ceilings) and chance: "content" (the whole interval above `top`), "cheap" (wholly below
-    chance: it answers as the cheap route does, wrongly), "no content" (not above `top`),
-    "unclear" (the interval straddles `top`); None: no cheap route, or no interval."""
-    conflict = e.get("conflict_accuracy")
+    """Which route a variant's model answers by at the end, from conflict sequences (where
+    the cheap route is wrong and only content answers): "content" (the conflict accuracy's
+    whole interval above `conflict_top`, what readers without content reach there: the
+    larger of their fixed-routing and bag ceilings), "cheap" (the cheap route's answer given
+    on at least CHEAP_AGREEMENT of conflict targets, the interval's lower bound), "no
+    content" (the conflict accuracy not above `conflict_top`: content not shown), "unclear"
+    (its interval straddles `conflict_top`); None: no cheap route, or no interval."""
+    conflict, agree = e.get("conflict_accuracy"), e.get("conflict_cheap_agreement")
     if not g.get("cheap_route") or conflict is None or not _interval(conflict).has_interval:
         return None
     if conflict["low"] > g["conflict_top"]:
         return "content"
-    if conflict["high"] < g["chance"]:
+    if agree is not None and _interval(agree).has_interval and agree["low"] >= CHEAP_AGREEMENT:
         return "cheap"
     return "no content" if conflict["high"] <= g["conflict_top"] else "unclear"
 
 
 ROUTE_TEXT = {
-    "content": "it found the content route",
-    "cheap": "below chance: it answers as the cheap route does, so it took the cheap route",
-    "no content": "no sign of the content route: not above what a reader without content "
-    "reaches there, though not below chance either, so it does not simply follow the cheap "
-    "route",
+    "content": "it answers by content",
+    "cheap": "it answers as the cheap route does",
+    "no content": "content is not shown: not above what a reader without content reaches "
+    "there, nor does it give the cheap route's answer throughout",
     "unclear": "the interval straddles that level: which route it took is not shown",
 }
 
 
 def _route_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
-    """Which route learned attention took on a task with two, and when."""
+    """Which route learned attention took on a task with two, when, and whether it was still
+    moving at the end."""
     route = route_taken(g, learned)
     if route is None:
         return None
-    conflict = learned["conflict_accuracy"]
+    conflict, agree = learned["conflict_accuracy"], learned["conflict_cheap_agreement"]
+    n = learned["seeds_ok"]
+    share = g.get("conflict_share")
     text = (
         f"Two routes answer this task: by content (always right) and a cheap one, "
-        f"{g['cheap_route']}, which alone reaches {g['cheap_level']:.2f} here. On conflict "
-        f"sequences, where the cheap route's answer is wrong and only content answers, "
-        f"learned attention reaches {_fmt(conflict)} (chance {g['chance']:.2f}; readers "
-        f"without content reach {g['conflict_top']:.2f} there"
+        f"{g['cheap_route']}, which alone reaches {g['cheap_level']:.2f} here"
+        + (
+            f" (the routes disagree on {share:.3f} of training targets)"
+            if share is not None
+            else ""
+        )
+        + ". On conflict sequences, where the cheap route's answer is wrong and only content "
+        f"answers, learned attention reaches {_fmt(conflict)} at the end (chance "
+        f"{g['chance']:.2f}; readers without content reach {g['conflict_top']:.2f} there"
         + (
             f"; per seed {', '.join(f'{a:.2f}' for a in learned['conflict_per_seed'])}"
             if route in ("no content", "unclear")
             else ""
         )
-        + f"): {ROUTE_TEXT[route]}"
+        + ")"
+        + (f" and gives the cheap route's answer on {_fmt(agree)} of them" if agree else "")
+        + f": {ROUTE_TEXT[route]}"
     )
     if route == "content" and (onset := learned["conflict_accuracy_onset_step"]) is not None:
-        text += f" (its conflict accuracy half way up at step {_fmt(onset, 0)})"
-    if route == "cheap" and (onset := learned["alignment_cheap_onset_step"]) is not None:
-        text += f" (attention on the cheap route's position half way up at step {_fmt(onset, 0)})"
+        text += f" (conflict accuracy half way up for good at step {_fmt(onset, 0)})"
+    content, u = learned["conflict_alignment_max"], g.get("conflict_alignment_uniform")
+    if route == "content" and content is not None and u is not None:
+        # Accuracy says content is used; attention says whether it is read where it sits.
+        bar = (1.0 + u) / 2
+        if _interval(content).has_interval and content["low"] > bar:
+            text += f", and its attention lands on the asked pair (best head {_fmt(content)})"
+        else:
+            text += (
+                f", but no head's attention is shown to concentrate on the asked pair (best "
+                f"head {_fmt(content)}, not wholly above {bar:.2f}, half way from uniform to "
+                "1): the binding is read some other way than by attending to the pair"
+            )
+    text += "."
+    entered, left = learned["cheap_phase_seeds"], learned["cheap_phase_left"]
+    if entered:
+        start, end = learned["cheap_phase_start"], learned["cheap_phase_end"]
+        text += (
+            f" {entered} of {n} seeds went through a cheap phase (most conflict answers the "
+            f"cheap route's), from step {_fmt(start, 0)}"
+        )
+        text += f"; {left} of them left it, at step {_fmt(end, 0)}" if left else "; none left it"
+        text += "."
+    elif n:
+        text += " No seed went through a cheap phase (most conflict answers the cheap route's)."
+    rise = learned.get("conflict_tail_rise")
+    if route != "content" and rise is not None and _interval(rise).has_interval and rise["low"] > 0:
+        text += (
+            f" The conflict accuracy was still rising at the end ({_fmt(rise)} over the last "
+            "evals): this is where training stood at this budget, not where it settles."
+        )
     content, cheap = learned["conflict_alignment_max"], learned["conflict_alignment_cheap_max"]
     if content is not None and cheap is not None:
         text += (
-            f". On those sequences the best head puts {_fmt(content)} of its attention on the "
-            f"content route's positions and the best head {_fmt(cheap)} on the cheap route's"
+            f" On conflict sequences the best head puts {_fmt(content)} of its attention on "
+            f"the content route's positions (uniform: {g.get('conflict_alignment_uniform') or float('nan'):.2f})"
+            f" and the best head {_fmt(cheap)} on the cheap route's"
         )
         if g.get("alignment_uniform_cheap") is not None:
-            text += f" (uniform attention: {g['alignment_uniform_cheap']:.2f} on the cheap one)"
-    pull, pull_cheap = (
-        learned["gradient_alignment_max_peak"],
-        learned["gradient_alignment_cheap_max_peak"],
-    )
-    if pull is not None and pull_cheap is not None:
-        text += (
-            f". The loss's pull peaked at {_fmt(pull)} on the content positions and "
-            f"{_fmt(pull_cheap)} on the cheap route's (best heads, training distribution)"
-        )
-    text += "."
+            text += f" (uniform: about {g['alignment_uniform_cheap']:.2f})"
+        text += "."
     init, peak, end = (learned[f"conflict_gradient_alignment_max{x}"] for x in PULL_PARTS)
     u = g.get("conflict_alignment_uniform")
-    if peak is not None and u is not None:
-        step = learned["conflict_gradient_alignment_peak_step"]
+    if end is not None and u is not None:
         text += (
-            f" On conflict sequences the loss's pull on the content route's positions (best "
-            f"head; a uniform push gives {u:.2f}) was {_fmt(init)} at init, peaked at "
-            f"{_fmt(peak)} (step {_fmt(step, 0)}) and ended at {_fmt(end)}"
+            f" There the loss's pull on the content route's positions (best head; a uniform "
+            f"push gives {u:.2f}) went from {_fmt(init)} at init to {_fmt(end)} at the end "
+            "(the target's value sits at those positions, so a pull there is expected once "
+            "values carry the tokens; what it measures is whether training is pushed that way)"
         )
-        if _interval(end).has_interval and end["low"] > u and route != "content":
+        if share == 0:
             text += (
-                ": where the routes disagree, the loss still points at the content route "
-                "the model has not taken"
+                "; training never sees such targets here (the cheap route is right on every "
+                "training query), so nothing follows this pull"
             )
-            if g["cheap_level"] >= 1.0:
-                text += (
-                    " (training never sees such sequences here: the cheap route is right on "
-                    "every training query, so nothing follows this pull)"
-                )
         text += "."
     return text
 
@@ -582,7 +635,10 @@ def _order_text(d: dict[str, Any], first: str, second: str, spacing: str) -> str
     if order is None:
         return f"with {d['n']} seed(s) there is no interval, so no order is claimed"
     if order == "not distinguishable":
-        return f"{first}'s and {second}'s onsets are not distinguishable at {spacing}"
+        return (
+            f"the interval includes 0: {first}'s and {second}'s onsets are not told apart "
+            f"(at {spacing}, with these seeds)"
+        )
     return f"{first}'s onset comes {order} {second}'s"
 
 
@@ -593,8 +649,8 @@ def _onset_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
         return None  # no alignment, or it cannot tell (see the alignment sentence)
     align, loss, accuracy, pull = (learned[name] for name in ONSETS)
     missing, n = learned["alignment_onset_missing"], learned["seeds_ok"]
-    gap = learned["eval_spacing"]
-    spacing = f"this eval spacing (evals at most {gap} steps apart)" if gap else "this eval spacing"
+    gap = learned.get("onset_spacing") or learned["eval_spacing"]
+    spacing = f"evals at most {gap} steps apart around the onsets" if gap else "this eval spacing"
     if align is None:
         if missing == n and n:
             return (
@@ -605,11 +661,20 @@ def _onset_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
     text = (
         "Onsets (the first eval at which a curve has gone half way from its step-0 value to "
         "its end; steps only as fine as the evals, "
-        + (f"at most {gap} steps apart" if gap else "whose spacing is not recorded")
-        + f"): learned heads' best-head alignment at step {_fmt(align, 0)}"
+        + (
+            f"at most {gap} steps apart around the onsets"
+            if gap
+            else "whose spacing is not recorded"
+        )
+        + "): the alignment of the head that ends most aligned"
+        + (f" ({', '.join(learned['onset_heads'])})" if learned.get("onset_heads") else "")
+        + f" at step {_fmt(align, 0)}"
     )
     if loss is not None:
-        text += f", the loss at step {_fmt(loss, 0)}"
+        text += (
+            f", the loss (from the lower of its step-0 value and -log chance, the loss of "
+            f"knowing only which answers occur) at step {_fmt(loss, 0)}"
+        )
     if accuracy is not None:
         text += f", the accuracy at step {_fmt(accuracy, 0)}"
     if missing:
@@ -623,7 +688,7 @@ def _onset_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
     text += "."
     if pull is not None and (d := learned["pull_minus_alignment_onset"]) is not None:
         text += (
-            f" The loss's pull got half way to its peak at step {_fmt(pull, 0)}; per seed, "
+            f" The loss's pull on that head got half way to its peak at step {_fmt(pull, 0)}; per seed, "
             f"pull onset - alignment onset is {_fmt(d, 0)} steps: "
             + _order_text(d, "the pull", "the alignment", spacing)
             + "."
@@ -645,16 +710,19 @@ def _uniform_level(d: dict[str, Any], tolerance: float, unit: str = "", below: s
             f"{within}, so it is not shown to stay there"
         )
     if d["low"] > 0:
-        return f"it moved above the uniform level by {d['mean']:.2f}{unit}"
-    return f"it moved below the uniform level by {-d['mean']:.2f}{unit}" + (
+        return f"it ends above the uniform level by {d['mean']:.2f}{unit}"
+    return f"it ends below the uniform level by {-d['mean']:.2f}{unit}" + (
         f" ({below})" if below else ""
     )
 
 
-def _control_text(learned: dict[str, Any]) -> str | None:
+def _control_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
     """On a control task (no pairwise context to find): whether learned attention's
-    alignment and entropy stay where uniform weighting puts them."""
+    alignment and entropy stay where uniform weighting puts them, and how far training moved
+    the entropy from init."""
     best, mean = learned["alignment_max_minus_uniform"], learned["alignment_mean_minus_uniform"]
+    if g["alignment_uniform"] is not None and g["alignment_uniform"] > 0.9:
+        best = mean = None  # the mask is almost every visible position: alignment cannot tell
     ent, low = learned["entropy_mean_minus_uniform"], learned["entropy_min_minus_uniform"]
     tol_a, tol_e, nats = UNIFORM_ALIGNMENT_TOLERANCE, UNIFORM_ENTROPY_TOLERANCE, " nats"
     concentrated = "more concentrated than uniform attention"
@@ -682,6 +750,13 @@ def _control_text(learned: dict[str, Any]) -> str | None:
         if low is not None:
             text += f"; for the most concentrated head {_fmt(low)}: " + _uniform_level(
                 low, tol_e, nats, concentrated
+            )
+        change, low_change = learned["entropy_mean_change"], learned["entropy_min_change"]
+        if change is not None:
+            text += (
+                f". Training moved it by {_fmt(change)} nats from init averaged over heads"
+                + (f" ({_fmt(low_change)} for the most concentrated head)" if low_change else "")
+                + " (entropy is averaged over every query position, scored or not)"
             )
         parts.append(text + ".")
     return " ".join(parts) or None
@@ -778,9 +853,15 @@ def _statement(g: dict[str, Any]) -> str:
             "route's wherever the two agree, so the alignment and pull above do not tell the "
             "routes apart; conflict sequences do.) " + route
         )
-    if learned is not None and (onsets := _onset_text(g, learned)):
+    # On a task with two routes, accuracy and alignment onsets mix the routes: the route
+    # sentence times them instead.
+    if learned is not None and not g.get("cheap_route") and (onsets := _onset_text(g, learned)):
         out.append(onsets)
-    if learned is not None and g["context_need"] == "none" and (control := _control_text(learned)):
+    if (
+        learned is not None
+        and g["context_need"] == "none"
+        and (control := _control_text(g, learned))
+    ):
         out.append(control)
     lost = [
         f"`{k}` ({e['seeds_total'] - e['seeds_ok']} of {e['seeds_total']})"
@@ -816,6 +897,7 @@ def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
         "step": steps,
         "accuracy": [mean(s, lambda r: r.get("accuracy")) for s in steps],
         "conflict": [mean(s, lambda r: r.get("conflict_accuracy")) for s in steps],
+        "cheap_agreement": [mean(s, lambda r: r.get("conflict_cheap_agreement")) for s in steps],
         "alignment": [mean(s, lambda r: best(r.get("alignment"))) for s in steps],
         "pull": [mean(s, lambda r: best(r.get("gradient_alignment"))) for s in steps],
         "uniform": [mean(s, lambda r: r.get("uniform_alignment")) for s in steps],
@@ -900,9 +982,20 @@ def _why(summary: dict) -> list[str]:
         if e is None or not g["learned_learns"] or e["alignment_max"] is None:
             continue
         u = g["alignment_uniform"]
-        pull = " / ".join(_fmt(e[name]) for name in PULL)
-        step = e["gradient_alignment_peak_step"]
-        onsets = " / ".join(_fmt(e[name], 0) for name in ONSETS)
+        tells = u is not None and u <= 0.9  # else the mask is almost every visible position
+        pull = " / ".join(_fmt(e[name]) for name in PULL) if tells else "n/a (mask ~ all)"
+        step = e["gradient_alignment_peak_step"] if tells else None
+        onsets = " / ".join(
+            _fmt(e[name], 0)
+            if tells or name in ("loss_onset_step", "accuracy_onset_step")
+            else "n/a"
+            for name in ONSETS
+        )
+        if g.get("cheap_route"):
+            onsets += (
+                f" (cheap phase from {_fmt(e['cheap_phase_start'], 0)} in "
+                f"{e['cheap_phase_seeds']} seeds)"
+            )
         route = route_taken(g, e)
         route_cell = "-" if route is None else f"{route} ({_fmt(e['conflict_accuracy'])})"
         conflict_pull = " / ".join(

@@ -28,6 +28,7 @@ import dataclasses
 import io
 import itertools
 import json
+import math
 import time
 import traceback
 from collections import Counter
@@ -344,6 +345,9 @@ class ResultsTable:
             "cheap_level",
             "conflict_accuracy",
             "conflict_accuracy_onset_step",
+            "conflict_cheap_agreement",
+            "cheap_phase_start",
+            "cheap_phase_end",
             "alignment_cheap_max",
             "alignment_cheap_onset_step",
             "conflict_alignment_max",
@@ -424,7 +428,11 @@ def _point_fields(
         "chance": chance,
         **levels,
         **(
-            {"cheap_route": exp.task.cheap_route, "cheap_level": exp.task.cheap_level}
+            {
+                "cheap_route": exp.task.cheap_route,
+                "cheap_level": exp.task.cheap_level,
+                "conflict_share": exp.task.conflict_share,
+            }
             if exp.task.cheap_route
             else {}
         ),
@@ -494,6 +502,7 @@ def _route_fields(final: dict[str, Any], k: int) -> dict[str, Any]:
     best = lambda name: _best_head(nan_to_none(np.asarray(final[name][k], float).tolist()))
     return {
         "conflict_accuracy": float(final["conflict_accuracy"][k]),
+        "conflict_cheap_agreement": float(final["conflict_cheap_agreement"][k]),
         "alignment_cheap_max": best("alignment_cheap"),
         "alignment_uniform_cheap": nan_to_none(float(final["uniform_alignment_cheap"][k])),
         "conflict_alignment_max": best("conflict_alignment"),
@@ -534,10 +543,18 @@ def _best_head(per_head: Any) -> float | None:
 
 
 def onset_step(
-    steps: Sequence[int], values: Sequence[float | None], target: float | None, *, rises: bool
+    steps: Sequence[int],
+    values: Sequence[float | None],
+    target: float | None,
+    *,
+    rises: bool,
+    start: float | None = None,
+    settled: bool = False,
 ) -> int | None:
     """The first eval step at which a curve has covered half of its way from its step-0 value
-    to `target`: value(s) >= v0 + (target - v0) / 2 for a rising curve (<= for a falling one).
+    (or `start`) to `target`: value(s) >= v0 + (target - v0) / 2 for a rising curve (<= for a
+    falling one); with `settled`, the first from which it stays there to the end (a curve
+    that rose, fell back and rose again gets the last rise).
 
     The crossing itself lies between the eval before that step and that step: the onset is
     only as fine as the evals. None when there is no step-0 value or no target, or when the
@@ -546,14 +563,18 @@ def onset_step(
     """
     if not steps or steps[0] != 0 or values[0] is None or target is None:
         return None
+    v0 = values[0] if start is None else start
     sign = 1.0 if rises else -1.0
-    half = sign * (target - values[0]) / 2
+    half = sign * (target - v0) / 2
     if not half > 0:
         return None
-    return next(
-        (s for s, v in zip(steps, values) if v is not None and sign * (v - values[0]) >= half),
-        None,
-    )
+    past = [(s, sign * (v - v0) >= half) for s, v in zip(steps, values) if v is not None]
+    if not settled:
+        return next((s for s, beyond in past if beyond), None)
+    onset = None
+    for s, beyond in past:
+        onset = (onset if onset is not None else s) if beyond else None
+    return onset
 
 
 def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
@@ -579,37 +600,114 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
         align = [_best_head(by_step[s].get("alignment")) for s in steps]
         loss = [_float(by_step[s].get("loss")) for s in steps]
         accuracy = [_float(by_step[s].get("accuracy")) for s in steps]
+        # The loss starts above the loss of knowing only the answers' distribution (about
+        # -log chance); its fall to there is not context, so its onset is measured from there.
+        chance = _float(by_step[steps[0]].get("chance"))
+        loss_start = loss[0]
+        if loss_start is not None and chance is not None and chance > 0:
+            loss_start = min(loss_start, -math.log(chance))
+        head = _final_best_head(by_step[steps[-1]].get("alignment"))
+        onsets = {
+            "loss_onset_step": onset_step(steps, loss, loss[-1], rises=False, start=loss_start),
+            "accuracy_onset_step": onset_step(steps, accuracy, accuracy[-1], rises=True),
+        }
+        if head is not None:  # the head that ends most aligned: its alignment and its pull
+            layer, h = head
+            own = [_head(by_step[s].get("alignment"), layer, h) for s in steps]
+            own_pull = [_head(by_step[s].get("gradient_alignment"), layer, h) for s in steps]
+            known_own = [v for v in own_pull if v is not None]
+            onsets["alignment_onset_step"] = onset_step(steps, own, own[-1], rises=True)
+            onsets["gradient_alignment_onset_step"] = onset_step(
+                steps, own_pull, max(known_own) if known_own else None, rises=True
+            )
+            onsets["onset_head"] = f"layer {layer} head {h}"
+        else:
+            onsets["alignment_onset_step"] = onsets["gradient_alignment_onset_step"] = None
         out[seed] = {
             "alignment_max_init": align[0] if steps[0] == 0 else None,
             "gradient_alignment_max_init": pull.get(0),
             "gradient_alignment_max_peak": None if peak is None else pull[peak],
             "gradient_alignment_peak_step": peak,
             "gradient_alignment_max": pull[steps[-1]],
-            "alignment_onset_step": onset_step(steps, align, align[-1], rises=True),
-            "loss_onset_step": onset_step(steps, loss, loss[-1], rises=False),
-            "accuracy_onset_step": onset_step(steps, accuracy, accuracy[-1], rises=True),
-            "gradient_alignment_onset_step": onset_step(
-                steps,
-                [pull[s] for s in steps],
-                None if peak is None else pull[peak],
-                rises=True,
-            ),
+            **onsets,
             "eval_spacing": int(np.diff(steps).max()) if len(steps) > 1 else None,
+            # The widest gap between an onset's eval and the eval before it.
+            "onset_spacing": _onset_spacing(steps, onsets),
+            **_entropy_init(by_step, steps),
         }
         if by_step[steps[-1]].get("conflict_accuracy") is not None:
             out[seed] |= _route_history(steps, by_step)
     return out
 
 
+CHEAP_MAJORITY = 0.5  # a seed is on the cheap route while most conflict answers are its
+ROUTE_TAIL = 3  # evals over which the conflict accuracy's last rise is taken
+
+
+def _final_best_head(per_head: Any) -> tuple[int, int] | None:
+    """(layer, head) of the largest value in a per-head list of lists (None: none finite)."""
+    cells = [
+        (v, layer, h)
+        for layer, row in enumerate(per_head or [])
+        for h, v in enumerate(row)
+        if v is not None and math.isfinite(v)
+    ]
+    return max(cells)[1:] if cells else None
+
+
+def _head(per_head: Any, layer: int, h: int) -> float | None:
+    try:
+        return _float(per_head[layer][h])
+    except (TypeError, IndexError):
+        return None
+
+
+def _onset_spacing(steps: list[int], onsets: dict[str, Any]) -> int | None:
+    gaps = [
+        s - steps[steps.index(s) - 1]
+        for name, s in onsets.items()
+        if name.endswith("_onset_step") and s is not None and s in steps and steps.index(s) > 0
+    ]
+    return max(gaps) if gaps else None
+
+
+def _entropy_init(by_step: dict[int, dict], steps: list[int]) -> dict[str, Any]:
+    """Mean-over-heads and lowest-head entropy at step 0 (what training moved it from)."""
+    if steps[0] != 0:
+        return {}
+    values = [v for row in by_step[0].get("entropy") or [] for v in row if _float(v) is not None]
+    if not values:
+        return {}
+    return {"entropy_mean_init": float(np.mean(values)), "entropy_min_init": float(min(values))}
+
+
 def _route_history(steps: list[int], by_step: dict[int, dict]) -> dict[str, Any]:
-    """For a task with a cheap route: the onsets of the conflict accuracy (the content
-    route's) and of the best head's alignment with the cheap route's mask, each half way to
-    its last eval; the best head's pull towards the cheap route, and on conflict sequences
-    towards the content route, at init and at its peak (with the step)."""
+    """For a task with a cheap route: when the conflict accuracy (the content route's) rose
+    for good (`settled`: half way from step 0 to its end and never back below), its rise over
+    the last ROUTE_TAIL evals (still moving?), the cheap phase (the evals from the first at
+    which most conflict answers were the cheap route's until the first after it at which they
+    were not; None where it never began or never ended), the onset of the best head's
+    alignment with the cheap route's mask, and the best head's pull towards the cheap route,
+    and on conflict sequences towards the content route, at init and at its peak."""
     conflict = [_float(by_step[s].get("conflict_accuracy")) for s in steps]
     cheap = [_best_head(by_step[s].get("alignment_cheap")) for s in steps]
+    agreement = [_float(by_step[s].get("conflict_cheap_agreement")) for s in steps]
+    on_cheap = [a is not None and a >= CHEAP_MAJORITY for a in agreement]
+    start = next((s for s, on in zip(steps, on_cheap) if on), None)
+    end = None
+    if start is not None:
+        after = steps.index(start)
+        end = next((s for s, on in zip(steps[after:], on_cheap[after:]) if not on), None)
+    tail = conflict[-1 - ROUTE_TAIL] if len(steps) > ROUTE_TAIL else None
     out = {
-        "conflict_accuracy_onset_step": onset_step(steps, conflict, conflict[-1], rises=True),
+        "conflict_accuracy_onset_step": onset_step(
+            steps, conflict, conflict[-1], rises=True, settled=True
+        ),
+        "conflict_accuracy_tail_rise": None
+        if tail is None or conflict[-1] is None
+        else conflict[-1] - tail,
+        "cheap_phase_start": start,
+        "cheap_phase_end": end,
         "alignment_cheap_onset_step": onset_step(steps, cheap, cheap[-1], rises=True),
     }
     for name in ("gradient_alignment_cheap", "conflict_gradient_alignment"):

@@ -187,12 +187,27 @@ def test_eval_history_reads_the_pull_at_init_its_peak_and_the_end(tmp_path):
             "gradient_alignment_max_peak": 0.7,
             "gradient_alignment_peak_step": 100,
             "gradient_alignment_max": 0.5,
-            "alignment_onset_step": None,  # flat at 0.2: it never rose
+            # Onsets are of the head that ends most aligned (layer 0 head 1): its alignment
+            # is flat at 0.2 and its pull at 0.1, so neither rose; the best-head pull above
+            # is another head's (layer 0 head 0).
+            "alignment_onset_step": None,
+            "gradient_alignment_onset_step": None,
+            "onset_head": "layer 0 head 1",
             "loss_onset_step": None,  # no loss in these rows
-            "gradient_alignment_onset_step": 100,  # half way from 0.2 to its peak 0.7
+            "accuracy_onset_step": None,
             "eval_spacing": 100,
+            "onset_spacing": None,
         }
     }
+    # Head-matched: when head 0 of layer 0 ends most aligned, its own pull's onset counts.
+    for row in lines[1:]:
+        row["alignment"] = [[{0: 0.1, 100: 0.4, 200: 0.5}[row["step"]], 0.2], [None, 0.15]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    history = _eval_history(tmp_path)[3]
+    assert history["onset_head"] == "layer 0 head 0"
+    assert history["gradient_alignment_onset_step"] == 100  # half way from 0.2 to 0.7
+    assert history["alignment_onset_step"] == 100  # 0.1 -> 0.5: half way at 0.3, step 100
+    assert history["onset_spacing"] == 100
 
 
 @pytest.mark.parametrize(
@@ -329,3 +344,17 @@ compile_cache = false
     assert len(placed) == 3 and all(arrays is placed[0][0] for arrays, _ in placed)
     loaded = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(placed[0][0])]
     assert all(pointers == loaded for _, pointers in placed)  # no run made its own copy
+
+
+def test_a_settled_onset_is_the_last_rise_and_a_start_replaces_the_step_0_value():
+    from ablate.sweep import onset_step
+
+    # Conflict accuracy: an early bump (guessing), back to 0 (the cheap route), then the
+    # content route: the settled onset is the last rise, the plain one the bump.
+    steps, values = [0, 10, 20, 30, 40, 50], [0.0, 0.5, 0.0, 0.0, 0.4, 0.8]
+    assert onset_step(steps, values, 0.8, rises=True) == 10
+    assert onset_step(steps, values, 0.8, rises=True, settled=True) == 40
+    # A loss from 3.6 down to 0.1, measured from 2.1 (-log chance): half way is 1.1.
+    loss = [3.6, 1.8, 1.5, 1.0, 0.5, 0.1]
+    assert onset_step(steps, loss, 0.1, rises=False) == 10
+    assert onset_step(steps, loss, 0.1, rises=False, start=2.1) == 30

@@ -155,9 +155,11 @@ class Task(abc.ABC):
 
     #: A task with a second, cheaper route to the answer names it in words (None: one route)
     #: and defines `cheap_positions`, `cheap_level` (that route's accuracy on the training
-    #: distribution) and `conflict_sample` (sequences where only the content route answers).
+    #: distribution), `conflict_sample` (sequences where only the content route answers) and
+    #: `conflict_share` (the share of training targets where the two routes disagree).
     cheap_route: ClassVar[str | None] = None
     cheap_level: float
+    conflict_share: float
 
     name: ClassVar[str]
     # "content" (content-dependent routing needed), "position" (fixed routing suffices),
@@ -210,6 +212,20 @@ class Task(abc.ABC):
     def conflict_sample(self, key: jax.Array, batch_size: int) -> Batch:
         """Sequences where the routes disagree (only the content route answers them)."""
         raise TypeError(f"{self.name} has no cheap route")
+
+    def cheap_answer(self, inputs_BL: jax.Array) -> jax.Array:
+        """[B, L] the answer the cheap route gives at each position: the token at its one
+        position (a copy route; a task whose cheap route reads more positions overrides
+        this), the own token where it reads none."""
+        source_L = np.arange(self.seq_len)
+        for i in range(self.seq_len):
+            positions = self.cheap_positions(i)
+            if len(positions) > 1:
+                raise TypeError(
+                    f"{self.name}: a cheap route over several positions needs its own cheap_answer"
+                )
+            source_L[i] = positions[0] if positions else i
+        return inputs_BL[:, source_L]
 
     def conflict_bag_ceiling(self) -> tuple[float, float, str] | None:
         """`bag_ceiling` of the conflict sequences (None: estimated from a sample)."""

@@ -315,6 +315,7 @@ class CompetingRecall(MQAR):
         self.threshold = round(c.cheap_share * COIN)
         p = self.threshold / COIN
         self.cheap_level = p + (1.0 - p) / c.n_pairs
+        self.conflict_share = 1.0 - self.cheap_level  # random order, slot t not asking pair t
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         return self._draw(key, batch_size, conflict=False)
