@@ -571,7 +571,8 @@ def _route_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
             text += (
                 f", but no head's attention is shown to concentrate on the asked pair (best "
                 f"head {_fmt(content)}, not wholly above {bar:.2f}, half way from uniform to "
-                "1): the binding is read some other way than by attending to the pair"
+                "1): one head attending to the pair is not shown to be how it answers (the "
+                "mass may be spread over heads and layers)"
             )
     text += "."
     entered, left = learned["cheap_phase_seeds"], learned["cheap_phase_left"]
