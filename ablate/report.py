@@ -587,7 +587,7 @@ def _route_text(g: dict[str, Any], learned: dict[str, Any]) -> str | None:
     elif n:
         text += " No seed went through a cheap phase (most conflict answers the cheap route's)."
     rise = learned.get("conflict_tail_rise")
-    if route != "content" and rise is not None and _interval(rise).has_interval and rise["low"] > 0:
+    if rise is not None and _interval(rise).has_interval and rise["low"] > 0:
         text += (
             f" The conflict accuracy was still rising at the end ({_fmt(rise)} over the last "
             "evals): this is where training stood at this budget, not where it settles."
@@ -1021,7 +1021,8 @@ def _why(summary: dict) -> list[str]:
         "gives the uniform share); onsets are the first eval at which a curve has gone half "
         "way from step 0 to its end (the pull: to its peak), as fine as the evals. On a task "
         "with two routes, the route is read from the accuracy on conflict sequences (in "
-        "brackets), where only the content route answers; the conflict pull is the loss's "
+        "brackets), where only the content route answers (there the onsets mix the routes: "
+        "the head that ends most aligned may be the cheap route's); the conflict pull is the loss's "
         "pull on those sequences towards the content route's positions (the training "
         "distribution's masks overlap where the routes agree). Each task's paragraph below "
         "words these from the interval bounds.",
