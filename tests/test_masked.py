@@ -175,6 +175,23 @@ def test_a_causal_model_with_an_mlm_task_is_refused(task):
     assert exp.task.bidirectional and not exp.model.causal
 
 
+def test_a_bidirectional_model_reads_text_through_mlm_not_next_token_lm(corpus):
+    """An LM window's target at i is its input at i + 1, which a bidirectional model sees:
+    text_lm and stdlib_lm are refused for it, their MLM versions accepted."""
+    for lm, mlm, knobs in [
+        ("stdlib_lm", "stdlib_mlm", {"seq_len": 32}),
+        ("text_lm", "text_mlm", {"source": str(corpus)}),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            build_experiment({"task": {"name": lm, **knobs}, "model": {"causal": False}})
+        [(path, message)] = info.value.problems
+        assert path == "model.causal" and "use causal = true" in message
+        build_experiment({"task": {"name": mlm, **knobs}, "model": {"causal": False}})
+    task = make_task("text_lm", {"source": str(corpus), "seq_len": 16})
+    batch = task.eval_sample(task.load().arrays, jax.random.key(0), 4)
+    np.testing.assert_array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])  # the leak
+
+
 SWEEP = """# ablate sweep mlm.toml: a tiny MLM sweep (seconds)
 [sweep]
 name = "mlm"

@@ -121,6 +121,8 @@ class TextLMConfig(Knobs):
 class _LanguageModel(_TextTask):
     """Shared loader and sampler of the LM tasks: windows of a train and an eval token array."""
 
+    leaks_future = True  # next-token targets are the next inputs: causal models only
+
     def _documents(self) -> list[str]:
         raise TypeError("subclasses return the documents")
 
@@ -251,6 +253,7 @@ class _MaskedLanguageModel(_LanguageModel):
     """
 
     bidirectional = True
+    leaks_future = False  # a masked target is not shown by any input
 
     def __init__(self, config: Any = None, *, data=None):
         super().__init__(config, data=data)
