@@ -117,7 +117,10 @@ def _list(args) -> int:
     if args.levels:
         from ablate.reference import reference_levels
 
-        print("reference levels at the default knobs (causal reading; +- standard error):")
+        print(
+            "reference levels at the default knobs (each task's own reading: causal, or "
+            "bidirectional for masked LM; +- standard error):"
+        )
         for name in task_names():
             if not TASKS[name].has_dependencies:
                 print(f"  {name:16s} not computable: real data has no known generating rule")

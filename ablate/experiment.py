@@ -251,6 +251,14 @@ def _compatibility_problems(task: Task, model: ModelConfig) -> list[tuple[str, s
                 f"{model.seq_len} is shorter than the task's sequences ({task.seq_len})",
             )
         )
+    if model.causal and task.bidirectional:
+        found.append(
+            (
+                "model.causal",
+                f"task {task.name!r} is masked language modelling: a masked token depends on "
+                "positions on both sides, which a causal model cannot see: use causal = false",
+            )
+        )
     if not model.causal and task.leaks_future:
         found.append(
             (

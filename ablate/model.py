@@ -13,9 +13,10 @@ Axis letters: the one table for tensor names throughout ablate (each letter one 
   runs    Z seeds (the leading axis of every per-seed array: states, metrics, probe results)
   probe   A ablation rows, R replacement sources, G head groups, E eval (or ranking)
           batches, X pruning prefixes
-  tasks   P key-value pairs, Q query slots, I data items, J source positions of a target,
-          C context tokens, M symbols, T repeated-block length, U region length,
-          W random-bit widths, Y counts 0..n (multinomial and binomial sums)
+  tasks   P key-value pairs (masked LM: groups of candidate positions), Q query slots,
+          I data items, J source positions of a target, C context tokens (or slots),
+          M symbols, T repeated-block length, U region length, W random-bit widths,
+          Y counts 0..n (multinomial and binomial sums)
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ views rarely repeat (the bag of a long sequence): exact derivations serve those 
 `audit(task)` checks a task's claim about what it needs against these readers (the test
 suite runs it over every registered task): a `none` task gives nothing away through one fixed
 other position, a `content` task leaves most of the answer out of fixed routing's reach,
-and a `position` task is solved by it. Visibility is the causal one the tasks are written for
-(`causal=False`: every position is visible).
+and a `position` task is solved by it. Visibility is the task's own: causal, or every
+position for a `bidirectional` (masked-LM) task; `reference_levels(causal=...)` reads a task
+as a model with that masking would (`causal=False`: every position is visible).
 """
 
 from __future__ import annotations
@@ -213,14 +214,17 @@ def estimate_chance(splits: _Splits) -> Level:
 
 
 def estimate_fixed_routing(splits: _Splits, own: bool = True) -> Level:
-    """Own token (if `own`) plus one fixed other visible position, the best one per position."""
+    """Own token (if `own`) plus one fixed other visible position, the best one per position.
+
+    The own token alone is a candidate too: where it says much (a kept token in masked LM)
+    and the pairs of tokens are many, the lookup of the pair is sparser than the reader is.
+    """
     x, V = splits.sample.inputs, splits.vocab
 
     def keys_of(rows, i):
+        alone = x[rows, i] if own else np.zeros(len(rows), np.int64)
         others = [j for j in splits.visible(i) if j != i]
-        if not others:
-            return [x[rows, i] if own else np.zeros(len(rows), np.int64)]
-        return [(x[rows, i] * V if own else 0) + x[rows, j] for j in others]
+        return [alone] + [(x[rows, i] * V if own else 0) + x[rows, j] for j in others]
 
     c, s = splits.correct(keys_of, choose=True)
     what = "the own token and one fixed other position" if own else "one fixed other position"
@@ -261,10 +265,15 @@ def estimate_bag(splits: _Splits) -> Level:
     return _ratio(c, s, _estimated(len(x), what) + " (a lower bound where bags rarely repeat)")
 
 
+def own_visibility(task: Task) -> bool:
+    """`causal` as the task is written to be read: causal, unless it is bidirectional."""
+    return not getattr(task, "bidirectional", False)
+
+
 def bag_level(task: Task, splits: _Splits) -> Level:
-    """The task's derived bag ceiling (for the causal reading it is written for), else the
+    """The task's derived bag ceiling (for the visibility it is written for), else the
     held-out estimate on `splits`."""
-    derived = task.bag_ceiling() if splits.causal else None
+    derived = task.bag_ceiling() if splits.causal == own_visibility(task) else None
     return estimate_bag(splits) if derived is None else Level(*map(_plain, derived))
 
 
@@ -273,11 +282,15 @@ def _plain(x):
 
 
 def reference_levels(
-    task: Task, *, causal: bool = True, n_sequences: int | None = None, seed: int = 0
+    task: Task, *, causal: bool | None = None, n_sequences: int | None = None, seed: int = 0
 ) -> ReferenceLevels | None:
-    """The task's three reference levels; None for tasks without a generating rule (real data)."""
+    """The task's three reference levels; None for tasks without a generating rule (real data).
+
+    `causal`: the visibility of the readers (None: the task's own, see `own_visibility`).
+    """
     if not task.has_dependencies:
         return None
+    causal = own_visibility(task) if causal is None else causal
     splits = _Splits(draw(task, n_sequences, seed), causal)
     chance = Level(float(task.chance), 0.0, "exact: derived by the task")
     bag = bag_level(task, splits)
@@ -292,6 +305,7 @@ class ConflictSequences:
 
     def __init__(self, task: Task):
         self.task, self.chance, self.seq_len = task, task.chance, task.seq_len
+        self.bidirectional = task.bidirectional
 
     def sample(self, key: jax.Array, batch_size: int):
         return self.task.conflict_sample(key, batch_size)
@@ -301,7 +315,7 @@ class ConflictSequences:
 
 
 def conflict_levels(
-    task: Task, *, causal: bool = True, n_sequences: int | None = None, seed: int = 0
+    task: Task, *, causal: bool | None = None, n_sequences: int | None = None, seed: int = 0
 ) -> ReferenceLevels | None:
     """The reference levels on a task's conflict sequences (None: the task has one route).
 
@@ -316,7 +330,8 @@ def conflict_levels(
 
 
 def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[str]:
-    """What is wrong with a task's claim about the context it needs (empty: nothing).
+    """What is wrong with a task's claim about the context it needs (empty: nothing), read
+    with the task's own visibility (every position for a bidirectional task).
 
     - the task's chance level agrees with the estimated best constant predictor;
     - `none`: no single fixed other position (without the own token) beats chance by more
@@ -331,7 +346,7 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
       fixed position beats the larger of that level and what a `content` task may leave
       (CONTENT_MAX_SHARE of the gap), and the bag closes at most CONTENT_MAX_SHARE of it.
     """
-    splits = _Splits(draw(task, n_sequences, seed), causal=True)
+    splits = _Splits(draw(task, n_sequences, seed), causal=own_visibility(task))
     found = []
     chance = estimate_chance(splits)
     if abs(chance.value - task.chance) > 4 * chance.se + 0.01:

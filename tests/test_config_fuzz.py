@@ -56,6 +56,8 @@ DATA_KNOBS = {
     "text_lm": {"source": "some-user/some-corpus", "seq_len": 32},
     "text_classification": {"source": "imdb", "seq_len": 32},
     "stdlib_lm": {"seq_len": 32},
+    "text_mlm": {"source": "some-user/some-corpus", "seq_len": 32},
+    "stdlib_mlm": {"seq_len": 32},
 }
 GENERATED = {
     # One small experiment per registered task, so every task's knobs are mutated.
@@ -63,7 +65,8 @@ GENERATED = {
         f"task_{name}": {
             "name": f"gen_{name}",
             "task": {"name": name, **DATA_KNOBS.get(name, {})},
-            "model": dict(TINY_MODEL),
+            # A masked-LM task is read by a bidirectional model (a causal one is refused).
+            "model": dict(TINY_MODEL, **({"causal": False} if TASKS[name].bidirectional else {})),
             "train": dict(TINY_TRAIN),
         }
         for name in task_names()

@@ -28,6 +28,17 @@ AUDIT_SIZES = {
     "selective_copy": [{}, {"n_items": 2, "seq_len": 12}, {"n_items": 6, "seq_len": 24}],
     "majority": [{}, {"n_items": 64}, {"n_items": 48, "n_symbols": 16}],
     "memorize": [{}, {"seq_len": 8, "n_keys": 16, "n_values": 4}, {"n_keys": 64}],
+    # Few symbols at the smaller sample: the lookup of (own token, twin) must see each pair.
+    "masked_copy": [
+        {},
+        {"n_items": 4, "n_symbols": 4},
+        {"n_items": 12, "n_symbols": 6, "mask_rate": 0.3, "mask_share": 0.6, "random_share": 0.2},
+    ],
+    "masked_recall": [
+        {},
+        {"n_pairs": 2, "n_distractors": 2, "n_keys": 6, "n_values": 6},
+        {"n_pairs": 6, "n_distractors": 2, "mask_rate": 0.5, "random_share": 0.0},
+    ],
 }
 CASES = [(name, knobs) for name, sizes in AUDIT_SIZES.items() for knobs in sizes]
 
@@ -207,3 +218,38 @@ def test_the_audit_measures_the_declared_cheap_route_and_finds_a_cheaper_one():
     assert any("cheap route is stated to reach 0.125" in f for f in understated), understated
     hidden = audit(HiddenRoute(CompetingRecallConfig(cheap_share=0.9)), n_sequences=n)
     assert any("yet fixed routing reaches 0.9" in f for f in hidden), hidden
+
+
+def test_bidirectional_tasks_are_read_with_every_position_visible():
+    """masked_copy's twin of a first-copy token comes later: a causal reading of the task
+    would miss it (so the audit must read the task's own visibility, and does)."""
+    task = make_task("masked_copy", {"n_items": 4, "n_symbols": 4})
+    assert audit(task, n_sequences=3 * 4096) == []
+    s = draw(task, 3 * 4096)
+    causal = reference.estimate_fixed_routing(_Splits(s, causal=True))
+    both = reference.estimate_fixed_routing(_Splits(s, causal=False))
+    # Causally, half the targets (the first copy's) see only their own token: 0.5 + 0.5 * 0.325.
+    assert both.value > 0.97 and causal.value < 0.75, (both, causal)
+    levels = reference_levels(task, n_sequences=3 * 4096)  # its own reading by default
+    assert levels.fixed_routing.value > 0.97
+
+
+def test_masked_recall_bag_bound_is_above_the_estimated_bag_where_bags_repeat():
+    """The derived bag level is an upper bound (a reader also told which tokens were masked,
+    replaced or kept): never below the held-out lookup, close to it where bags repeat."""
+    task = make_task(
+        "masked_recall", {"n_pairs": 1, "n_distractors": 1, "n_keys": 2, "n_values": 2}
+    )
+    bound, _, how = task.bag_ceiling()
+    assert how.startswith("upper bound")
+    estimated = estimate_bag(_Splits(draw(task, 3 * 8192), causal=False))
+    assert estimated.value <= bound + 4 * estimated.se
+    assert bound - estimated.value < 0.15, (estimated, bound)
+
+
+def test_the_fixed_routing_reader_sees_the_own_token_kept_in_masked_lm():
+    """A kept token is the answer: fixed routing reaches at least the own token's level."""
+    task = make_task("masked_recall", {"mask_share": 0.5, "random_share": 0.0})
+    assert task.own_token_level == pytest.approx(1 / 16 + 0.5 * 15 / 16)
+    levels = reference_levels(task, n_sequences=3 * 4096)
+    assert levels.fixed_routing.value > task.own_token_level - 4 * levels.fixed_routing.se - 0.01

@@ -30,6 +30,8 @@ SMALL = {
     "selective_copy": [{"n_items": 3, "n_symbols": 3, "seq_len": 9}],
     "majority": [{"n_items": 7, "n_symbols": 4}],  # counts 3, 2, 1, 1: one change can move it
     "memorize": [{"seq_len": 5, "n_keys": 10, "n_values": 4, "table_seed": 3}],
+    "masked_copy": [{"n_items": 3, "n_symbols": 3}],
+    "masked_recall": [{"n_pairs": 2, "n_distractors": 2, "n_keys": 6, "n_values": 6}],
 }
 SMALL_CASES = [(name, params) for name, options in SMALL.items() for params in options]
 SYNTHETIC = [n for n in tasks.task_names() if tasks.TASKS[n].has_dependencies]
@@ -68,6 +70,12 @@ def host(batch: tasks.Batch) -> tuple[np.ndarray, ...]:
     return tuple(np.array(a) for a in batch)
 
 
+def instance(task: tasks.Task, inputs: np.ndarray, weights: np.ndarray) -> tuple:
+    """The host-side arguments of one sequence: a bidirectional (masked-LM) task's instance
+    is its inputs and which positions were selected (not readable from the inputs)."""
+    return (inputs, weights > 0) if task.bidirectional else (inputs,)
+
+
 def test_every_task_is_tested():
     names = tasks.task_names()  # the data-backed tasks too (tested in tests/test_data.py)
     synthetic = {n for n in names if tasks.TASKS[n].has_dependencies}
@@ -91,44 +99,52 @@ def test_batch_shapes_ranges_and_reference(case):
         assert np.all(targets[weights == 0] == 0)
         assert not deps[weights == 0].any()
         assert deps[weights == 1].any(axis=-1).all()
-        assert not np.triu(deps, k=1).any()
+        # Causal targets depend on earlier positions only; masked ones on both sides.
+        assert np.triu(deps, k=1).any() == task.bidirectional
         for b in range(4):
-            assert task.is_valid(inputs[b])
-            ref_targets, ref_weights = task.reference(inputs[b])
+            assert task.is_valid(*instance(task, inputs[b], weights[b]))
+            ref_targets, ref_weights = task.reference(*instance(task, inputs[b], weights[b]))
             np.testing.assert_array_equal(ref_weights, weights[b])
             np.testing.assert_array_equal(ref_targets * ref_weights, targets[b])
+            if task.bidirectional:  # a prefix is no instance: its targets need what follows
+                assert not task.is_valid(inputs[b, :-1], weights[b, :-1] > 0)
+                continue
             # Causal targets: a prefix is solved exactly as the whole sequence was.
             for n in (1, length // 2, length - 1):
                 assert task.is_valid(inputs[b, :n])
                 np.testing.assert_array_equal(task.reference(inputs[b, :n])[0], ref_targets[:n])
 
 
-def _changes(task, x, i):
+def _changes(task, x, i, selected):
     """Yield (j, prefix_or_sequence) for every single-token change that keeps x valid.
 
     Positions j <= i are changed in the prefix x[:i+1], where validity means "can be
     completed": target i must be a function of inputs[0..i] whatever follows (this is what
     lets teacher-forced tasks be probed at all). Positions j > i are changed in the whole
-    sequence.
+    sequence. A bidirectional task's target depends on both sides: every change is made in
+    the whole sequence, its selection (`selected`) kept.
     """
     for j in range(len(x)):
-        base = x[: i + 1] if j <= i else x
+        base = x[: i + 1] if j <= i and not task.bidirectional else x
         for v in range(task.vocab_size):
             if v != x[j]:
                 y = base.copy()
                 y[j] = v
-                if task.is_valid(y):
+                if task.is_valid(*((y, selected) if task.bidirectional else (y,))):
                     yield j, y
 
 
 # Dependencies no single-token change can reach while the instance stays well posed: the key
-# a query must find (changing it leaves the query unanswerable) and, in induction, the query
-# itself (the second copy must repeat the first). Nothing else may be unreachable.
+# a query must find (changing it leaves the query unanswerable), in induction the query
+# itself (the second copy must repeat the first), and in masked_recall the other occurrence
+# of the masked value's key. Nothing else may be unreachable.
 def _pinned_ok(name, x, i, j):
     if name in ("assoc_recall", "mqar", "competing_recall"):
         return j < i and x[j] == x[i]
     if name == "induction":
         return j == i
+    if name == "masked_recall":
+        return j % 2 == 0 and j != i - 1 and x[j] == x[i - 1]
     return False
 
 
@@ -144,17 +160,18 @@ def test_dependency_masks_are_truthful(case):
     sensitive = np.zeros((length, length), bool)
     excused = np.zeros((length, length), bool)
     for b in range(len(inputs)):
-        x = inputs[b]
-        targets, _ = task.reference(x)
+        x, selected = inputs[b], weights[b] > 0
+        targets, _ = task.reference(*instance(task, x, weights[b]))
         for i in np.flatnonzero(weights[b]):
             reachable = np.zeros(length, bool)
-            for j, y in _changes(task, x, i):
-                new_targets, new_weights = task.reference(y)
+            for j, y in _changes(task, x, i, selected):
+                new_targets, new_weights = task.reference(*instance(task, y, weights[b]))
                 changed = (new_targets[i], new_weights[i]) != (targets[i], 1.0)
                 assert deps[b, i, j] or not changed, f"target {i} moved by input {j} outside deps"
                 reachable[j] = True
                 sensitive[i, j] |= changed
-            for j in range(i + 1):  # a pin is a dependency even though no probe can move it
+            # A pin is a dependency even though no probe can move it.
+            for j in range(length if task.bidirectional else i + 1):
                 assert deps[b, i, j] or not _pinned_ok(name, x, i, j), f"pin ({i}, {j}) not in deps"
             for j in np.flatnonzero(deps[b, i]):
                 seen[i, j] = True
@@ -269,6 +286,13 @@ def test_is_valid_rejects_broken_instances():
         ("majority", {"n_items": 5000}, "task.n_items", "must be <= 4095"),
         ("memorize", {"n_values": 64}, "task.n_values", "must be <= 32 (n_keys"),
         ("memorize", {"bogus": 1}, "task.bogus", "unknown field"),
+        ("masked_copy", {"mask_rate": 0.6}, "task.mask_rate", "must be <= 0.5 (a token and"),
+        ("masked_copy", {"mask_rate": -0.1}, "task.mask_rate", "must be in [0, 1]"),
+        ("masked_recall", {"mask_share": 1.5}, "task.mask_share", "must be in [0, 1]"),
+        ("masked_recall", {"mask_share": 0.8, "random_share": 0.3}, "task.random_share", "<= 1"),
+        ("masked_recall", {"n_pairs": 14}, "task.n_keys", "must be >= n_pairs + n_distractors"),
+        ("stdlib_mlm", {"mask_rate": 2.0}, "task.mask_rate", "must be in [0, 1]"),
+        ("text_mlm", {"random_share": "0.1"}, "task.random_share", "expected float"),
     ],
 )
 def test_bad_knobs_are_refused_with_their_path(name, params, path, fragment):

@@ -1,8 +1,9 @@
 """The task registry: every task, synthetic or data-backed, by name.
 
 Layout: `base` (the batch, the task spec and its loaded data, the registry, helpers shared by
-the tasks), the synthetic tasks (`recall`, `sequences`, `controls`), the data-backed ones
-(`text`, reading through `ablate.data`) and their epoch order (`order`). Importing the
+the tasks), the synthetic tasks (`recall`, `sequences`, `controls`, and the masked-LM ones
+with the masking scheme they share, `masked`), the data-backed ones (`text`, reading through
+`ablate.data`) and their epoch order (`order`). Importing the
 package registers them all. A new task is a `Task` subclass with a `Config` of knobs,
 decorated with `register`, in one of these modules (or any module imported before the
 task is named).
@@ -16,9 +17,10 @@ from typing import Any
 from ablate.config import ConfigError, from_dict
 from ablate.tasks.base import TASKS, Batch, Task, TaskData, mode_share, register
 from ablate.tasks.controls import Majority, Memorize, balanced_counts
+from ablate.tasks.masked import MaskedCopy, MaskedRecall, MaskedTask, MaskKnobs
 from ablate.tasks.recall import MQAR, AssocRecall, CompetingRecall, Induction
 from ablate.tasks.sequences import Copy, Reverse, SelectiveCopy, Sort
-from ablate.tasks.text import StdlibLM, TextClassification, TextLM
+from ablate.tasks.text import StdlibLM, StdlibMLM, TextClassification, TextLM, TextMLM
 
 __all__ = [
     "MQAR",
@@ -28,16 +30,22 @@ __all__ = [
     "CompetingRecall",
     "Copy",
     "Induction",
+    "MaskKnobs",
+    "MaskedCopy",
+    "MaskedRecall",
+    "MaskedTask",
     "Majority",
     "Memorize",
     "Reverse",
     "SelectiveCopy",
     "Sort",
     "StdlibLM",
+    "StdlibMLM",
     "Task",
     "TaskData",
     "TextClassification",
     "TextLM",
+    "TextMLM",
     "balanced_counts",
     "make_task",
     "mode_share",

@@ -7,10 +7,14 @@ task needs from disk or the hub is read by `Task.load()` into a `TaskData`, once
 (`sample_at(arrays, ...)`, `eval_sample(arrays, ...)`). Synthetic tasks load nothing: their
 arrays are `()` and they draw every batch from a key.
 
-Every task is read by a causal language model: the target at position i is a function of
-inputs[0..i] only, and `Batch.deps[b, i, j]` marks the input positions j <= i that determine
-it (the mask M that attention alignment is measured against). Unscored positions have
-target 0, weight 0 and an all-False deps row.
+Every task but the masked-LM ones is read by a causal language model: the target at position
+i is a function of inputs[0..i] only, and `Batch.deps[b, i, j]` marks the input positions
+j <= i that determine it (the mask M that attention alignment is measured against).
+Unscored positions have target 0, weight 0 and an all-False deps row. A `bidirectional`
+task (masked LM, `ablate.tasks.masked`) has targets that depend on positions on both sides
+(deps may have j > i): only a bidirectional model (`model.causal = false`) may train on it,
+and its host-side `reference` and `is_valid` take whole sequences with their selection of
+masked positions.
 
 `sample(key, batch_size)` is pure jax.numpy/jax.random, so it runs inside a jitted, scanned,
 vmapped training step. `reference` and `is_valid` are independent host-side (numpy)
@@ -24,8 +28,10 @@ well-posed instance (targets defined by the task's rule), which is a superset of
 may know the target's position (what a model without any context could reach); for most
 tasks the targets are uniform so it is 1/(number of answer values), for `sort` it is the
 mean mode probability of each order statistic. Real data measures it on the loaded training
-split (`TaskData.chance`). `leaks_future` is True when an input after a scored position
-reveals its target (teacher forcing), so only causal models may train on it.
+split (`TaskData.chance`). For masked LM the own token at a masked position is an input (MASK,
+a random token or the kept original), so chance excludes what it gives away. `leaks_future`
+is True when an input after a scored position reveals its target (teacher forcing), so only
+causal models may train on it.
 
 Axis letters: the table in `ablate.model` (tasks use B, L, P, Q, I, J, C, M, T, U, W, Y).
 """
@@ -168,6 +174,9 @@ class Task(abc.ABC):
     # or "competing" (a content route that is always right and a declared cheap route).
     context_need: ClassVar[str]
     leaks_future: ClassVar[bool] = False
+    #: True when a target depends on later positions too (masked LM): deps may have j > i,
+    #: experiments refuse causal models, and reference levels read every position.
+    bidirectional: ClassVar[bool] = False
     Config: ClassVar[type]
     vocab_size: int
     seq_len: int

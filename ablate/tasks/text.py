@@ -13,8 +13,10 @@ corpora this toolkit is for; streaming larger corpora is not supported.
 
 Tasks: `text_lm` (a text column chunked into windows; next-token prediction), `stdlib_lm`
 (the embedded corpus: the Python standard library's own source files found on this machine,
-in sorted order, split by file), `text_classification` (a text and a label column; the label
-is predicted at a final CLS position). Real text has no ground-truth dependency mask, so
+in sorted order, split by file), their masked-LM versions `text_mlm` and `stdlib_mlm` (the
+same data and windows, masked by `ablate.tasks.masked` instead of shifted: for a
+bidirectional model), `text_classification` (a text and a label column; the label is
+predicted at a final CLS position). Real text has no ground-truth dependency mask, so
 attention alignment is not reported for these tasks (`has_dependencies = False`).
 """
 
@@ -32,7 +34,10 @@ import numpy as np
 from ablate import data as sources
 from ablate.data import BYTES, CLS, LOCAL_SUFFIXES, PAD, SEP, DataError, column, make_tokenizer
 from ablate.tasks.base import Batch, Knobs, Task, TaskData, bounds, outside, register
+from ablate.tasks.masked import MaskKnobs, mask_tokens, ungrouped
 from ablate.tasks.order import epoch_order
+
+MASK_STREAM = 2**31 - 1  # fold_in index of the masking stream: past any epoch index
 
 
 class Splits(NamedTuple):
@@ -115,6 +120,8 @@ class TextLMConfig(Knobs):
 
 class _LanguageModel(_TextTask):
     """Shared loader and sampler of the LM tasks: windows of a train and an eval token array."""
+
+    leaks_future = True  # next-token targets are the next inputs: causal models only
 
     def _documents(self) -> list[str]:
         raise TypeError("subclasses return the documents")
@@ -218,6 +225,72 @@ class StdlibLM(_LanguageModel):
         if not files:
             raise DataError(f"no *.py files found in {sysconfig.get_paths()['stdlib']}")
         return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextMLMConfig(MaskKnobs, TextLMConfig):
+    """Masked LM on a text column: `text_lm`'s windows, a share mask_rate of tokens masked."""
+
+    def problems(self):
+        return TextLMConfig.problems(self) + MaskKnobs.problems(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StdlibMLMConfig(MaskKnobs, StdlibLMConfig):
+    """Byte-level masked LM on this machine's Python standard library sources."""
+
+    problems = TextMLMConfig.problems
+
+
+class _MaskedLanguageModel(_LanguageModel):
+    """Masked LM (BERT) on an LM task's data: windows of seq_len tokens, masked on the device.
+
+    Every position is a candidate; a random replacement is an ordinary token of the
+    tokenizer (not a special); MASK is one id after the tokenizer's vocabulary. Accuracy,
+    loss and perplexity are over the selected tokens only (the others have weight 0), and
+    chance is the training split's unigram share, as for LM (the selected positions are
+    uniformly placed). Reference levels are not computable, as for all real text.
+    """
+
+    bidirectional = True
+    leaks_future = False  # a masked target is not shown by any input
+
+    def __init__(self, config: Any = None, *, data=None):
+        super().__init__(config, data=data)
+        self.mask_id = self.tokenizer.vocab_size
+        self.vocab_size = self.mask_id + 1
+
+    def _windows(self, ids: jax.Array, key: jax.Array, batch_size: int, starts_B=None) -> Batch:
+        L = self.seq_len
+        if starts_B is None:
+            starts_B = jax.random.randint(key, (batch_size,), 0, ids.shape[0] - L)
+            key = jax.random.fold_in(key, MASK_STREAM)
+        clean_BL = ids[starts_B[:, None] + jnp.arange(L)[None, :]]
+        fill = (0, self.tokenizer.specials)
+        m = mask_tokens(key, clean_BL, jnp.asarray(ungrouped(L)), self.config, self.mask_id, fill)
+        deps_BLL = jnp.zeros((batch_size, L, L), bool)
+        return Batch(m.inputs, m.targets, m.weights, deps_BLL)
+
+    def sample_at(self, arrays: Splits, key: jax.Array, step: jax.Array, batch_size: int) -> Batch:
+        starts_B = self.epoch_starts(arrays.train.shape[0], key, step, batch_size)
+        masks = jax.random.fold_in(jax.random.fold_in(key, MASK_STREAM), step)
+        return self._windows(arrays.train, masks, batch_size, starts_B)
+
+
+@register
+class TextMLM(_MaskedLanguageModel, TextLM):
+    """Masked LM (BERT's masking) on a text column of local files or a hub dataset."""
+
+    name = "text_mlm"
+    Config = TextMLMConfig
+
+
+@register
+class StdlibMLM(_MaskedLanguageModel, StdlibLM):
+    """The embedded corpus, masked: byte-level masked LM over the standard library's source."""
+
+    name = "stdlib_mlm"
+    Config = StdlibMLMConfig
 
 
 @dataclasses.dataclass(frozen=True)
