@@ -996,6 +996,8 @@ def _why(summary: dict) -> list[str]:
             onsets += (
                 f" (cheap phase from {_fmt(e['cheap_phase_start'], 0)} in "
                 f"{e['cheap_phase_seeds']} seeds)"
+                if e["cheap_phase_seeds"]
+                else " (no cheap phase)"
             )
         route = route_taken(g, e)
         route_cell = "-" if route is None else f"{route} ({_fmt(e['conflict_accuracy'])})"

@@ -33,6 +33,7 @@ Axis letters: the table in `ablate.model` (P: candidate groups, J: a group's pos
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar, NamedTuple
 
@@ -180,8 +181,9 @@ class MaskedTask(Task):
         """The accuracy of a reader of the own token alone (uniform targets over `fill`)."""
         return self.chance + self.config.keep_share * (1.0 - self.chance)
 
+    @abc.abstractmethod
     def _clean(self, key: jax.Array, batch_size: int):
-        raise NotImplementedError
+        """(clean tokens [B, L], candidate groups [B, P, J], sources [B, L, J]) of a batch."""
 
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         clean_BL, positions_BPJ, sources_BLJ = self._clean(key, batch_size)
@@ -216,11 +218,13 @@ class MaskedTask(Task):
             return False
         return bool(self._valid_masked(x, chosen))
 
+    @abc.abstractmethod
     def _answer(self, x: np.ndarray, selected: np.ndarray, i: int) -> int:
-        raise NotImplementedError
+        """The target of selected position i, from the sequence's unselected tokens."""
 
+    @abc.abstractmethod
     def _valid_masked(self, x: np.ndarray, selected: np.ndarray) -> bool:
-        raise NotImplementedError
+        """Whether the unselected tokens follow the task's rule and define every target."""
 
     def _corruptible(self, x: np.ndarray, selected: np.ndarray, low: int, high: int) -> bool:
         """Selected positions hold MASK or an id of [low, high), unselected ones the latter."""
