@@ -594,9 +594,7 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
             evals.setdefault(row["seed"], {})[row["step"]] = row  # the last one wins
     for seed, by_step in evals.items():
         steps = sorted(by_step)
-        pull = {s: _best_head(by_step[s].get("gradient_alignment")) for s in steps}
-        known = [s for s in steps if pull[s] is not None]
-        peak = max(known, key=lambda s: pull[s]) if known else None
+        pull, peak = _best_head_curve(steps, by_step, "gradient_alignment")
         align = [_best_head(by_step[s].get("alignment")) for s in steps]
         loss = [_float(by_step[s].get("loss")) for s in steps]
         accuracy = [_float(by_step[s].get("accuracy")) for s in steps]
@@ -642,6 +640,15 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, Any]]:
 
 CHEAP_MAJORITY = 0.5  # a seed is on the cheap route while most conflict answers are its
 ROUTE_TAIL = 3  # evals over which the conflict accuracy's last rise is taken
+
+
+def _best_head_curve(
+    steps: list[int], by_step: dict[int, dict], name: str
+) -> tuple[dict[int, float | None], int | None]:
+    """The best head's value of a per-head metric at each eval, and the step of its peak."""
+    curve = {s: _best_head(by_step[s].get(name)) for s in steps}
+    known = [s for s in steps if curve[s] is not None]
+    return curve, max(known, key=lambda s: curve[s]) if known else None
 
 
 def _final_best_head(per_head: Any) -> tuple[int, int] | None:
@@ -711,9 +718,7 @@ def _route_history(steps: list[int], by_step: dict[int, dict]) -> dict[str, Any]
         "alignment_cheap_onset_step": onset_step(steps, cheap, cheap[-1], rises=True),
     }
     for name in ("gradient_alignment_cheap", "conflict_gradient_alignment"):
-        pull = {s: _best_head(by_step[s].get(name)) for s in steps}
-        known = [s for s in steps if pull[s] is not None]
-        peak = max(known, key=lambda s: pull[s]) if known else None
+        pull, peak = _best_head_curve(steps, by_step, name)
         out[f"{name}_max_init"] = pull.get(0)
         out[f"{name}_max_peak"] = None if peak is None else pull[peak]
         out[f"{name}_peak_step"] = peak
