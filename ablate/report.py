@@ -159,6 +159,7 @@ NEEDS = {
     "bag": "needs only the bag of tokens",
     "none": "control: no pairwise context",
     "competing": "two routes: content, or a cheap one",
+    "partial": "fixed routing answers part, content the rest",
     "unknown": "real data",
 }
 

@@ -2,7 +2,8 @@
 
 Layout: `base` (the batch, the task spec and its loaded data, the registry, helpers shared by
 the tasks), the synthetic tasks (`recall`, `sequences`, `controls`), the data-backed ones
-(`text`, reading through `ablate.data`) and their epoch order (`order`). Importing the
+(`text`, reading through `ablate.data`) and their epoch order (`order`), and the
+sequence-to-sequence tasks read by the encoder-decoder (`translation`). Importing the
 package registers them all. A new task is a `Task` subclass with a `Config` of knobs,
 decorated with `register`, in one of these modules (or any module imported before the
 task is named).
@@ -19,6 +20,14 @@ from ablate.tasks.controls import Majority, Memorize, balanced_counts
 from ablate.tasks.recall import MQAR, AssocRecall, CompetingRecall, Induction
 from ablate.tasks.sequences import Copy, Reverse, SelectiveCopy, Sort
 from ablate.tasks.text import StdlibLM, TextClassification, TextLM
+from ablate.tasks.translation import (
+    PhraseTranslate,
+    ReverseCopy,
+    Seq2SeqBatch,
+    Seq2SeqTask,
+    Translate,
+    TranslateReorder,
+)
 
 __all__ = [
     "MQAR",
@@ -30,14 +39,20 @@ __all__ = [
     "Induction",
     "Majority",
     "Memorize",
+    "PhraseTranslate",
     "Reverse",
+    "ReverseCopy",
     "SelectiveCopy",
+    "Seq2SeqBatch",
+    "Seq2SeqTask",
     "Sort",
     "StdlibLM",
     "Task",
     "TaskData",
     "TextClassification",
     "TextLM",
+    "Translate",
+    "TranslateReorder",
     "balanced_counts",
     "make_task",
     "mode_share",
