@@ -119,14 +119,19 @@ def edited(
     pattern_NBHLS: jax.Array,
     output_mix_NH: jax.Array,
     output_NBLHK: jax.Array,
+    *,
+    part: str = "attention",
 ) -> Transformer:
     """A copy of `model` with every head edited by its layer's and head's slice of the arrays.
 
-    The fills broadcast over the batch (a leading B of 1 serves any batch).
+    The fills broadcast over the batch (a leading B of 1 serves any batch). `part` names the
+    blocks' attention to edit ("cross_attention": an encoder-decoder's cross-attention).
     """
     model = _copy(model)
-    for n, groups in enumerate(mixers_of(model)):
-        mixers = model.blocks[n].attention.mixers
+    for n, block in enumerate(model.blocks):
+        attention = getattr(block, part)
+        groups = [(s, c, m) for (s, c), m in zip(attention.head_groups, attention.mixers)]
+        mixers = attention.mixers
         for i, (start, count, mixer) in enumerate(groups):
             heads = slice(start, start + count)
             mixers[i] = EditedMixer(
