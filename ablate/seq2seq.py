@@ -377,3 +377,34 @@ def mixers_of(model: EncoderDecoder, part: str = "decoder") -> list[list[tuple]]
         "cross": [b.cross_attention for b in model.blocks],
     }[part]
     return [[(s, n, m) for (s, n), m in zip(a.head_groups, a.mixers)] for a in attentions]
+
+
+def frozen_parts(cfg: Seq2SeqConfig) -> list[dict[str, Any]]:
+    """Everything that stays at init in this encoder-decoder, as `model.frozen_parts` says it
+    (heads named by their attention: "encoder layer N head H", "decoder ...", "cross ...")."""
+    model = nnx.eval_shape(lambda: EncoderDecoder(cfg, rngs=nnx.Rngs(0)))
+    found = []
+    for part, what in (
+        ("token_embed", "target token embeddings"),
+        ("pos_embed", "target position embeddings"),
+        ("source_embed", "source token embeddings"),
+        ("source_pos_embed", "source position embeddings"),
+    ):
+        if part in cfg.freeze:
+            found.append(
+                {"part": part, "kind": "embedding", "what": what, "content_routing": False}
+            )
+    for kind in ("encoder", "decoder", "cross"):
+        for n, groups in enumerate(mixers_of(model, kind)):
+            for start, count, mixer in groups:
+                if kept := mixer.kept_at_init():
+                    for head in range(start, start + count):
+                        found.append(
+                            {
+                                "part": f"{kind} layer {n} head {head}",
+                                "kind": "head",
+                                "what": ", ".join(kept),
+                                "content_routing": mixer.qk_scores,
+                            }
+                        )
+    return found

@@ -216,3 +216,47 @@ def test_learned_cross_attention_beats_uniform_on_reversal(tmp_path):
     uniform, _, _ = accuracy("uniform")
     assert learned > 0.9 and aligned > 0.6
     assert uniform < learned - 0.3
+
+
+@pytest.mark.slow  # ~80 s of CPU: reference levels, two compiles, the report's plots
+def test_a_seq2seq_sweep_writes_rows_and_a_report_with_cross_attention(tmp_path):
+    from ablate.sweep import run_sweep
+
+    sweep = tmp_path / "s2s.toml"
+    sweep.write_text(
+        """
+[sweep]
+name = "s2s"
+variants = ["learned", { label = "uniform_cross", cross_attention = "uniform" }]
+tasks = [{ name = "reverse_copy", n_items = 4, min_items = 2, n_symbols = 5 }]
+[model]
+d_model = 16
+n_heads = 2
+n_layers = 1
+n_decoder_layers = 1
+[train]
+steps = 10
+batch_size = 8
+seeds = [0]
+steps_per_dispatch = 10
+log_every = 10
+eval_every = 10
+eval_batches = 1
+checkpoint_every = 10
+gradient_alignment = false
+"""
+    )
+    run_sweep(sweep, workdir=tmp_path / "runs", progress=False)
+    rows = {r["variant"]: r for r in read_jsonl(tmp_path / "runs" / "s2s" / "results.jsonl")}
+    assert rows["uniform_cross"]["cross_attention"] == "uniform"
+    assert rows["learned"]["cross_attention"] == "learned"
+    for r in rows.values():
+        assert r["status"] == "ok" and r["context_need"] == "content"
+        assert np.shape(r["cross_alignment"]) == (1, 2)
+        assert r["cross_alignment_uniform"] > 0 and r["alignment_max"] is None
+        assert r["fixed_routing_ceiling"] > r["chance"]
+    uniform = rows["uniform_cross"]
+    assert uniform["cross_alignment_max"] == pytest.approx(uniform["cross_alignment_uniform"])
+    report = (tmp_path / "runs" / "s2s" / "REPORT.md").read_text()
+    assert "| uniform_cross | learned routing (cross-attention) |" in report.replace("  ", " ")
+    assert "best-head cross alignment" in report
