@@ -191,9 +191,9 @@ def test_learned_cross_attention_finds_the_reversed_position(tmp_path):
     """reverse_copy with varying lengths: which source position a target reads depends on
     the length. Learned cross-attention solves it and its best head attends to the aligned
     position well above uniform attention's share. Uniform cross-attention is NOT an
-    order-free ablation here: the learned encoder can write each token into a subspace of
-    its position, so the mean of its outputs still carries the source in order (measured:
-    0.91 after 400 steps against learned's 0.98)."""
+    order-free ablation here: behind a learned encoder the mean of the encoder's outputs can
+    still carry the source in order (measured: 0.91 after 400 steps against learned's 0.98;
+    the mechanism was not tested)."""
 
     def run(cross):
         exp = tiny(
