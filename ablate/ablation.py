@@ -52,18 +52,27 @@ class EditedMixer(nnx.Module):
         self.output = Edit(output_BLHK)
 
     def __call__(
-        self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array, *, want_pattern: bool
+        self,
+        x_BLD: jax.Array,
+        v_BLHK: jax.Array,
+        visible_BLS: jax.Array,
+        *,
+        want_pattern: bool,
+        **source: jax.Array,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """As `Mixer.__call__`; a mixer with a pattern always mixes by its (edited) pattern."""
+        """As `Mixer.__call__` (`source`: its `source_BSD` in cross-attention); a mixer with a
+        pattern always mixes by its (edited) pattern."""
         inner = self.inner
         if inner.has_pattern:
-            probs_BHLS = inner.pattern(x_BLD, visible_BLS)
+            probs_BHLS = inner.pattern(x_BLD, visible_BLS, **source)
             mix_1H11 = self.pattern_mix[...][None, :, None, None]
             other_BHLS = self.pattern[...].astype(probs_BHLS.dtype)
             probs_BHLS = (1 - mix_1H11) * probs_BHLS + mix_1H11 * other_BHLS
             out_BLHK = apply_pattern(probs_BHLS, v_BLHK)
         else:
-            out_BLHK, probs_BHLS = inner(x_BLD, v_BLHK, visible_BLS, want_pattern=want_pattern)
+            out_BLHK, probs_BHLS = inner(
+                x_BLD, v_BLHK, visible_BLS, want_pattern=want_pattern, **source
+            )
         out_BLHK = out_BLHK.astype(x_BLD.dtype)
         mix_11H1 = self.output_mix[...][None, None, :, None].astype(out_BLHK.dtype)
         out_BLHK = (1 - mix_11H1) * out_BLHK + mix_11H1 * self.output[...].astype(out_BLHK.dtype)
@@ -83,9 +92,17 @@ class RecordedMixer(nnx.Module):
         self.heads_BLHK = Recorded(jnp.zeros(()))
 
     def __call__(
-        self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array, *, want_pattern: bool
+        self,
+        x_BLD: jax.Array,
+        v_BLHK: jax.Array,
+        visible_BLS: jax.Array,
+        *,
+        want_pattern: bool,
+        **source: jax.Array,
     ) -> tuple[jax.Array, jax.Array | None]:
-        out_BLHK, probs_BHLS = self.inner(x_BLD, v_BLHK, visible_BLS, want_pattern=want_pattern)
+        out_BLHK, probs_BHLS = self.inner(
+            x_BLD, v_BLHK, visible_BLS, want_pattern=want_pattern, **source
+        )
         self.heads_BLHK.set_value(out_BLHK.astype(x_BLD.dtype))
         return out_BLHK, probs_BHLS
 
@@ -102,14 +119,19 @@ def edited(
     pattern_NBHLS: jax.Array,
     output_mix_NH: jax.Array,
     output_NBLHK: jax.Array,
+    *,
+    part: str = "attention",
 ) -> Transformer:
     """A copy of `model` with every head edited by its layer's and head's slice of the arrays.
 
-    The fills broadcast over the batch (a leading B of 1 serves any batch).
+    The fills broadcast over the batch (a leading B of 1 serves any batch). `part` names the
+    blocks' attention to edit ("cross_attention": an encoder-decoder's cross-attention).
     """
     model = _copy(model)
-    for n, groups in enumerate(mixers_of(model)):
-        mixers = model.blocks[n].attention.mixers
+    for n, block in enumerate(model.blocks):
+        attention = getattr(block, part)
+        groups = [(s, c, m) for (s, c), m in zip(attention.head_groups, attention.mixers)]
+        mixers = attention.mixers
         for i, (start, count, mixer) in enumerate(groups):
             heads = slice(start, start + count)
             mixers[i] = EditedMixer(

@@ -15,8 +15,13 @@ constant drawn at init (a random pattern), `Frozen` a weight kept at its random 
 is an `nnx.Param`, so the optimiser (built over `nnx.Param`) never sees them, while
 checkpoints still carry them.
 
-Axis letters: the table in `ablate.model` (here H counts the heads of this mixer's group,
-and S == L).
+Cross-attention (ablate/seq2seq.py) calls a mixer with `source_BSD`, the sequence its keys
+come from (queries from the decoder, keys from the encoder output), so S may differ from L.
+Only variants with `supports_cross` serve it; `variant_problem(..., cross=True)` says why the
+others cannot. Without `source_BSD` a mixer is called exactly as before (self-attention).
+
+Axis letters: the table in `ablate.model` (here H counts the heads of this mixer's group;
+S == L in self-attention).
 """
 
 from __future__ import annotations
@@ -45,13 +50,22 @@ class Frozen(nnx.Variable):
 @dataclasses.dataclass(frozen=True)
 class MixerSettings:
     """What a mixer needs to know about the model it serves (`first_head`: its first head's
-    index in the layer, for variants whose heads differ by index)."""
+    index in the layer, for variants whose heads differ by index; `max_source_len`: the most
+    key positions, 0 for self-attention where it is `max_len`; `cross`: whether the mixer
+    serves cross-attention, keys from another sequence)."""
 
     d_model: int
     head_dim: int
     max_len: int
     causal: bool
     first_head: int = 0
+    max_source_len: int = 0
+    cross: bool = False
+
+    @property
+    def max_keys(self) -> int:
+        """The most key positions S the mixer may be asked to attend over."""
+        return self.max_source_len or self.max_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +177,14 @@ class Mixer(nnx.Module):
     has_pattern: ClassVar[bool] = True
     #: False for mixers that cannot serve a causal model.
     supports_causal: ClassVar[bool] = True
+    #: True for mixers that serve cross-attention: their pattern is formed for any L x S from
+    #: the queries' input, the keys' input (`source_BSD`) and the mask, with no square or
+    #: causal shape assumed. False (the default) for a variant that does not say so.
+    supports_cross: ClassVar[bool] = False
+    #: Why a variant without `supports_cross` cannot serve cross-attention, in plain words.
+    cross_refusal: ClassVar[str] = (
+        "it does not declare supports_cross (its pattern is formed for square self-attention)"
+    )
     #: True where the pattern is softmax of query-key scores: the loss's pull on the head is
     #: then read on the scores (what W_q/W_k training follows), else on the pattern itself.
     qk_scores: ClassVar[bool] = False
@@ -199,28 +221,46 @@ class Mixer(nnx.Module):
         return tuple(self.describe.get(name, name) for name in kept)
 
     def __call__(
-        self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array, *, want_pattern: bool
+        self,
+        x_BLD: jax.Array,
+        v_BSHK: jax.Array,
+        visible_BLS: jax.Array,
+        *,
+        want_pattern: bool,
+        source_BSD: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """(out_BLHK, probs_BHLS or None): by the pattern when one is wanted, else by `mix`.
 
-        A mixer without a pattern gives all-zero patterns when one is wanted.
+        A mixer without a pattern gives all-zero patterns when one is wanted. `source_BSD`
+        (cross-attention only) is passed on to `pattern` and `mix` only when given, so a
+        self-attention variant written without it is called as before.
         """
+        source = {} if source_BSD is None else {"source_BSD": source_BSD}
         if want_pattern and self.has_pattern:
-            probs_BHLS = self.pattern(x_BLD, visible_BLS)
-            return apply_pattern(probs_BHLS, v_BLHK), probs_BHLS
-        out_BLHK = self.mix(x_BLD, v_BLHK, visible_BLS)
+            probs_BHLS = self.pattern(x_BLD, visible_BLS, **source)
+            return apply_pattern(probs_BHLS, v_BSHK), probs_BHLS
+        out_BLHK = self.mix(x_BLD, v_BSHK, visible_BLS, **source)
         if not want_pattern:
             return out_BLHK, None
-        B, L = x_BLD.shape[:2]
-        return out_BLHK, jnp.zeros((B, self.n_heads, L, L), x_BLD.dtype)
+        B = x_BLD.shape[0]
+        return out_BLHK, jnp.zeros((B, self.n_heads) + visible_BLS.shape[1:], x_BLD.dtype)
 
-    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    def pattern(
+        self, x_BLD: jax.Array, visible_BLS: jax.Array, source_BSD: jax.Array | None = None
+    ) -> jax.Array:
         """Mixing probabilities `probs_BHLS` (rows sum to one over visible positions)."""
         raise TypeError(f"{type(self).__name__} mixes without a pattern (has_pattern is False)")
 
-    def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    def mix(
+        self,
+        x_BLD: jax.Array,
+        v_BSHK: jax.Array,
+        visible_BLS: jax.Array,
+        source_BSD: jax.Array | None = None,
+    ) -> jax.Array:
         """Mixed values `out_BLHK`; the default applies `pattern` to the values."""
-        return apply_pattern(self.pattern(x_BLD, visible_BLS), v_BLHK)
+        source = {} if source_BSD is None else {"source_BSD": source_BSD}
+        return apply_pattern(self.pattern(x_BLD, visible_BLS, **source), v_BSHK)
 
 
 class Learned(Mixer):
@@ -230,6 +270,7 @@ class Learned(Mixer):
 
     weight_type: ClassVar[type[nnx.Variable]] = nnx.Param
     qk_scores = True
+    supports_cross = True
     #: Q K^T and P V: 2 L K forward each, 4 L K backward each.
     mixing_flops = 12
     describe = {"w_q": "W_q", "w_k": "W_k"}
@@ -242,23 +283,24 @@ class Learned(Mixer):
     def matmul_weights(self) -> tuple[nnx.Variable, ...]:
         return (self.w_q, self.w_k)
 
-    def _qk(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _qk(self, x_BLD: jax.Array, source_BSD: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        source_BSD = x_BLD if source_BSD is None else source_BSD
         q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.w_q[...].astype(x_BLD.dtype))
-        k_BSHK = jnp.einsum("BSD,DHK->BSHK", x_BLD, self.w_k[...].astype(x_BLD.dtype))
+        k_BSHK = jnp.einsum("BSD,DHK->BSHK", source_BSD, self.w_k[...].astype(x_BLD.dtype))
         return q_BLHK, k_BSHK
 
-    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
-        q_BLHK, k_BSHK = self._qk(x_BLD)
+    def pattern(self, x_BLD, visible_BLS, source_BSD=None) -> jax.Array:
+        q_BLHK, k_BSHK = self._qk(x_BLD, source_BSD)
         return softmax_attention(q_BLHK, k_BSHK, visible_BLS).astype(x_BLD.dtype)
 
-    def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    def mix(self, x_BLD, v_BSHK, visible_BLS, source_BSD=None) -> jax.Array:
         if not uses_attention_kernel():
-            return super().mix(x_BLD, v_BLHK, visible_BLS)
+            return super().mix(x_BLD, v_BSHK, visible_BLS, source_BSD)
         # JAX's attention kernel never materialises the pattern (where the backend has one);
         # `pattern` is used when patterns are asked for.
-        q_BLHK, k_BSHK = self._qk(x_BLD)
+        q_BLHK, k_BSHK = self._qk(x_BLD, source_BSD)
         out_BLHK = jax.nn.dot_product_attention(
-            q_BLHK, k_BSHK, v_BLHK.astype(q_BLHK.dtype), mask=visible_BLS[:, None]
+            q_BLHK, k_BSHK, v_BSHK.astype(q_BLHK.dtype), mask=visible_BLS[:, None]
         )
         # A row that sees nothing (a padded query) is zero, as in the pattern path; the
         # kernel would return the mean of all values there.
@@ -278,8 +320,9 @@ class Uniform(Mixer):
     """1/|V(i)| on the visible positions: the masked mean of the values."""
 
     lacks = ("learned routing: it averages every visible position", "learned routing")
+    supports_cross = True
 
-    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    def pattern(self, x_BLD, visible_BLS, source_BSD=None) -> jax.Array:
         ones_B1LS = jnp.ones(visible_BLS.shape, x_BLD.dtype)[:, None]
         probs_B1LS = normalize_rows(ones_B1LS, visible_BLS)
         return jnp.broadcast_to(probs_B1LS, (x_BLD.shape[0], self.n_heads) + visible_BLS.shape[1:])
@@ -304,10 +347,11 @@ class RandomFixed(Mixer):
     Config = RandomTableConfig
     table_type: ClassVar[type[nnx.Variable]] = Fixed
     describe = {"logits": "random pattern"}
+    supports_cross = True
 
     def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config=None):
         super().__init__(n_heads, settings, rngs, config)
-        shape = (n_heads, settings.max_len, settings.max_len)
+        shape = (n_heads, settings.max_len, settings.max_keys)
         table_HLS = self.config.scale * jax.random.normal(rngs.params(), shape)
         self.logits = self.table_type(table_HLS)
 
@@ -318,9 +362,9 @@ class RandomFixed(Mixer):
             super().flops_per_token(seq_len) + trained * 2 * self.n_heads * seq_len * self.head_dim
         )
 
-    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
-        L = x_BLD.shape[1]
-        logits_1HLS = self.logits[...][None, :, :L, :L].astype(jnp.float32)
+    def pattern(self, x_BLD, visible_BLS, source_BSD=None) -> jax.Array:
+        L, S = visible_BLS.shape[1:]
+        logits_1HLS = self.logits[...][None, :, :L, :S].astype(jnp.float32)
         probs_BHLS = masked_softmax(logits_1HLS, visible_BLS)
         return probs_BHLS.astype(x_BLD.dtype)
 
@@ -356,6 +400,10 @@ class Gaussian(Mixer):
     """A hard-coded Gaussian around position i + offset_h (You et al. 2020)."""
 
     lacks = ("learned routing: a fixed local pattern", "learned routing")
+    cross_refusal = (
+        "it centres on the query's own position, which has no counterpart among the source "
+        "positions (the pattern needs L == S and one shared position axis)"
+    )
 
     Config = GaussianConfig
 
@@ -366,7 +414,7 @@ class Gaussian(Mixer):
         self.offsets = tuple(int(offsets[h % len(offsets)]) for h in heads)
         self.sigma = float(self.config.sigma)
 
-    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    def pattern(self, x_BLD, visible_BLS, source_BSD=None) -> jax.Array:
         L = x_BLD.shape[1]
         pos_L = jnp.arange(L, dtype=jnp.float32)
         centre_HL = pos_L[None] + jnp.asarray(self.offsets, jnp.float32)[:, None]
@@ -386,8 +434,12 @@ class Identity(Mixer):
     """Each token sees only itself: no mixing at all (the lower bound)."""
 
     lacks = ("any mixing between positions", "any mixing")
+    cross_refusal = (
+        "each query would see only its own position, which is not a source position: "
+        "the decoder would never see the source"
+    )
 
-    def pattern(self, x_BLD: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    def pattern(self, x_BLD, visible_BLS, source_BSD=None) -> jax.Array:
         L = x_BLD.shape[1]
         eye_1LS = jnp.eye(L, dtype=x_BLD.dtype)[None]
         probs_B1LS = normalize_rows(eye_1LS[:, None], visible_BLS)
@@ -406,9 +458,13 @@ class Fourier(Mixer):
 
     has_pattern = False
     supports_causal = False
+    cross_refusal = (
+        "it transforms one sequence's own positions (no pattern over another sequence's): "
+        "fourier serves only the encoder's self-attention"
+    )
     mixing_flops = 0  # an FFT, O(L log L), not a matmul
 
-    def mix(self, x_BLD: jax.Array, v_BLHK: jax.Array, visible_BLS: jax.Array) -> jax.Array:
+    def mix(self, x_BLD, v_BLHK, visible_BLS, source_BSD=None) -> jax.Array:
         # A position is a real token iff some query may see it (padding is invisible to all).
         real_BS = visible_BLS.any(axis=1)
         v_BLHK = v_BLHK * real_BS[:, :, None, None].astype(v_BLHK.dtype)
@@ -434,10 +490,17 @@ def variant_names() -> list[str]:
     return list(MIXERS)
 
 
-def variant_problem(name: str, causal: bool) -> str | None:
-    """Why `name` cannot serve a model with this masking, or None if it can."""
+def variant_problem(name: str, causal: bool, cross: bool = False) -> str | None:
+    """Why `name` cannot serve a model with this masking (`cross`: as cross-attention, keys
+    from another sequence), or None if it can."""
     if name not in MIXERS:
         return f"unknown attention variant {name!r}; choose one of {', '.join(MIXERS)}"
+    if cross and not MIXERS[name].supports_cross:
+        cross_ok = [n for n, m in MIXERS.items() if m.supports_cross]
+        return (
+            f"{name!r} cannot serve cross-attention: {MIXERS[name].cross_refusal} "
+            f"(choose one of {', '.join(cross_ok)})"
+        )
     if causal and not MIXERS[name].supports_causal:
         causal_ok = [n for n, m in MIXERS.items() if m.supports_causal]
         return (
@@ -485,7 +548,7 @@ def make_mixer(
     name: str, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config: Any = None
 ) -> Mixer:
     """Build the registered mixer `name` for `n_heads` heads, refusing what cannot serve."""
-    problem = variant_problem(name, settings.causal)
+    problem = variant_problem(name, settings.causal, settings.cross)
     if problem:
         raise ConfigError([("attention", problem)])
     return MIXERS[name](n_heads, settings, rngs, config)

@@ -22,6 +22,11 @@ run's mesh (ablate/distributed.py): the seed axis over the `seeds` devices, batc
 them. The model is split once (`nnx.split(model, nnx.Param, ...)`): gradients and the
 optimiser see only `nnx.Param`; `Fixed`/`Frozen` state rides along in `rest`, never updated.
 Per-step randomness is `fold_in(key, step)`, so a resumed run sees the same batches.
+
+An encoder-decoder experiment (`Seq2SeqConfig`, a seq2seq task) runs through the same
+functions: `Definition.forward` feeds the source beside the decoder's inputs, and the eval
+adds the cross-attention metrics per decoder layer and head (`CROSS_PER_HEAD`, against the
+task's `cross_deps`), with what uniform attention over the real source positions gives.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from ablate.metrics import (
     uniform_entropy,
 )
 from ablate.model import ModelConfig, Transformer, visibility
+from ablate.seq2seq import EncoderDecoder, Seq2SeqConfig, cross_visibility
 from ablate.tasks import Batch, Task
 from ablate.tasks.base import outside
 
@@ -68,6 +74,8 @@ PER_HEAD = (
     "conflict_alignment_cheap",
     "conflict_gradient_alignment",
 )
+# Per-head eval metrics of cross-attention (N decoder layers, H): NaN where a head has no pattern.
+CROSS_PER_HEAD = ("cross_alignment", "cross_entropy", "cross_distance", "cross_gradient_alignment")
 # The conflict sequences' eval keys: fold_in(eval key, this), then the batch index (the
 # ordinary eval batches fold the batch index into the eval key itself).
 CONFLICT_STREAM = 2**31 - 1
@@ -121,59 +129,99 @@ def seed_keys(seeds) -> jax.Array:
     return jnp.stack([jax.random.PRNGKey(s) for s in seeds])
 
 
+def build_model(cfg: ModelConfig | Seq2SeqConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The model a config describes: a Transformer, or an EncoderDecoder."""
+    return (
+        EncoderDecoder(cfg, rngs=rngs)
+        if isinstance(cfg, Seq2SeqConfig)
+        else Transformer(cfg, rngs=rngs)
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Definition:
     """The model definition of an experiment: its graph (split from params and rest) and
-    which heads have a pattern and q-k scores (N, H)."""
+    which heads have a pattern and q-k scores (N, H); for an encoder-decoder the same of its
+    cross-attention heads (None otherwise). `has_pattern_NH` is of the decoder's own heads."""
 
     exp: Experiment
     graphdef: Any
     has_pattern_NH: np.ndarray
     qk_scores_NH: np.ndarray
+    cross_has_pattern_NH: np.ndarray | None = None
+    cross_qk_scores_NH: np.ndarray | None = None
 
     @classmethod
     def of(cls, exp: Experiment) -> Definition:
         """Built from an abstract model: no weights are made."""
-        abstract = nnx.eval_shape(lambda: Transformer(exp.model, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: build_model(exp.model, nnx.Rngs(0)))
         graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
-        heads = [block.attention for block in abstract.blocks]
-        return cls(
-            exp,
-            graphdef,
-            np.array([a.has_pattern_H for a in heads], dtype=bool),
-            np.array([a.qk_scores_H for a in heads], dtype=bool),
-        )
 
-    def merge(self, params: nnx.State, rest: nnx.State) -> Transformer:
+        def facts(heads):
+            return (
+                np.array([a.has_pattern_H for a in heads], dtype=bool),
+                np.array([a.qk_scores_H for a in heads], dtype=bool),
+            )
+
+        cross = (None, None)
+        if isinstance(exp.model, Seq2SeqConfig):
+            cross = facts([block.cross_attention for block in abstract.blocks])
+        return cls(exp, graphdef, *facts([block.attention for block in abstract.blocks]), *cross)
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.cross_has_pattern_NH is not None
+
+    def merge(self, params: nnx.State, rest: nnx.State) -> nnx.Module:
         return nnx.merge(self.graphdef, params, rest)
 
-    def _pattern_gradients(self, model, batch, valid_BL, patterns) -> tuple[jax.Array, ...]:
+    def forward(self, model, batch, valid_BL, **kwargs):
+        """The model's output on a batch: the decoder's inputs, and the source if it has one."""
+        if not self.seq2seq:
+            return model(batch.inputs, valid_BL=valid_BL, **kwargs)
+        source_valid_BS = self.exp.task.source_valid(batch.source)
+        return model(
+            batch.source, batch.inputs, source_valid_BS=source_valid_BS, valid_BL=valid_BL, **kwargs
+        )
+
+    def _pattern_gradients(
+        self, model, batch, valid_BL, patterns, part: str = "attention"
+    ) -> tuple[jax.Array, ...]:
         """dL/dp per layer: the eval loss's gradient with respect to each head's pattern, the
         other patterns held at their values (each pattern is fed back in through a mixer
-        edit, so the forward values are unchanged)."""
+        edit, so the forward values are unchanged). `part`: the blocks' attention whose
+        patterns they are ("cross_attention" for an encoder-decoder's cross-attention)."""
         N, H = self.has_pattern_NH.shape
+        if part == "cross_attention":
+            mix_NH = jnp.asarray(self.cross_has_pattern_NH, jnp.float32)
+        else:
+            mix_NH = jnp.asarray(self.has_pattern_NH, jnp.float32)
         B, L = batch.inputs.shape
-        mix_NH = jnp.asarray(self.has_pattern_NH, jnp.float32)
         no_output_NBLHK = jnp.zeros((N, B, L, H, self.exp.model.head_dim), patterns[0].dtype)
 
         def loss(deltas):
             fill_NBHLS = jnp.stack([jax.lax.stop_gradient(p) + d for p, d in zip(patterns, deltas)])
             ones_NH, zeros_NH = jnp.ones((N, H)), jnp.zeros((N, H))
-            ablated = edited(model, ones_NH, mix_NH, fill_NBHLS, zeros_NH, no_output_NBLHK)
-            out = ablated(batch.inputs, valid_BL=valid_BL)
+            ablated = edited(
+                model, ones_NH, mix_NH, fill_NBHLS, zeros_NH, no_output_NBLHK, part=part
+            )
+            out = self.forward(ablated, batch, valid_BL)
             return token_metrics(out.logits, batch.targets, batch.weights)["loss"]
 
         return jax.grad(loss)(tuple(jnp.zeros_like(p) for p in patterns))
 
 
 class EvalBatch(NamedTuple):
-    """A held-out batch and its validity mask (None for tasks that are never padded)."""
+    """A held-out batch and its validity mask (None for tasks that are never padded); a
+    seq2seq task's also carries its source and cross-attention mask."""
 
     inputs: jax.Array
     targets: jax.Array
     weights: jax.Array
     deps: jax.Array
     valid: jax.Array | None
+    source: jax.Array | None = None
+    cross_deps: jax.Array | None = None
 
 
 def eval_batch(task: Task, arrays: Any, stream: jax.Array, i: jax.Array, batch_size: int):
@@ -182,7 +230,7 @@ def eval_batch(task: Task, arrays: Any, stream: jax.Array, i: jax.Array, batch_s
     Real-data tasks draw from their eval split, synthetic ones from keys training never uses.
     """
     batch = task.eval_sample(arrays, jax.random.fold_in(stream, i), batch_size)
-    return EvalBatch(*batch, task.valid_mask(batch.inputs))
+    return EvalBatch(*batch[:4], task.valid_mask(batch.inputs), *batch[4:])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -225,7 +273,7 @@ def bad_ids(inputs, targets, weights, model: ModelConfig):
 def init_state(definition: Definition, optimizer: Optimizer, key: jax.Array) -> TrainState:
     """One seed's state: the model from `fold_in(key, 0)`, split, and its optimiser state."""
     rngs = nnx.Rngs(params=jax.random.fold_in(key, 0))
-    _, params, rest = nnx.split(Transformer(definition.exp.model, rngs=rngs), nnx.Param, ...)
+    _, params, rest = nnx.split(build_model(definition.exp.model, rngs), nnx.Param, ...)
     return TrainState(jnp.zeros((), jnp.int32), params, rest, optimizer.tx.init(params))
 
 
@@ -244,9 +292,8 @@ def train_step(
 
     def loss_fn(params):
         model = definition.merge(params, state.rest)
-        out = model(
-            batch.inputs, valid_BL=sampler.task.valid_mask(batch.inputs), dropout_key=dropout_key
-        )
+        valid_BL = sampler.task.valid_mask(batch.inputs)
+        out = definition.forward(model, batch, valid_BL, dropout_key=dropout_key)
         metrics = token_metrics(out.logits, batch.targets, batch.weights)
         return metrics["loss"], metrics
 
@@ -254,6 +301,10 @@ def train_step(
     updates, opt = optimizer.tx.update(grads, state.opt, state.params)
     params = optax.apply_updates(state.params, updates)
     bad_inputs, bad_targets = bad_ids(*batch[:3], definition.exp.model)
+    if definition.seq2seq:
+        bad_inputs = (
+            bad_inputs.sum() + outside(batch.source, definition.exp.model.source_vocab_size).sum()
+        )
     metrics |= {
         "grad_norm": _global_norm(grads),
         "param_norm": _global_norm(params),
@@ -290,7 +341,7 @@ def evaluate(
     def one(i):
         batch = sampler.eval(arrays, i)
         valid_BL = batch.valid
-        out = model(batch.inputs, valid_BL=valid_BL, return_patterns=True)
+        out = definition.forward(model, batch, valid_BL, return_patterns=True)
         m = token_metrics(out.logits, batch.targets, batch.weights)
         heads = [attention_metrics(p, batch.deps, batch.weights, valid_BL) for p in out.patterns]
         for name in ("alignment", "entropy", "distance"):
@@ -305,6 +356,8 @@ def evaluate(
         m["gradient_alignment"] = pull(batch.deps)
         if task.cheap_route is not None:
             m |= _routes(definition, sampler, model, batch, out.patterns, visible, i, pull)
+        if definition.seq2seq:
+            m |= _cross(definition, model, batch, out.cross_patterns, measured)
         return m
 
     per_batch = jax.lax.map(one, jnp.arange(exp.train.eval_batches))
@@ -357,6 +410,42 @@ def _routes(definition, sampler, model, batch, patterns, visible, i, pull) -> di
     return m
 
 
+def _cross(definition, model, batch, patterns, measured: bool) -> dict:
+    """An encoder-decoder's cross-attention, per decoder layer and head: alignment with the
+    task's `cross_deps` (every marked source position counts: target i and source i are
+    different sequences), entropy, mean distance |i - j|, and the loss's pull, beside what
+    uniform attention over the real source positions gives."""
+    B, L = batch.inputs.shape
+    S = batch.source.shape[1]
+    source_valid_BS = definition.exp.task.source_valid(batch.source)
+    visible_BLS = cross_visibility(source_valid_BS, batch.valid, L, S, B)
+    heads = [
+        attention_metrics(p, batch.cross_deps, batch.weights, batch.valid, exclude_self=False)
+        for p in patterns
+    ]
+    m = {f"cross_{name}": jnp.stack([h[name] for h in heads]) for name in heads[0]}
+    m["cross_uniform_alignment"] = uniform_alignment(
+        batch.cross_deps, visible_BLS, batch.weights, exclude_self=False
+    )
+    m["cross_uniform_entropy"] = uniform_entropy(visible_BLS, batch.valid)
+    if not measured:
+        m["cross_gradient_alignment"] = jnp.full(definition.cross_has_pattern_NH.shape, jnp.nan)
+        return m
+    grads = definition._pattern_gradients(model, batch, batch.valid, patterns, "cross_attention")
+    m["cross_gradient_alignment"] = jnp.stack(
+        [
+            gradient_alignment(
+                descent_direction(g, p, visible_BLS, qk_H),
+                batch.cross_deps,
+                batch.weights,
+                exclude_self=False,
+            )
+            for g, p, qk_H in zip(grads, patterns, definition.cross_qk_scores_NH)
+        ]
+    )
+    return m
+
+
 def _per_head(patterns, deps, weights, name: str) -> jax.Array:
     """(N, H) of one per-head attention metric over the layers' patterns."""
     return jnp.stack([attention_metrics(p, deps, weights)[name] for p in patterns])
@@ -365,12 +454,16 @@ def _per_head(patterns, deps, weights, name: str) -> jax.Array:
 def first_patterns(
     definition: Definition, sampler: Sampler, params: nnx.State, rest: nnx.State, arrays: Any
 ):
-    """(patterns (N, H, L, S), deps (L, S), weights (L,)) of the first eval sequence."""
+    """(patterns (N, H, L, S), deps (L, S), weights (L,)) of the first eval sequence; for an
+    encoder-decoder also its cross-attention patterns (N, H, L, S) and cross_deps (L, S)."""
     model = definition.merge(params, rest)
     batch = sampler.eval(arrays, 0)
-    valid_1L = None if batch.valid is None else batch.valid[:1]
-    out = model(batch.inputs[:1], valid_BL=valid_1L, return_patterns=True)
-    return jnp.stack([p[0] for p in out.patterns]), batch.deps[0], batch.weights[0]
+    first = jax.tree.map(lambda x: x[:1], batch)
+    out = definition.forward(model, first, first.valid, return_patterns=True)
+    drawn = (jnp.stack([p[0] for p in out.patterns]), batch.deps[0], batch.weights[0])
+    if definition.seq2seq:
+        drawn += (jnp.stack([p[0] for p in out.cross_patterns]), batch.cross_deps[0])
+    return drawn
 
 
 def _global_norm(tree) -> jax.Array:
@@ -466,6 +559,10 @@ class Programs:
         for name in PER_HEAD:
             if name in out:
                 out[name] = np.where(self.definition.has_pattern_NH[None], out[name], np.nan)
+        for name in CROSS_PER_HEAD:
+            if name in out:
+                has_pattern_NH = self.definition.cross_has_pattern_NH
+                out[name] = np.where(has_pattern_NH[None], out[name], np.nan)
         return out
 
     def patterns(self, state: TrainState, arrays: Any):

@@ -3,7 +3,10 @@
 An experiment file is data, never code. Its tables are `[task]` (a registered task `name`
 and its knobs, built into a task spec that reads no data), `[model]` (ModelConfig;
 vocab_size and seq_len default to the task's), `[optim]`, `[train]`, and for sweeps
-`[sweep]` (read by sweep.py). Every problem in every
+`[sweep]` (read by sweep.py). The model's `kind` follows the task: "decoder" (ModelConfig,
+the default) or, for a seq2seq task, "encoder_decoder" (Seq2SeqConfig, ablate/seq2seq.py;
+source_vocab_size and source_len default to the task's); a kind that cannot read the task
+is refused. Every problem in every
 table is reported at once, each with its dotted path, before anything compiles or any
 data is read (validation reads only the task's vocabulary, length and knobs).
 """
@@ -28,7 +31,11 @@ from ablate.config import (
 )
 from ablate.distributed import MeshConfig
 from ablate.model import ModelConfig
+from ablate.seq2seq import KIND as ENCODER_DECODER
+from ablate.seq2seq import Seq2SeqConfig
 from ablate.tasks import Task, make_task
+
+MODEL_KINDS = ("decoder", ENCODER_DECODER)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 EvalSchedule = Literal["every", "log"]
@@ -158,7 +165,7 @@ class Experiment:
 
     name: str
     task: Task
-    model: ModelConfig
+    model: ModelConfig | Seq2SeqConfig
     optim: OptimConfig
     train: TrainConfig
 
@@ -208,14 +215,32 @@ def build_experiment(data: Mapping[str, Any], *, default_name: str = "run") -> E
             problems.extend(e.problems)
 
     model_data = section("model")
+    seq2seq = task is not None and getattr(task, "seq2seq", False)
+    kind = model_data.get("kind", ENCODER_DECODER if seq2seq else "decoder")
+    if kind not in MODEL_KINDS:
+        problems.append(("model.kind", one_of(kind, MODEL_KINDS)))
+        kind = ENCODER_DECODER if seq2seq else "decoder"
+    elif task is not None and (kind == ENCODER_DECODER) != seq2seq:
+        problems.append(("model.kind", _kind_mismatch(task, kind)))
+        kind = ENCODER_DECODER if seq2seq else "decoder"
+    if kind == "decoder":
+        model_data.pop("kind", None)  # not a ModelConfig field: decoder configs stay as they were
     if task is not None:
         model_data.setdefault("vocab_size", task.vocab_size)
         model_data.setdefault("seq_len", task.seq_len)
+        if kind == ENCODER_DECODER:
+            model_data.setdefault("source_vocab_size", task.source_vocab_size)
+            model_data.setdefault("source_len", task.source_len)
+            model_data["kind"] = kind
     else:
         # Stand-ins, so the model's own problems are reported now, not after the task's.
         model_data.setdefault("vocab_size", 1)
         model_data.setdefault("seq_len", 1)
-    model = _build(ModelConfig, model_data, "model", problems)
+        if kind == ENCODER_DECODER:
+            model_data.setdefault("source_vocab_size", 1)
+            model_data.setdefault("source_len", 1)
+    model_class = Seq2SeqConfig if kind == ENCODER_DECODER else ModelConfig
+    model = _build(model_class, model_data, "model", problems)
     optim = _build(OptimConfig, section("optim"), "optim", problems)
     train = _build(TrainConfig, section("train"), "train", problems)
 
@@ -234,8 +259,32 @@ def _build(cls, data, path, problems):
         return None
 
 
-def _compatibility_problems(task: Task, model: ModelConfig) -> list[tuple[str, str]]:
+def _kind_mismatch(task: Task, kind: str) -> str:
+    if kind == ENCODER_DECODER:
+        return (
+            f"task {task.name!r} is one sequence (no source): an encoder-decoder cannot read "
+            'it; use kind = "decoder" (or leave kind out)'
+        )
+    return (
+        f"task {task.name!r} maps a source to a target: it needs kind = "
+        f'"{ENCODER_DECODER}" (or leave kind out)'
+    )
+
+
+def _compatibility_problems(task: Task, model) -> list[tuple[str, str]]:
     found = []
+    if isinstance(model, Seq2SeqConfig):
+        for field, size, what in (
+            ("source_vocab_size", task.source_vocab_size, "source vocabulary"),
+            ("source_len", task.source_len, "source length"),
+        ):
+            if getattr(model, field) < size:
+                found.append(
+                    (
+                        f"model.{field}",
+                        f"{getattr(model, field)} is smaller than the task's {what} ({size})",
+                    )
+                )
     if model.vocab_size < task.vocab_size:
         found.append(
             (

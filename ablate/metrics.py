@@ -34,15 +34,19 @@ def token_metrics(
     }
 
 
-def context_deps(deps_BLS: jax.Array, weights_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+def context_deps(
+    deps_BLS: jax.Array, weights_BL: jax.Array, exclude_self: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """The dependency mask without each position itself, and the rows that keep any.
 
     A target may depend on its own input token (the query key in recall), but attending to
     oneself is not finding context: alignment counts only the other positions, over the
     scored rows that have some (a task like `memorize` has none: its alignment is NaN).
+    In cross-attention (`exclude_self=False`) queries and keys are different sequences, so
+    source position i is context for target i like any other.
     """
     L, S = deps_BLS.shape[1:]
-    context_BLS = deps_BLS & ~jnp.eye(L, S, dtype=bool)[None]
+    context_BLS = deps_BLS & ~jnp.eye(L, S, dtype=bool)[None] if exclude_self else deps_BLS
     rows_BL = weights_BL * context_BLS.any(-1)
     return context_BLS, rows_BL
 
@@ -52,6 +56,8 @@ def attention_metrics(
     deps_BLS: jax.Array,
     weights_BL: jax.Array,
     valid_BL: jax.Array | None = None,
+    *,
+    exclude_self: bool = True,
 ) -> dict[str, jax.Array]:
     """Per-head alignment with the dependency mask, entropy and mean attention distance.
 
@@ -60,7 +66,7 @@ def attention_metrics(
     (non-padding) query position.
     """
     probs_BHLS = probs_BHLS.astype(jnp.float32)
-    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL)
+    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL, exclude_self)
     deps_B1LS = context_BLS[:, None].astype(jnp.float32)
     w_B1L = rows_BL[:, None].astype(jnp.float32)
     n_rows = w_B1L.sum((0, 2))
@@ -80,9 +86,11 @@ def attention_metrics(
     }
 
 
-def uniform_alignment(deps_BLS: jax.Array, visible_BLS: jax.Array, weights_BL: jax.Array):
+def uniform_alignment(
+    deps_BLS: jax.Array, visible_BLS: jax.Array, weights_BL: jax.Array, exclude_self: bool = True
+):
     """The alignment uniform attention would get: mean of |M_i within V(i)| / |V(i)|."""
-    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL)
+    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL, exclude_self)
     visible = visible_BLS.astype(jnp.float32)
     share_BL = (context_BLS * visible).sum(-1) / jnp.maximum(visible.sum(-1), 1.0)
     n_rows = rows_BL.sum()
@@ -121,7 +129,10 @@ def descent_direction(
 
 
 def gradient_alignment(
-    direction_BHLS: jax.Array, deps_BLS: jax.Array, weights_BL: jax.Array
+    direction_BHLS: jax.Array,
+    deps_BLS: jax.Array,
+    weights_BL: jax.Array,
+    exclude_self: bool = True,
 ) -> jax.Array:
     """Per head, the share of the descent direction's positive part on the dependency
     positions (context positions j != i, as for alignment), averaged over scored rows.
@@ -129,7 +140,7 @@ def gradient_alignment(
     A row with no positive part (no pull at all) does not count; NaN where no row counts.
     Compare with `uniform_alignment`, the share a uniform push over V(i) would put there.
     """
-    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL)
+    context_BLS, rows_BL = context_deps(deps_BLS, weights_BL, exclude_self)
     up_BHLS = jnp.maximum(direction_BHLS, 0.0)
     total_BHL = up_BHLS.sum(-1)
     share_BHL = (up_BHLS * context_BLS[:, None]).sum(-1) / jnp.maximum(total_BHL, 1e-30)

@@ -98,11 +98,7 @@ class ModelConfig:
 
     def head_variants(self) -> tuple[tuple[str, ...], ...]:
         """The variant of every head, per layer: `[layer][head] -> name`."""
-        spec = self.attention
-        layers = [spec] * self.n_layers if isinstance(spec, str) else list(spec)
-        return tuple(
-            (entry,) * self.n_heads if isinstance(entry, str) else tuple(entry) for entry in layers
-        )
+        return expand_spec(self.attention, self.n_layers, self.n_heads)
 
     def settings_of(self, name: str) -> Any:
         """The settings of variant `name` (its `Config`), or None for its defaults."""
@@ -134,33 +130,54 @@ class ModelConfig:
         return found
 
     def _attention_problems(self):
-        spec = self.attention
-        if not isinstance(spec, str) and len(spec) != self.n_layers:
-            return [
+        return spec_problems(
+            self.attention,
+            self.n_layers,
+            self.n_heads,
+            "attention",
+            lambda name: variant_problem(name, self.causal),
+        )
+
+
+def expand_spec(spec, n_layers: int, n_heads: int) -> tuple[tuple[str, ...], ...]:
+    """An attention spec (one name, or one entry per layer, each a name or one per head) as
+    the variant of every head, per layer: `[layer][head] -> name`."""
+    layers = [spec] * n_layers if isinstance(spec, str) else list(spec)
+    return tuple((entry,) * n_heads if isinstance(entry, str) else tuple(entry) for entry in layers)
+
+
+def spec_problems(
+    spec, n_layers: int, n_heads: int, path: str, problem_of, layers_name: str = "n_layers"
+) -> list:
+    """(dotted path, message) for each misshapen entry of an attention spec and each name
+    `problem_of(name)` refuses (it returns the reason, or None); `layers_name` is the field
+    that counts the spec's layers."""
+    if not isinstance(spec, str) and len(spec) != n_layers:
+        return [
+            (
+                path,
+                f"has {len(spec)} entries but {layers_name} = {n_layers}: give "
+                "one variant name for all layers or one entry per layer",
+            )
+        ]
+    found = []
+    for layer, entry in enumerate([spec] if isinstance(spec, str) else spec):
+        where = path if isinstance(spec, str) else f"{path}[{layer}]"
+        names = [entry] if isinstance(entry, str) else list(entry)
+        if not isinstance(entry, str) and len(names) != n_heads:
+            found.append(
                 (
-                    "attention",
-                    f"has {len(spec)} entries but n_layers = {self.n_layers}: give "
-                    "one variant name for all layers or one entry per layer",
+                    where,
+                    f"has {len(names)} head entries but n_heads = {n_heads}: give "
+                    "one name for the whole layer or one per head",
                 )
-            ]
-        found = []
-        for layer, entry in enumerate([spec] if isinstance(spec, str) else spec):
-            path = "attention" if isinstance(spec, str) else f"attention[{layer}]"
-            names = [entry] if isinstance(entry, str) else list(entry)
-            if not isinstance(entry, str) and len(names) != self.n_heads:
-                found.append(
-                    (
-                        path,
-                        f"has {len(names)} head entries but n_heads = {self.n_heads}: give "
-                        "one name for the whole layer or one per head",
-                    )
-                )
-                continue
-            for head, name in enumerate(names):
-                problem = variant_problem(name, self.causal)
-                if problem:
-                    found.append((path if isinstance(entry, str) else f"{path}[{head}]", problem))
-        return found
+            )
+            continue
+        for head, name in enumerate(names):
+            problem = problem_of(name)
+            if problem:
+                found.append((where if isinstance(entry, str) else f"{where}[{head}]", problem))
+    return found
 
 
 class Output(NamedTuple):
@@ -229,16 +246,24 @@ class Attention(nnx.Module):
         *,
         return_pattern: bool = False,
         fused: bool = True,
+        source_BSD: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        """Returns (y_BLD, probs_BHLS or None, per-head outputs heads_BLHK)."""
-        v_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.w_v[...].astype(x_BLD.dtype))
+        """Returns (y_BLD, probs_BHLS or None, per-head outputs heads_BLHK).
+
+        With `source_BSD` this is cross-attention: queries from x, keys and values from the
+        source (`visible_BLS` then says which source positions each query may see).
+        """
+        kv_BSD = x_BLD if source_BSD is None else source_BSD
+        v_BSHK = jnp.einsum("BSD,DHK->BSHK", kv_BSD, self.w_v[...].astype(x_BLD.dtype))
+        source = {} if source_BSD is None else {"source_BSD": source_BSD}
         outs, probs = [], []
         for mixer, (start, n) in zip(self.mixers, self.head_groups):
             out_BLHK, probs_BHLS = mixer(
                 x_BLD,
-                v_BLHK[:, :, start : start + n],
+                v_BSHK[:, :, start : start + n],
                 visible_BLS,
                 want_pattern=return_pattern or not fused,
+                **source,
             )
             outs.append(out_BLHK)
             probs.append(probs_BHLS)

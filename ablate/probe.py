@@ -390,6 +390,10 @@ def probe_run(
     """
     kinds = parse_kinds(kinds)
     exp = read_experiment(run_dir)
+    if getattr(exp.task, "seq2seq", False):
+        raise ConfigError(
+            [("", f"{run_dir} is an encoder-decoder run: the probe ablates decoder-only heads")]
+        )
     N, H = exp.model.n_layers, exp.model.n_heads
     groups = [((n, h),) for n in range(N) for h in range(H)]
     groups = groups if heads is None else parse_heads(heads, N, H)

@@ -25,6 +25,14 @@ other position, a `content` task leaves most of the answer out of fixed routing'
 and a `position` task is solved by it. Visibility is the task's own: causal, or every
 position for a `bidirectional` (masked-LM) task; `reference_levels(causal=...)` reads a task
 as a model with that masking would (`causal=False`: every position is visible).
+
+A seq2seq task (the encoder-decoder's) is read through `Seq2SeqView`: the source, then the
+decoder's inputs, as one causal sequence, scored at the decoder's targets. A reader of
+target i then sees every source position and the decoder prefix, as the decoder does, so
+the three levels mean the same there: chance (the task's, exact or estimated as it says),
+fixed routing (the own decoder token and ONE fixed other position, source or prefix: what
+a fixed cross-attention pattern can get) and the bag (the multiset of source tokens and
+prefix tokens, the own token and the index: what uniform attention can get).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ablate.tasks import Task
@@ -281,15 +290,41 @@ def _plain(x):
     return x if isinstance(x, str) else float(x)
 
 
+class Seq2SeqView:
+    """A seq2seq task read as one causal sequence: source positions [0, S), then the
+    decoder's inputs (ids shifted past the source's, so a bag never confuses the two), with
+    the targets at the decoder's positions."""
+
+    has_dependencies = True
+
+    def __init__(self, task: Task):
+        self.task, self.chance = task, task.chance
+        self.seq_len = task.source_len + task.seq_len
+
+    def sample(self, key: jax.Array, batch_size: int):
+        b = self.task.sample(key, batch_size)
+        zeros_BS = jnp.zeros_like(b.source)
+        inputs = jnp.concatenate([b.source, b.inputs + self.task.source_vocab_size], axis=1)
+        targets = jnp.concatenate([zeros_BS, b.targets], axis=1)
+        weights = jnp.concatenate([zeros_BS.astype(b.weights.dtype), b.weights], axis=1)
+        return inputs, targets, weights
+
+    def bag_ceiling(self):
+        return None
+
+
 def reference_levels(
     task: Task, *, causal: bool | None = None, n_sequences: int | None = None, seed: int = 0
 ) -> ReferenceLevels | None:
     """The task's three reference levels; None for tasks without a generating rule (real data).
 
     `causal`: the visibility of the readers (None: the task's own, see `own_visibility`).
+    A seq2seq task is read through `Seq2SeqView` (its own visibility: `causal` is ignored).
     """
     if not task.has_dependencies:
         return None
+    if getattr(task, "seq2seq", False):
+        task, causal = Seq2SeqView(task), True
     causal = own_visibility(task) if causal is None else causal
     splits = _Splits(draw(task, n_sequences, seed), causal)
     chance = Level(float(task.chance), 0.0, "exact: derived by the task")
@@ -342,10 +377,16 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
     - `content`: fixed routing and the bag each close at most CONTENT_MAX_SHARE of the gap
       from chance to 1 (neither one fixed position nor order-free counting answers it);
     - `position`: fixed routing reaches at least POSITION_MIN;
+    - `partial`: fixed routing closes more than CONTENT_MAX_SHARE of the gap (so it is not a
+      `content` task) but stays below POSITION_MIN (so content routing closes the rest);
     - `competing`: the declared cheap route reaches the task's stated `cheap_level`, no one
       fixed position beats the larger of that level and what a `content` task may leave
       (CONTENT_MAX_SHARE of the gap), and the bag closes at most CONTENT_MAX_SHARE of it.
     """
+    if getattr(task, "seq2seq", False):
+        view = Seq2SeqView(task)
+        view.context_need, view.name = task.context_need, task.name
+        task = view
     splits = _Splits(draw(task, n_sequences, seed), causal=own_visibility(task))
     found = []
     chance = estimate_chance(splits)
@@ -374,10 +415,20 @@ def audit(task: Task, *, n_sequences: int | None = None, seed: int = 0) -> list[
                 )
         if need == "position" and fixed.value < POSITION_MIN:
             found.append(f"a `position` task, yet fixed routing reaches only {fixed}")
+    if need == "partial":
+        fixed = estimate_fixed_routing(splits)
+        share = (fixed.value - task.chance) / max(1 - task.chance, 1e-9)
+        if share <= CONTENT_MAX_SHARE or fixed.value >= POSITION_MIN:
+            found.append(
+                f"a `partial` task, yet fixed routing reaches {fixed} ({share:.2f} of the gap "
+                f"from chance to 1; `partial` means above {CONTENT_MAX_SHARE}, below "
+                f"{POSITION_MIN} in accuracy)"
+            )
     if need == "competing":
         found += _audit_competing(task, splits, bag)
-    if need not in ("none", "bag", "content", "position", "competing"):
-        found.append(f"context_need {need!r} is not one of none, bag, content, position, competing")
+    needs = ("none", "bag", "content", "position", "competing", "partial")
+    if need not in needs:
+        found.append(f"context_need {need!r} is not one of {', '.join(needs)}")
     return found
 
 

@@ -175,6 +175,7 @@ NEEDS = {
     "bag": "needs only the bag of tokens",
     "none": "control: no pairwise context",
     "competing": "two routes: content, or a cheap one",
+    "partial": "fixed routing answers part, content the rest",
     "unknown": "real data",
 }
 
@@ -243,8 +244,29 @@ def _attention_names(attention: Any) -> set[str]:
     return set()
 
 
+# An encoder-decoder row's attention specs and where each applies, in the report's words.
+SEQ2SEQ_SPECS = (
+    ("attention", "encoder"),
+    ("decoder_attention", "decoder self-attention"),
+    ("cross_attention", "cross-attention"),
+)
+
+
 def _lacks(row: dict[str, Any], label: str) -> tuple[str, str]:
-    """(long, short) words for what a variant lacks against learned attention."""
+    """(long, short) words for what a variant lacks against learned attention; for an
+    encoder-decoder row, named per kind of attention that is not learned."""
+    if "cross_attention" in row:
+        parts = [
+            (where, _lacks({"attention": row.get(spec)}, label))
+            for spec, where in SEQ2SEQ_SPECS
+            if _attention_names(row.get(spec)) - {"learned"}
+        ]
+        if not parts:
+            return "nothing", "nothing"
+        return (
+            "; ".join(f"in {where}, {long}" for where, (long, _) in parts),
+            ", ".join(f"{short} ({where})" for where, (_, short) in parts),
+        )
     names = _attention_names(row.get("attention")) or {label}
     # Each variant states its own words (`Mixer.lacks`); a name no longer registered has none.
     known = [MIXERS[n].lacks for n in sorted(names) if n in MIXERS and MIXERS[n].lacks]
@@ -333,6 +355,10 @@ def _versus_uniform(good: list[dict[str, Any]]) -> dict[str, Any]:
     )
 
 
+# An encoder-decoder's cross-attention fields of a results row (sweep._cross_fields).
+CROSS = ("cross_alignment_max", "cross_alignment_uniform", "cross_gradient_alignment_max")
+
+
 def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     first = next(iter(runs.values()))[0]
     all_rows = [r for rs in runs.values() for r in rs]
@@ -355,7 +381,7 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         e |= dict(seeds=[r.get("seed") for r in good], seeds_ok=len(good), seeds_total=len(rs))
         e["frozen"] = rs[0].get("frozen") or []
         e["lacks"], e["lacks_short"] = _lacks(rs[0], label) if label != "learned" else ("", "-")
-        for name in ("accuracy", "alignment_max", "alignment_max_init", *PULL, *ROUTES):
+        for name in ("accuracy", "alignment_max", "alignment_max_init", *PULL, *ROUTES, *CROSS):
             e[name] = _stat(r.get(name) for r in good)
         for name in ("gradient_alignment_peak_step", *ONSETS, *ROUTE_ONSETS):
             e[name] = _stat((r.get(name) for r in good), (0.0, math.inf))
@@ -1038,6 +1064,30 @@ def _why(summary: dict) -> list[str]:
     ]
 
 
+def _cross_table(g: dict) -> list[str]:
+    """An encoder-decoder task's cross-attention per variant: the best head's alignment with
+    the task's word alignment (cross_deps) beside uniform attention's over the real source
+    positions, and the best head's pull; nothing for decoder-only tasks."""
+    rows = [
+        f"| `{k}` | {_fmt(e['cross_alignment_max'])} | {_fmt(e['cross_alignment_uniform'])} "
+        f"| {_fmt(e['cross_gradient_alignment_max'])} |"
+        for k, e in g["variants"].items()
+        if e.get("cross_alignment_max")
+    ]
+    if not rows:
+        return []
+    return [
+        "Cross-attention (decoder queries over the encoder's output), best head at the end; "
+        "the decoder's own attention has no dependency mask on these tasks (their targets "
+        "are functions of the source), so its alignment is not defined:",
+        "",
+        "| variant | best-head cross alignment | uniform attention's | best-head pull |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _markdown(summary: dict, meta: dict, plots: dict) -> str:
     cmd = meta.get("command")
     lines = [f"# Report: {meta['name']}", "", "Reproduce:", ""]
@@ -1105,6 +1155,7 @@ def _markdown(summary: dict, meta: dict, plots: dict) -> str:
                     f"| what uniform attention would give | {g['alignment_uniform']:.2f} |"
                 )
             lines.append("")
+        lines += _cross_table(g)
         curve = plots["curves"].get(g["label"])
         lines += [f"![curves]({curve})" if curve else "(no metrics.jsonl: no curves)", ""]
         lines += [

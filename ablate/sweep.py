@@ -13,6 +13,11 @@ The `[sweep]` table of an experiment file:
     grid = { "model.n_layers" = [1, 2] }     # optional: more fields, each a list
     probe = ["learned"]                      # optional: post-hoc head ablation of these variants
 
+In an encoder-decoder sweep (seq2seq tasks), a variant table may also set
+`decoder_attention` and `cross_attention` (a variant name alone sets `attention`, the
+encoder's), e.g. `{ label = "uniform_cross", cross_attention = "uniform" }`; rows then
+carry the cross-attention's alignment beside the decoder's.
+
 A task entry's `label` names it in run folders and the report (default: the task name);
 `overrides` holds dotted fields for that task's points only. The rest of the file (`[model]`, `[optim]`, `[train]`) is the base every point starts
 from. Each point is validated before anything trains; rows go to `results.jsonl` (one per
@@ -60,6 +65,8 @@ from ablate.runfolder import (
     write_atomic,
     write_jsonl,
 )
+from ablate.seq2seq import Seq2SeqConfig
+from ablate.seq2seq import frozen_parts as seq2seq_frozen_parts
 from ablate.tasks import TaskData
 from ablate.train import Diverged, Preempted, train
 
@@ -76,7 +83,9 @@ class Point:
     probe: bool = False
 
 
-VARIANT_KEYS = ("label", "attention", "freeze")
+VARIANT_KEYS = ("label", "attention", "decoder_attention", "cross_attention", "freeze")
+# A variant table sets at least one of these (the last two: encoder-decoder models only).
+ATTENTION_KEYS = ("attention", "decoder_attention", "cross_attention")
 # The tables a grid field or a task's override may name (`model.n_layers`, `train.steps`).
 FIELD_SECTIONS = ("task", "model", "optim", "train")
 
@@ -138,17 +147,16 @@ def _variant_entry(entry: Any, path: str, problems: list) -> tuple[str, dict[str
         for k in entry
         if k not in VARIANT_KEYS
     ]
-    found += [
-        (f"{path}.{k}", "required in a variant table")
-        for k in ("label", "attention")
-        if k not in entry
-    ]
+    if "label" not in entry:
+        found.append((f"{path}.label", "required in a variant table"))
+    if not any(k in entry for k in ATTENTION_KEYS):
+        found.append((f"{path}.attention", "required in a variant table"))
     if "label" in entry and (message := _name_problem(entry["label"])):
         found.append((f"{path}.label", message))
     problems.extend(found)
     if found:
         return None
-    return entry["label"], {k: entry[k] for k in ("attention", "freeze") if k in entry}
+    return entry["label"], {k: entry[k] for k in (*ATTENTION_KEYS, "freeze") if k in entry}
 
 
 def _task_entry(
@@ -422,7 +430,19 @@ def _point_fields(
         "context_need": exp.task.context_need,
         "variant": point.variant,
         "attention": to_dict(exp.model.attention),
-        "frozen": frozen_parts(exp.model),
+        **(
+            {
+                "decoder_attention": to_dict(exp.model.decoder_attention),
+                "cross_attention": to_dict(exp.model.cross_attention),
+            }
+            if isinstance(exp.model, Seq2SeqConfig)
+            else {}
+        ),
+        "frozen": (
+            seq2seq_frozen_parts(exp.model)
+            if isinstance(exp.model, Seq2SeqConfig)
+            else frozen_parts(exp.model)
+        ),
         "grid": point.grid,
         "seed": seed,
         "chance": chance,
@@ -483,6 +503,7 @@ def _rows_for(point: Point, result, history: dict, levels: dict) -> list[dict[st
                 "alignment_max": float(finite.max()) if finite.size else None,
                 "alignment_uniform": nan_to_none(result.final["uniform_alignment"][k]),
                 **_route_fields(result.final, k),
+                **_cross_fields(result.final, k),
                 "alignment_max_init": None,
                 **_entropy_fields(result.final, k),
                 **history.get(seed, {}),
@@ -510,6 +531,21 @@ def _route_fields(final: dict[str, Any], k: int) -> dict[str, Any]:
         "gradient_alignment_cheap_max": best("gradient_alignment_cheap"),
         "conflict_alignment_uniform": nan_to_none(float(final["conflict_uniform_alignment"][k])),
         "conflict_gradient_alignment_max": best("conflict_gradient_alignment"),
+    }
+
+
+def _cross_fields(final: dict[str, Any], k: int) -> dict[str, Any]:
+    """Seed k's last eval of an encoder-decoder (nothing otherwise): cross-attention's
+    alignment per decoder layer and head, its best head, uniform's, and the best head's pull."""
+    if "cross_alignment" not in final:
+        return {}
+    per_head = nan_to_none(np.asarray(final["cross_alignment"][k], float).tolist())
+    pull = nan_to_none(np.asarray(final["cross_gradient_alignment"][k], float).tolist())
+    return {
+        "cross_alignment": per_head,
+        "cross_alignment_max": _best_head(per_head),
+        "cross_alignment_uniform": nan_to_none(float(final["cross_uniform_alignment"][k])),
+        "cross_gradient_alignment_max": _best_head(pull),
     }
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ablate.checkpoint import Checkpointer, CheckpointMismatch
 from ablate.config import ConfigError, flatten
-from ablate.core import INVALID_TOKENS, PER_HEAD, Programs, TrainState, bad_ids
+from ablate.core import CROSS_PER_HEAD, INVALID_TOKENS, PER_HEAD, Programs, TrainState, bad_ids
 from ablate.data import DataError  # one class for every bad-data error (exit 3)
 from ablate.distributed import any_process, check_mesh, is_primary, on_primary
 from ablate.experiment import Experiment
@@ -110,6 +110,20 @@ def batch_problems(batch, exp: Experiment, where: str) -> list[str]:
             f"{where}: inputs must be integer token ids shaped (batch, length), got "
             f"{inputs.dtype}{list(inputs.shape)}"
         ]
+    if getattr(batch, "source", None) is not None:  # a seq2seq batch: its source too
+        source = np.asarray(batch.source)
+        if source.ndim != 2 or source.shape[1] > model.source_len:
+            found.append(
+                f"{where}: sources shaped {list(source.shape)} do not fit model.source_len = "
+                f"{model.source_len}"
+            )
+        elif (bad := outside(source, model.source_vocab_size)).any():
+            b, i = (int(x) for x in np.argwhere(bad)[0])
+            found.append(
+                f"{where}: {int(bad.sum())} source token ids outside [0, "
+                f"model.source_vocab_size = {model.source_vocab_size}); first: {source[b, i]} "
+                f"at sequence {b}, position {i}"
+            )
     if inputs.shape[1] > model.seq_len:
         found.append(
             f"{where}: sequences of length {inputs.shape[1]} exceed model.seq_len = "
@@ -252,7 +266,8 @@ def _train_locked(
         metrics_file, writers = on_primary(open_logs, "opening the logs") or (None, [])
         chance = float(data.chance)
         has_pattern_NH = programs.definition.has_pattern_NH
-        logger = _Logger(writers, metrics_file, chance, tc.seeds, has_pattern_NH)
+        cross_NH = programs.definition.cross_has_pattern_NH
+        logger = _Logger(writers, metrics_file, chance, tc.seeds, has_pattern_NH, cross_NH)
         _stop_if_asked(sigterm, start)
 
         if start == 0:
@@ -295,13 +310,19 @@ def _train_locked(
                 drawn = programs.patterns(state, arrays)
                 logger.heatmaps(drawn, step, "trained")
             if last and metrics_file is not None:
-                probs, deps, weights = drawn
+                probs, deps, weights = drawn[:3]
+                cross = {}
+                if len(drawn) > 3:  # an encoder-decoder: its cross-attention too
+                    cross = dict(
+                        cross_probs=drawn[3], cross_deps=drawn[4], cross_has_pattern=cross_NH
+                    )
                 write_npz(
                     run_dir / PATTERNS_FILE,
                     probs=probs,
                     deps=deps,
                     weights=weights,
                     has_pattern=has_pattern_NH,
+                    **cross,
                 )
                 logger.hparams(exp)
             # Read the flag only now: a SIGTERM during the evaluation above still saves here.
@@ -424,10 +445,17 @@ class _Logger:
     """
 
     def __init__(
-        self, writers, metrics_file: MetricsFile | None, chance: float, seeds, has_pattern_NH
+        self,
+        writers,
+        metrics_file: MetricsFile | None,
+        chance: float,
+        seeds,
+        has_pattern_NH,
+        cross_has_pattern_NH=None,
     ):
         self.writers, self.file, self.chance = writers, metrics_file, chance
         self.seeds, self.has_pattern_NH = list(seeds), has_pattern_NH
+        self.cross_has_pattern_NH = cross_has_pattern_NH
 
     def training(self, pending, step: int, steps_per_sec: float, compile_s: float) -> dict:
         if self.file is None:  # not process 0: nothing to write
@@ -481,6 +509,8 @@ class _Logger:
                     scalars[f"attention/alignment_max/layer{layer}"] = np.nanmax(
                         out["alignment"][k, layer]
                     )
+            if self.cross_has_pattern_NH is not None:
+                scalars |= self._cross_scalars(out, k)
             # Real text has no alignment: no NaN curves in TensorBoard.
             scalars = {
                 t: v for t, v in scalars.items() if not t.startswith("attention/") or np.isfinite(v)
@@ -493,9 +523,38 @@ class _Logger:
             rows.append(nan_to_none(row))
         self.file.append(rows)
 
+    def _cross_scalars(self, out: dict, k: int) -> dict:
+        """Cross-attention scalars of seed k: per decoder layer and head, and the best head."""
+        scalars = {"attention/cross_alignment_uniform": out["cross_uniform_alignment"][k]}
+        N, H = out["cross_alignment"].shape[1:]
+        for layer in range(N):
+            for head in range(H):
+                if self.cross_has_pattern_NH[layer, head]:
+                    for name in CROSS_PER_HEAD:
+                        scalars[f"attention/{name}/layer{layer}_head{head}"] = out[name][
+                            k, layer, head
+                        ]
+            if np.isfinite(out["cross_alignment"][k, layer]).any():
+                scalars[f"attention/cross_alignment_max/layer{layer}"] = np.nanmax(
+                    out["cross_alignment"][k, layer]
+                )
+        return scalars
+
     def heatmaps(self, drawn, step: int, label: str) -> None:
-        """Pattern images of the first eval sequence per seed, as `Programs.patterns` gives them."""
-        probs_ZNHLS, deps_ZLS, weights_ZL = drawn
+        """Pattern images of the first eval sequence per seed, as `Programs.patterns` gives them
+        (an encoder-decoder's cross-attention too, `patterns/cross_layerN`)."""
+        probs_ZNHLS, deps_ZLS, weights_ZL = drawn[:3]
+        if len(drawn) > 3:
+            cross_ZNHLS, cross_deps_ZLS = drawn[3:]
+            for k, writer in enumerate(self.writers):
+                for layer in range(cross_ZNHLS.shape[1]):
+                    png, w, h = patterns_png(
+                        cross_ZNHLS[k, layer],
+                        cross_deps_ZLS[k] & (weights_ZL[k][:, None] > 0),
+                        f"cross-attention layer {layer} ({label}, step {step})",
+                        has_pattern_H=self.cross_has_pattern_NH[layer],
+                    )
+                    writer.image(f"patterns/cross_layer{layer}/{label}", png, w, h, step)
         for k, writer in enumerate(self.writers):
             for layer in range(probs_ZNHLS.shape[1]):
                 png, w, h = patterns_png(

@@ -3,7 +3,8 @@
 Layout: `base` (the batch, the task spec and its loaded data, the registry, helpers shared by
 the tasks), the synthetic tasks (`recall`, `sequences`, `controls`, and the masked-LM ones
 with the masking scheme they share, `masked`), the data-backed ones (`text`, reading through
-`ablate.data`) and their epoch order (`order`). Importing the
+`ablate.data`) and their epoch order (`order`), and the sequence-to-sequence tasks read by
+the encoder-decoder (`translation`). Importing the
 package registers them all. A new task is a `Task` subclass with a `Config` of knobs,
 decorated with `register`, in one of these modules (or any module imported before the
 task is named).
@@ -21,6 +22,14 @@ from ablate.tasks.masked import MaskedCopy, MaskedRecall, MaskedTask, MaskKnobs
 from ablate.tasks.recall import MQAR, AssocRecall, CompetingRecall, Induction
 from ablate.tasks.sequences import Copy, Reverse, SelectiveCopy, Sort
 from ablate.tasks.text import StdlibLM, StdlibMLM, TextClassification, TextLM, TextMLM
+from ablate.tasks.translation import (
+    PhraseTranslate,
+    ReverseCopy,
+    Seq2SeqBatch,
+    Seq2SeqTask,
+    Translate,
+    TranslateReorder,
+)
 
 __all__ = [
     "MQAR",
@@ -36,8 +45,12 @@ __all__ = [
     "MaskedTask",
     "Majority",
     "Memorize",
+    "PhraseTranslate",
     "Reverse",
+    "ReverseCopy",
     "SelectiveCopy",
+    "Seq2SeqBatch",
+    "Seq2SeqTask",
     "Sort",
     "StdlibLM",
     "StdlibMLM",
@@ -46,6 +59,8 @@ __all__ = [
     "TextClassification",
     "TextLM",
     "TextMLM",
+    "Translate",
+    "TranslateReorder",
     "balanced_counts",
     "make_task",
     "mode_share",

@@ -158,6 +158,9 @@ class Task(abc.ABC):
     has_dependencies: ClassVar[bool] = True
     #: The padding id, for tasks whose sequences are padded (None: never padded).
     pad_id: ClassVar[int | None] = None
+    #: True for tasks read by an encoder-decoder (ablate/tasks/translation.py): a source
+    #: beside the decoder's sequence, and a cross-attention dependency mask.
+    seq2seq: ClassVar[bool] = False
 
     #: A task with a second, cheaper route to the answer names it in words (None: one route)
     #: and defines `cheap_positions`, `cheap_level` (that route's accuracy on the training
@@ -171,7 +174,8 @@ class Task(abc.ABC):
     # "content" (content-dependent routing needed), "position" (fixed routing suffices),
     # "bag" (the bag of visible tokens determines the answer; fixed positions hold candidates)
     # "none" (a control: the bag determines it and no fixed position gives anything away)
-    # or "competing" (a content route that is always right and a declared cheap route).
+    # "competing" (a content route that is always right and a declared cheap route), or
+    # "partial" (fixed routing answers part, above what a content task may leave, not all).
     context_need: ClassVar[str]
     leaks_future: ClassVar[bool] = False
     #: True when a target depends on later positions too (masked LM): deps may have j > i,
