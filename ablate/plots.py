@@ -177,10 +177,11 @@ def curves_plot(g: dict, curves: dict[str, dict], path: Path, colors: dict) -> N
     fig = Figure(figsize=(10.0 if real else 14.0, 3.6))
     axes = fig.subplots(1, 2 if real else 3)
     panels = ["perplexity"] if real else ["alignment", "pull"]
+    cross = "cross-attention " if any(c.get("cross") for c in curves.values()) else ""
     ylabels = {
         "perplexity": "eval perplexity",
-        "alignment": "best-head alignment",
-        "pull": "loss's pull on the dependencies\n(best-head gradient alignment)",
+        "alignment": f"best-head {cross}alignment",
+        "pull": f"loss's pull on the dependencies\n(best-head {cross}gradient alignment)",
     }
     ax_acc = axes[0]
     for label, c in curves.items():

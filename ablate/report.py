@@ -275,7 +275,10 @@ def _lacks(row: dict[str, Any], label: str) -> tuple[str, str]:
     elif len(names) == 1:
         long, short = known[0]
     else:
-        long = "; in some heads ".join(k[0] for k in known) + " (the other heads are learned)"
+        # Mixed heads: each non-learned variant's words, said of some heads; the rest are
+        # learned only when the spec names learned too.
+        rest = " (the other heads are learned)" if "learned" in names else ""
+        long = "in some heads, " + "; in some heads, ".join(k[0] for k in known) + rest
         short = ", ".join(sorted({k[1] for k in known})) + " (some heads)"
     if any(p["kind"] == "embedding" for p in row.get("frozen") or []):
         long, short = long + "; its embeddings stay at init too", short + ", trained embeddings"
@@ -902,7 +905,8 @@ def _statement(g: dict[str, Any]) -> str:
 
 def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
     """Eval curves (mean over the given seeds): accuracy, best-head and uniform alignment,
-    perplexity."""
+    perplexity. An encoder-decoder's alignment and pull are its cross-attention's (the
+    decoder's own attention has no dependency mask on the seq2seq tasks)."""
     by_step: dict[int, dict[int, dict]] = {}
     for row in read_jsonl(run_dir / METRICS_FILE):
         if row.get("kind") == "eval" and row.get("seed") in seeds:
@@ -920,30 +924,36 @@ def _curves(run_dir: Path, seeds: list[int]) -> dict[str, list[float]] | None:
         return float(np.mean(values)) if values else math.nan
 
     steps = sorted(by_step)
+    cross = any("cross_alignment" in r for rows in by_step.values() for r in rows.values())
+    part = "cross_" if cross else ""
     return {
         "step": steps,
+        "cross": cross,
         "accuracy": [mean(s, lambda r: r.get("accuracy")) for s in steps],
         "conflict": [mean(s, lambda r: r.get("conflict_accuracy")) for s in steps],
         "cheap_agreement": [mean(s, lambda r: r.get("conflict_cheap_agreement")) for s in steps],
-        "alignment": [mean(s, lambda r: best(r.get("alignment"))) for s in steps],
-        "pull": [mean(s, lambda r: best(r.get("gradient_alignment"))) for s in steps],
-        "uniform": [mean(s, lambda r: r.get("uniform_alignment")) for s in steps],
+        "alignment": [mean(s, lambda r: best(r.get(f"{part}alignment"))) for s in steps],
+        "pull": [mean(s, lambda r: best(r.get(f"{part}gradient_alignment"))) for s in steps],
+        "uniform": [mean(s, lambda r: r.get(f"{part}uniform_alignment")) for s in steps],
         "perplexity": [mean(s, lambda r: perplexity(r.get("loss"))) for s in steps],
     }
 
 
-def _load_patterns(npz: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """(patterns NHLS, scored dependency mask LS, has-pattern NH or None) of the first seed
-    in a run's patterns file; None when the file is unusable."""
+def _load_patterns(npz: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str] | None:
+    """(patterns NHLS, scored dependency mask LS, has-pattern NH or None, which attention) of
+    the first seed in a run's patterns file; None when the file is unusable. An
+    encoder-decoder's are its cross-attention's (target x source, beside the word alignment)."""
     try:
         with np.load(npz) as data:
-            probs_NHLS = np.asarray(data["probs"][0], dtype=float)
+            part = "cross_" if "cross_probs" in data else ""
+            probs_NHLS = np.asarray(data[f"{part}probs"][0], dtype=float)
             scored_L = np.asarray(data["weights"][0]) > 0
-            mask_LS = np.asarray(data["deps"][0], bool) & scored_L[:, None]
-            has_NH = np.asarray(data["has_pattern"], bool) if "has_pattern" in data else None
+            mask_LS = np.asarray(data[f"{part}deps"][0], bool) & scored_L[:, None]
+            has = f"{part}has_pattern"
+            has_NH = np.asarray(data[has], bool) if has in data else None
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    return probs_NHLS, mask_LS, has_NH
+    return probs_NHLS, mask_LS, has_NH, "cross-attention, " if part else ""
 
 
 def _slug(text: str) -> str:
@@ -1241,7 +1251,8 @@ def write_report(sweep_dir: str | Path) -> Path:
             npz, png = sweep_dir / e["run_dir"] / PATTERNS_FILE, f"patterns_{_slug(e['run'])}.png"
             drawn = _load_patterns(npz) if npz.is_file() else None
             if drawn is not None:
-                pattern_grid(*drawn, out / png, f"{e['run']} (first seed)")
+                *arrays, what = drawn
+                pattern_grid(*arrays, out / png, f"{e['run']} ({what}first seed)")
                 plots["patterns"].setdefault(g["label"], []).append(
                     (e["run"], f"{REPORT_DIR}/{png}")
                 )

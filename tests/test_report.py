@@ -637,3 +637,39 @@ def test_no_route_sentence_without_a_cheap_route():
     g = summarize(rows)["groups"][0]
     assert report.route_taken(g, g["variants"]["learned"]) is None
     assert "Two routes" not in g["statement"]
+
+
+def test_mixed_heads_say_which_kind_the_other_heads_are():
+    mixed = {"attention": [["learned", "uniform"], "uniform"]}
+    long, short = report._lacks(mixed, "one_learned")
+    assert long.startswith("in some heads, ") and long.endswith("(the other heads are learned)")
+    assert short.endswith("(some heads)")
+    long, _ = report._lacks({"attention": [["uniform", "frozen"]]}, "no_learned")
+    assert "the other heads are learned" not in long and long.count("in some heads") == 2
+    s2s = {"attention": "learned", "decoder_attention": "learned", "cross_attention": "uniform"}
+    long, short = report._lacks(s2s, "uniform_cross")
+    assert long.startswith("in cross-attention, ") and short.endswith("(cross-attention)")
+
+
+def test_an_encoder_decoders_curves_and_patterns_are_its_cross_attentions(tmp_path):
+    from ablate.runfolder import METRICS_FILE, PATTERNS_FILE
+
+    row = dict(kind="eval", seed=0, step=10, accuracy=0.5, uniform_alignment=0.9)
+    row |= dict(alignment=[[0.9]], gradient_alignment=[[0.8]])  # the decoder's own: not these
+    row |= dict(cross_alignment=[[0.3, 0.6]], cross_gradient_alignment=[[0.2, 0.4]])
+    row |= dict(cross_uniform_alignment=0.25)
+    (tmp_path / METRICS_FILE).write_text(json.dumps(row) + "\n")
+    c = report._curves(tmp_path, [0])
+    assert (c["alignment"], c["pull"], c["uniform"], c["cross"]) == ([0.6], [0.4], [0.25], True)
+    own, cross = np.full((1, 1, 1, 3, 3), 0.5), np.full((1, 1, 1, 3, 2), 0.25)
+    deps = np.ones((1, 3, 2), bool)
+    np.savez(
+        tmp_path / PATTERNS_FILE,
+        probs=own,
+        deps=np.ones((1, 3, 3), bool),
+        weights=np.ones((1, 3)),
+        cross_probs=cross,
+        cross_deps=deps,
+    )
+    probs, mask, _, what = report._load_patterns(tmp_path / PATTERNS_FILE)
+    assert probs.shape == (1, 1, 3, 2) and mask.shape == (3, 2) and what.startswith("cross")
