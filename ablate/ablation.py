@@ -11,6 +11,11 @@ bit. The arrays may be tracers: `jax.vmap` over them evaluates many edits in one
 `recorded` is the other wrapper: it returns each layer's per-head outputs (the mean-output
 ablation needs them), leaving the computation as it is.
 
+Both reach a kind of attention by its `part`: "attention" (every block's own: a decoder-only
+model's, an encoder-decoder's decoder self-attention), "cross_attention" (an encoder-decoder's
+cross-attention) or "encoder" (its encoder's self-attention); several parts at once stack
+their layers, in the order given, on the layer axis N of the edit arrays.
+
 The model (model.py) stays a plain model: it knows nothing of either wrapper.
 
 Axis letters: the table in `ablate.model`.
@@ -18,6 +23,7 @@ Axis letters: the table in `ablate.model`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ablate.attention import Mixer, apply_pattern
-from ablate.model import Output, Transformer, mixers_of
+from ablate.model import Attention, Output, Transformer
 
 
 class Edit(nnx.Variable):
@@ -112,24 +118,37 @@ def _copy(model: Transformer) -> Transformer:
     return nnx.merge(*nnx.split(model))
 
 
+#: One part's name, or several (their layers one after another on the layer axis).
+PartNames = str | tuple[str, ...]
+
+
+def attentions_of(model: nnx.Module, part: PartNames = "attention") -> list[Attention]:
+    """The attention sublayers of one part (or of several, their layers one after another)."""
+    if not isinstance(part, str):
+        return [a for p in part for a in attentions_of(model, p)]
+    if part == "encoder":
+        return [block.attention for block in model.encoder]
+    return [getattr(block, part) for block in model.blocks]
+
+
 def edited(
     model: Transformer,
     gate_NH: jax.Array,
     pattern_mix_NH: jax.Array,
-    pattern_NBHLS: jax.Array,
+    pattern_NBHLS: jax.Array | Sequence[jax.Array],
     output_mix_NH: jax.Array,
-    output_NBLHK: jax.Array,
+    output_NBLHK: jax.Array | Sequence[jax.Array],
     *,
-    part: str = "attention",
+    part: PartNames = "attention",
 ) -> Transformer:
     """A copy of `model` with every head edited by its layer's and head's slice of the arrays.
 
     The fills broadcast over the batch (a leading B of 1 serves any batch). `part` names the
-    blocks' attention to edit ("cross_attention": an encoder-decoder's cross-attention).
+    attention to edit (the module docstring); where layers differ in L or S (several parts)
+    the fills are sequences with one array per layer.
     """
     model = _copy(model)
-    for n, block in enumerate(model.blocks):
-        attention = getattr(block, part)
+    for n, attention in enumerate(attentions_of(model, part)):
         groups = [(s, c, m) for (s, c), m in zip(attention.head_groups, attention.mixers)]
         mixers = attention.mixers
         for i, (start, count, mixer) in enumerate(groups):
@@ -138,23 +157,26 @@ def edited(
                 mixer,
                 gate_NH[n, heads],
                 pattern_mix_NH[n, heads],
-                pattern_NBHLS[n, :, heads],
+                pattern_NBHLS[n][:, heads],
                 output_mix_NH[n, heads],
-                output_NBLHK[n, :, :, heads],
+                output_NBLHK[n][:, :, heads],
             )
     return model
 
 
-def recorded(model: Transformer, tokens_BL: jax.Array, **kwargs: Any) -> tuple[Output, tuple]:
-    """(model(tokens_BL, **kwargs), per layer the heads' outputs `heads_BLHK`)."""
+def recorded(
+    model: Transformer, *inputs: jax.Array, part: PartNames = "attention", **kwargs: Any
+) -> tuple[Output, tuple]:
+    """(model(*inputs, **kwargs), per layer of `part` the heads' outputs `heads_BLHK`)."""
     model = _copy(model)
-    for n, groups in enumerate(mixers_of(model)):
-        mixers = model.blocks[n].attention.mixers
-        for i, (_, _, mixer) in enumerate(groups):
-            mixers[i] = RecordedMixer(mixer)
-    out = model(tokens_BL, **kwargs)
+    attentions = attentions_of(model, part)
+    for attention in attentions:
+        mixers = attention.mixers
+        for i in range(len(mixers)):
+            mixers[i] = RecordedMixer(mixers[i])
+    out = model(*inputs, **kwargs)
     heads = []
-    for block in model.blocks:
-        seen = [m.heads_BLHK[...] for m in block.attention.mixers]
+    for attention in attentions:
+        seen = [m.heads_BLHK[...] for m in attention.mixers]
         heads.append(jnp.concatenate(seen, axis=2))
     return out, tuple(heads)

@@ -221,7 +221,8 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--heads",
         help="ablations, comma-separated: L:H one head, L:* a whole layer, L:H+L:H a set "
-        "(default: every head, one at a time)",
+        "(default: every head, one at a time); an encoder-decoder's heads are PART:L:H with "
+        "PART encoder, decoder or cross",
     )
     p.add_argument("--seeds", help="comma-separated seeds (default: all trained)")
     p.add_argument("--out", help="output folder (default: RUN_DIR/probe)")

@@ -68,23 +68,43 @@ def patterns_png(
     return _png(draw)
 
 
-def drop_heatmap_png(drop_ZNH: np.ndarray, titles: list[str], kind: str) -> tuple[bytes, int, int]:
-    """Accuracy drop per layer (rows) and head (columns), one panel per seed (or the mean)."""
-    Z, N, H = drop_ZNH.shape
-    magnitudes = np.abs(drop_ZNH[np.isfinite(drop_ZNH)])
+def drop_heatmap_png(
+    drop_ZNH: np.ndarray | dict[str, np.ndarray], titles: list[str], kind: str
+) -> tuple[bytes, int, int]:
+    """Accuracy drop per layer (rows) and head (columns), one panel per seed (or the mean).
+
+    `drop_ZNH` may be a dict {title of a kind of attention: its (Z, N, H)}: one row of
+    panels per kind, each panel titled by its kind and seed, one colour scale for all.
+    """
+    rows = drop_ZNH if isinstance(drop_ZNH, dict) else {"": drop_ZNH}
+    Z, _, H = next(iter(rows.values())).shape
+    N = sum(x.shape[1] for x in rows.values())
+    every = np.concatenate([x.ravel() for x in rows.values()])
+    magnitudes = np.abs(every[np.isfinite(every)])
     vmax = max(float(magnitudes.max()) if magnitudes.size else 0.0, 1e-3)
+    # Each kind's row as tall as its layers (one kind: the plain grid).
+    extra = {} if len(rows) == 1 else {"height_ratios": [x.shape[1] for x in rows.values()]}
 
     def draw(plt):
-        size = (1.0 * H * Z + 2.2, 0.7 * N + 1.8)
-        fig, axes = plt.subplots(1, Z, figsize=size, dpi=90, squeeze=False, layout="constrained")
-        for ax, drop_NH, title in zip(axes[0], drop_ZNH, titles):
-            image = ax.imshow(drop_NH, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-            for (n, h), v in np.ndenumerate(drop_NH):
-                text = "n/a" if np.isnan(v) else f"{v:.2f}"
-                color = "white" if abs(v) > 0.6 * vmax else "black"  # NaN compares False
-                ax.text(h, n, text, ha="center", va="center", fontsize=7, color=color)
-            ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(H), yticks=range(N))
-        fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="accuracy drop")
+        # Every further row of panels needs room for its titles and axis labels.
+        size = (1.0 * H * Z + 2.2, 0.7 * N + 1.8 + 1.0 * (len(rows) - 1))
+        fig, axes = plt.subplots(
+            len(rows), Z, figsize=size, dpi=90, squeeze=False, layout="constrained", **extra
+        )
+        for axes_row, (part, part_ZNH) in zip(axes, rows.items()):
+            for ax, drop_NH, title in zip(axes_row, part_ZNH, titles):
+                image = ax.imshow(drop_NH, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+                for (n, h), v in np.ndenumerate(drop_NH):
+                    text = "n/a" if np.isnan(v) else f"{v:.2f}"
+                    color = "white" if abs(v) > 0.6 * vmax else "black"  # NaN compares False
+                    ax.text(h, n, text, ha="center", va="center", fontsize=7, color=color)
+                ax.set(xlabel="head", ylabel="layer", xticks=range(H))
+                ax.set(yticks=range(drop_NH.shape[0]))
+                if part:
+                    ax.set_title(f"{part}\n{title}", fontsize=8)
+                else:
+                    ax.set(title=title)
+        fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="accuracy drop")
         fig.suptitle(f"{kind} ablation: accuracy drop per head", fontsize=9)
         return fig
 

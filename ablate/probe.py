@@ -20,9 +20,22 @@ example x (one sequence), on ranking batches held out from the eval batches; the
 measured on the eval batches, removes heads (gate 0) from the least important up, and in a
 random order.
 
+An encoder-decoder run is probed per kind of attention (`ablate.heads.Part`): encoder
+self-attention (source x source, bidirectional), decoder self-attention (target x target,
+causal) and cross-attention (target x source), every head of each a target, named
+PART:LAYER:HEAD ("encoder:0:1", "cross:1:0"; a decoder-only model's heads are LAYER:HEAD).
+The source is fed as `ablate.core.Definition.forward` feeds it, with its padding mask. A
+replacement pattern keeps to the positions the head may see (in cross-attention the real
+source positions), renormalised; mean outputs, mean patterns and resampled patterns are
+each part's own. Importance and pruning rank the heads of all parts in one order: a choice
+(every gate scales one head's output before its output projection, whatever its part), not
+a claim that heads of different parts compare fairly.
+
 Axis letters: the table in `ablate.model` (here A ablation rows, R replacement sources
 `SOURCES`, G head groups, E eval or ranking batches, X pruning prefixes, and a leading Z, the
-seed axis, on host-side arrays such as `gate_ZANH` and `importance_ZNH`).
+seed axis, on host-side arrays such as `gate_ZANH` and `importance_ZNH`). For an
+encoder-decoder, N runs over the layers of every part in turn: the encoder's, the decoder's
+self-attention's, then cross-attention's (`Part.layers` says where each sits).
 """
 
 from __future__ import annotations
@@ -40,16 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ablate.ablation import edited, recorded
-from ablate.attention import MIXERS, MixerSettings
+from ablate.ablation import attentions_of, edited, recorded
+from ablate.attention import MIXERS
 from ablate.checkpoint import Checkpointer
 from ablate.config import ConfigError, upgrade_saved
-from ablate.core import Definition, Programs, TrainState, eval_batch
+from ablate.core import Definition, Programs, TrainState, build_model, eval_batch
 from ablate.distributed import is_primary
 from ablate.experiment import Experiment, build_experiment
+from ablate.heads import PART_TITLES, Group, group_name, head_name, parse_heads, part_at, parts_of
 from ablate.logging import TensorBoardWriter
 from ablate.metrics import nan_to_none, token_metrics
-from ablate.model import visibility
 from ablate.plots import drop_heatmap_png, pruning_png
 from ablate.runfolder import (
     CHECKPOINT_DIR,
@@ -75,8 +88,6 @@ REFERENCE_STREAM = 0x52454600
 # order was chosen on would flatter the order.
 RANKING_STREAM = 0x52414E4B
 RANDOM_SEED = 0
-
-Group = tuple[tuple[int, int], ...]
 
 
 def read_experiment(run_dir: str | Path) -> Experiment:
@@ -119,53 +130,16 @@ def parse_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def parse_heads(heads: str | Sequence, n_layers: int, n_heads: int) -> list[Group]:
-    """Ablations from "0:1,1:*,0:0+1:1" (comma: separate ablations, +: one set, *: all heads).
-
-    A sequence works too: each item a (layer, head) pair or a sequence of pairs (one set).
-    """
-    if isinstance(heads, str):
-        items: list = [g.split("+") for g in heads.split(",") if g.strip()]
-    else:
-        items = [[g] if isinstance(g[0], int | np.integer) else list(g) for g in heads]
-    groups = []
-    for item in items:
-        group = []
-        for pair in item:
-            try:
-                layer, head = pair.strip().split(":") if isinstance(pair, str) else pair
-                layer, chosen = int(layer), range(n_heads) if head == "*" else [int(head)]
-            except ValueError:
-                msg = f"{pair!r} is not LAYER:HEAD (e.g. 0:1, 1:* or 0:0+1:1)"
-                raise ConfigError([("heads", msg)]) from None
-            if not 0 <= layer < n_layers:
-                msg = f"layer {layer} does not exist; the model has layers 0..{n_layers - 1}"
-                raise ConfigError([("heads", msg)])
-            for h in chosen:
-                if not 0 <= h < n_heads:
-                    msg = f"head {h} of layer {layer} does not exist; layers have heads 0.."
-                    raise ConfigError([("heads", f"{msg}{n_heads - 1}")])
-                group.append((layer, h))
-        groups.append(tuple(dict.fromkeys(group)))
-    if not groups:
-        raise ConfigError([("heads", "names no head")])
-    return groups
-
-
-def group_name(group: Group) -> str:
-    """The name of a set of heads, e.g. "0:1+1:0"."""
-    return "+".join(f"{n}:{h}" for n, h in group)
-
-
 class Prober:
     """Compiled ablated evaluation and gate gradients of one trained model, all seeds at once.
 
     An edit (one row) is `gate_NH`, which scales each head's output, and `mix_RNH`, how much
-    of each replacement source in `SOURCES` a head takes instead of its own output/pattern.
-    `params`/`rest` carry the seed axis Z, as in a `TrainState`. `data` is the task's loaded
-    data (read here when not given). Batches are drawn as training's eval draws them
-    (`ablate.core.eval_batch`), with their validity mask: a padded model is probed with its
-    padding masked, as it was trained and evaluated.
+    of each replacement source in `SOURCES` a head takes instead of its own output/pattern;
+    N is the layer axis of all `parts`. `params`/`rest` carry the seed axis Z, as in a
+    `TrainState`. `data` is the task's loaded data (read here when not given). Batches are
+    drawn as training's eval draws them (`ablate.core.eval_batch`), with their validity
+    masks (and, for an encoder-decoder, the source and its mask): a padded model is probed
+    with its padding masked, as it was trained and evaluated.
     """
 
     def __init__(
@@ -177,19 +151,18 @@ class Prober:
         chunk: int | None = None,
     ):
         self.exp, self.params, self.rest, self.chunk = exp, params, rest, chunk
-        definition = Definition.of(exp)
-        self.graphdef, self.has_pattern_NH = definition.graphdef, definition.has_pattern_NH
+        self.parts = parts_of(exp)
+        self.graphdef = Definition.of(exp).graphdef
+        abstract = nnx.eval_shape(lambda: build_model(exp.model, nnx.Rngs(0)))
+        self.has_pattern_NH = np.array(
+            [a.has_pattern_H for p in self.parts for a in attentions_of(abstract, p.attention)],
+            dtype=bool,
+        )
         arrays = (exp.task.load() if data is None else data).arrays
         cfg = exp.model
-        self.N, self.H, self.L, self.head_dim = (
-            cfg.n_layers,
-            cfg.n_heads,
-            exp.task.seq_len,
-            cfg.head_dim,
-        )
+        self.N, self.H, self.head_dim = len(self.has_pattern_NH), cfg.n_heads, cfg.head_dim
         self.n_seeds = jax.tree.leaves(params)[0].shape[0]
         self.dtype = jnp.dtype(cfg.dtype)
-        self.settings = MixerSettings(cfg.d_model, cfg.head_dim, cfg.seq_len, cfg.causal)
         eval_key = jax.random.PRNGKey(exp.train.eval_seed)
         reference_key = jax.random.fold_in(eval_key, REFERENCE_STREAM)
         ranking_key = jax.random.fold_in(eval_key, RANKING_STREAM)
@@ -200,7 +173,7 @@ class Prober:
             jax.jit(
                 lambda arrays: (
                     _batches(exp, arrays, eval_key, E),
-                    _batches(exp, arrays, reference_key, E)[::3],  # inputs, valid
+                    _model_inputs(_batches(exp, arrays, reference_key, E)),
                     _batches(exp, arrays, ranking_key, E),
                     self._fixed_patterns(),
                 )
@@ -209,71 +182,104 @@ class Prober:
         self._evaluate = jax.jit(jax.vmap(self._evaluate_one, in_axes=(0,) * 4 + (None,) * 3))
         self._gradients = jax.jit(jax.vmap(self._gradients_one, in_axes=(0, 0, None)))
 
-    def _fixed_patterns(self) -> jax.Array:
-        """Uniform and random patterns (2, N, 1, H, L, S), from the variant registry itself."""
-        # Both mixers ignore x's values, and without padding every sequence sees the same.
-        x_1LD = jnp.zeros((1, self.L, self.settings.d_model), self.dtype)
-        visible_1LS = visibility(self.L, self.settings.causal, None, 1)
-        uniform = MIXERS["uniform"](self.H, self.settings, nnx.Rngs(0)).pattern(x_1LD, visible_1LS)
-        randoms = [
-            MIXERS["random_fixed"](self.H, self.settings, nnx.Rngs(RANDOM_SEED + n))
-            for n in range(self.N)
-        ]
-        random_N1HLS = jnp.stack([m.pattern(x_1LD, visible_1LS) for m in randoms])
-        return jnp.stack([jnp.broadcast_to(uniform, random_N1HLS.shape), random_N1HLS])
+    def _fixed_patterns(self) -> tuple[jax.Array, ...]:
+        """Per part, uniform and random patterns (2, N, 1, H, L, S), from the variant registry."""
+        fixed = []
+        for part in self.parts:
+            # Both mixers ignore x's values, and without padding every sequence sees the same.
+            x_1LD = jnp.zeros((1, part.queries, part.settings.d_model), self.dtype)
+            visible_1LS = part.visible(None, None, 1)
+            uniform = MIXERS["uniform"](self.H, part.settings, nnx.Rngs(0))
+            randoms = [
+                MIXERS["random_fixed"](self.H, part.settings, nnx.Rngs(RANDOM_SEED + n))
+                for n in range(part.first, part.first + part.n_layers)
+            ]
+            random_N1HLS = jnp.stack([m.pattern(x_1LD, visible_1LS) for m in randoms])
+            uniform_N1HLS = jnp.broadcast_to(
+                uniform.pattern(x_1LD, visible_1LS), random_N1HLS.shape
+            )
+            fixed.append(jnp.stack([uniform_N1HLS, random_N1HLS]))
+        return tuple(fixed)
 
     def _edited(self, model, gate_NH, mix_RNH, patterns_RNBHLS, outputs_NBLHK):
-        """`model` with every head edited by one row; a source given as None is never mixed in."""
-        N, H, L, K = self.N, self.H, self.L, self.head_dim
+        """`model` with every head edited by one row; a source given as None is never mixed in.
+
+        `patterns_RNBHLS` and `outputs_NBLHK` hold one array per part (N: its layers)."""
+        H, K = self.H, self.head_dim
         pattern_mix_NH = mix_RNH[1:].sum(0)
-        if patterns_RNBHLS is None:
-            fill_NBHLS = jnp.zeros((N, 1, H, L, L), self.dtype)
-        else:
-            share_RNH = mix_RNH[1:] / jnp.maximum(pattern_mix_NH, 1e-30)[None]
-            fill_NBHLS = jnp.einsum("RNH,RNBHLS->NBHLS", share_RNH, patterns_RNBHLS)
-        if outputs_NBLHK is None:
-            outputs_NBLHK = jnp.zeros((N, 1, L, H, K), self.dtype)
+        share_RNH = mix_RNH[1:] / jnp.maximum(pattern_mix_NH, 1e-30)[None]
+        fills, outputs = [], []
+        for i, part in enumerate(self.parts):
+            N, L, S = part.n_layers, part.queries, part.keys
+            if patterns_RNBHLS is None:
+                fill_NBHLS = jnp.zeros((N, 1, H, L, S), self.dtype)
+            else:
+                share = share_RNH[:, part.layers]
+                fill_NBHLS = jnp.einsum("RNH,RNBHLS->NBHLS", share, patterns_RNBHLS[i])
+            if outputs_NBLHK is None:
+                output_NBLHK = jnp.zeros((N, 1, L, H, K), self.dtype)
+            else:
+                output_NBLHK = outputs_NBLHK[i]
+            fills += list(fill_NBHLS)
+            outputs += list(output_NBLHK)
         # A zero mix adds 0 * fill to 1 * own: an edit that ablates nothing changes no bit.
-        return edited(model, gate_NH, pattern_mix_NH, fill_NBHLS, mix_RNH[0], outputs_NBLHK)
+        part = tuple(p.attention for p in self.parts)
+        return edited(model, gate_NH, pattern_mix_NH, fills, mix_RNH[0], outputs, part=part)
+
+    def _patterns(self, out) -> tuple[jax.Array, ...]:
+        """Per part, the patterns (N, B, H, L, S) of a model output."""
+        return tuple(jnp.stack(getattr(out, p.patterns)) for p in self.parts)
 
     def _evaluate_one(self, params, rest, gate_ANH, mix_ARNH, batches, references, fixed):
         model = nnx.merge(self.graphdef, params, rest)
+        part = tuple(p.attention for p in self.parts)
 
-        def reference(inputs_and_valid):
-            inputs_BL, valid_BL = inputs_and_valid
-            out, heads = recorded(model, inputs_BL, valid_BL=valid_BL, return_patterns=True)
-            per_head = (out.patterns, heads)
-            return tuple(jnp.stack([x.mean(0) for x in xs]) for xs in per_head)
+        def reference(inputs):
+            args, kwargs = _model_args(*inputs)
+            out, heads = recorded(model, *args, part=part, return_patterns=True, **kwargs)
+            patterns = [x for p in self.parts for x in getattr(out, p.patterns)]
+            # Per part, the batch means stacked over its layers: (N, H, L, S), (N, L, H, K).
+            return tuple(
+                tuple(jnp.stack([x.mean(0) for x in xs[p.layers]]) for p in self.parts)
+                for xs in (patterns, heads)
+            )
 
-        mean_pattern_NHLS, mean_output_NLHK = (
-            x.mean(0) for x in jax.lax.map(reference, references)
+        mean_pattern_NHLS, mean_output_NLHK = jax.tree.map(
+            lambda x: x.mean(0), jax.lax.map(reference, references)
         )
         B = references[0].shape[1]
-        shape = (self.N, B, self.H, self.L, self.L)
-        mean_pattern = jnp.broadcast_to(mean_pattern_NHLS[:, None], shape)
-        mean_output = jnp.broadcast_to(
-            mean_output_NLHK[:, None], (self.N, B, self.L, self.H, self.head_dim)
+        shapes = [(p.n_layers, B, self.H, p.queries, p.keys) for p in self.parts]
+        mean_pattern = [jnp.broadcast_to(x[:, None], s) for x, s in zip(mean_pattern_NHLS, shapes)]
+        mean_output = [
+            jnp.broadcast_to(x[:, None], (p.n_layers, B, p.queries, self.H, self.head_dim))
+            for x, p in zip(mean_output_NLHK, self.parts)
+        ]
+        uniform, random = (
+            [jnp.broadcast_to(x[k], s) for x, s in zip(fixed, shapes)] for k in range(2)
         )
-        uniform, random = (jnp.broadcast_to(x, shape) for x in fixed)
 
         def one(batch_and_reference):
-            (inputs, targets, weights, valid), (reference_BL, reference_valid_BL) = (
-                batch_and_reference
-            )
-            resampled = model(reference_BL, valid_BL=reference_valid_BL, return_patterns=True)
-            patterns = jnp.stack([uniform, random, mean_pattern, jnp.stack(resampled.patterns)])
-            if valid is not None:
-                # Padded sequences: a replacement pattern attends only where this batch's own
-                # heads may (its visible, unpadded positions), renormalised, as a variant would.
-                visible_11B1LS = visibility(self.L, self.settings.causal, valid, B)[
-                    None, None, :, None
-                ]
-                patterns = patterns * visible_11B1LS
-                patterns = patterns / jnp.maximum(patterns.sum(-1, keepdims=True), 1e-30)
+            batch, reference = batch_and_reference
+            inputs, targets, weights, valid, *source = batch
+            resampled = self._patterns(_forward(model, *reference, return_patterns=True))
+            patterns = []
+            for i, part in enumerate(self.parts):
+                stacked = jnp.stack([uniform[i], random[i], mean_pattern[i], resampled[i]])
+                if valid is not None or source:
+                    # Padded sequences: a replacement pattern attends only where this batch's
+                    # own heads may (its visible, unpadded positions), renormalised, as a
+                    # variant would.
+                    visible_11B1LS = part.visible(valid, source[1] if source else None, B)[
+                        None, None, :, None
+                    ]
+                    stacked = stacked * visible_11B1LS
+                    stacked = stacked / jnp.maximum(stacked.sum(-1, keepdims=True), 1e-30)
+                patterns.append(stacked)
 
             def edited(edit):
                 ablated = self._edited(model, *edit, patterns, mean_output)
-                return token_metrics(ablated(inputs, valid_BL=valid).logits, targets, weights)
+                logits = _forward(ablated, inputs, valid, *source).logits
+                return token_metrics(logits, targets, weights)
 
             if self.chunk:
                 return jax.lax.map(edited, (gate_ANH, mix_ARNH), batch_size=self.chunk)
@@ -287,11 +293,10 @@ class Prober:
         no_mix_RNH = jnp.zeros((len(SOURCES), self.N, self.H))
 
         def loss(gate_NH, example):
-            inputs_L, targets_L, weights_L, valid_L = example
+            inputs_1L, targets_1L, weights_1L, *masks = jax.tree.map(lambda x: x[None], example)
             ablated = self._edited(model, gate_NH, no_mix_RNH, None, None)
-            valid_1L = None if valid_L is None else valid_L[None]
-            logits = ablated(inputs_L[None], valid_BL=valid_1L).logits
-            return token_metrics(logits, targets_L[None], weights_L[None])["loss"]
+            logits = _forward(ablated, inputs_1L, *masks).logits
+            return token_metrics(logits, targets_1L, weights_1L)["loss"]
 
         # A sequence with nothing scored has no loss to explain; it would only dilute the mean.
         counted_EB = batches[2].sum(-1) > 0
@@ -348,13 +353,37 @@ def per_example_gate_importance(
 
 def _batches(exp: Experiment, arrays: Any, stream: jax.Array, n: int) -> tuple:
     """(inputs, targets, weights, valid), each (n, B, ...), drawn by training's own eval-batch
-    function from the eval stream `stream`; valid is None for tasks that are never padded."""
+    function from the eval stream `stream`; valid is None for tasks that are never padded.
+    A seq2seq task's batches add (source, source_valid): the mask is drawn with the batch, as
+    `ablate.core.Definition.forward` computes it, and carried beside it."""
 
     def one(i):
         batch = eval_batch(exp.task, arrays, stream, i, exp.train.batch_size)
-        return batch.inputs, batch.targets, batch.weights, batch.valid
+        drawn = batch.inputs, batch.targets, batch.weights, batch.valid
+        if batch.source is None:
+            return drawn
+        return *drawn, batch.source, exp.task.source_valid(batch.source)
 
     return jax.lax.map(one, jnp.arange(n))
+
+
+def _model_inputs(batches: tuple) -> tuple:
+    """What the model reads of batches: (inputs, valid), and (source, source_valid) if any."""
+    return batches[:1] + batches[3:]
+
+
+def _model_args(inputs_BL, valid_BL, *source) -> tuple[tuple, dict]:
+    """(args, kwargs) of a model call on a batch's inputs, as `Definition.forward` makes them."""
+    if not source:
+        return (inputs_BL,), {"valid_BL": valid_BL}
+    source_BS, source_valid_BS = source
+    return (source_BS, inputs_BL), {"source_valid_BS": source_valid_BS, "valid_BL": valid_BL}
+
+
+def _forward(model, inputs_BL, valid_BL, *source, **kwargs):
+    """The model's output on a batch's inputs (and source, for an encoder-decoder)."""
+    args, batch_kwargs = _model_args(inputs_BL, valid_BL, *source)
+    return model(*args, **batch_kwargs, **kwargs)
 
 
 def _masks(groups: Sequence[Group], N: int, H: int) -> np.ndarray:
@@ -382,21 +411,20 @@ def probe_run(
 ) -> dict[str, Any]:
     """Ablate heads of a trained run; write the table, plots and images; return the results.
 
-    `heads` as `parse_heads` reads it (default: every head alone). `chunk` caps how many
-    rows run side by side (memory), still in one compiled call. `data` is the task's loaded
-    data (read here when not given: a sweep passes the copy its runs trained on). Outputs
-    go to `out_dir` (default RUN_DIR/probe) and, as images at the checkpoint's step, to
-    TensorBoard.
+    `heads` as `parse_heads` reads it (default: every head alone, of every part). `chunk`
+    caps how many rows run side by side (memory), still in one compiled call. `data` is the
+    task's loaded data (read here when not given: a sweep passes the copy its runs trained
+    on). Outputs go to `out_dir` (default RUN_DIR/probe) and, as images at the checkpoint's
+    step, to TensorBoard. For an encoder-decoder, the per-head results (`drop`, `gradient`,
+    `importance`) are split by part ({part: (Z, N, H)}) and the table has a `part` column;
+    importance and pruning rank the heads of all parts together.
     """
     kinds = parse_kinds(kinds)
     exp = read_experiment(run_dir)
-    if getattr(exp.task, "seq2seq", False):
-        raise ConfigError(
-            [("", f"{run_dir} is an encoder-decoder run: the probe ablates decoder-only heads")]
-        )
-    N, H = exp.model.n_layers, exp.model.n_heads
+    parts = parts_of(exp)
+    N, H = sum(p.n_layers for p in parts), exp.model.n_heads
     groups = [((n, h),) for n in range(N) for h in range(H)]
-    groups = groups if heads is None else parse_heads(heads, N, H)
+    groups = groups if heads is None else parse_heads(heads, parts, H)
     trained = list(exp.train.seeds)
     seeds = trained if seeds is None else [int(s) for s in seeds]
     if missing := [s for s in seeds if s not in trained]:
@@ -429,11 +457,16 @@ def probe_run(
     baseline = {m: measured[m][:, 0].tolist() for m in METRICS}
     pruning_Z2X = measured["accuracy"][:, -2 * X :]
 
+    seq2seq = bool(parts[0].name)
     rows, drop = [], {}
     for i, kind in enumerate(kinds):
         drop[kind] = np.full((Z, N, H), np.nan)
         for g, group in enumerate(groups):
             applies = kind not in PATTERN_KINDS or all(prober.has_pattern_NH[x] for x in group)
+            where = {"heads": group_name(group, parts)}
+            if seq2seq:
+                names = dict.fromkeys(part_at(parts, n).name for n, _ in group)
+                where = {"part": "+".join(names), **where}
             for k, seed in enumerate(seeds):
                 value = {
                     m: float(measured[m][k, 1 + i * G + g]) if applies else math.nan
@@ -441,11 +474,18 @@ def probe_run(
                 }
                 value["accuracy_drop"] = baseline["accuracy"][k] - value["accuracy"]
                 value["loss_increase"] = value["loss"] - baseline["loss"][k]
-                rows.append({"kind": kind, "seed": seed, "heads": group_name(group), **value})
+                rows.append({"kind": kind, "seed": seed, **where, **value})
                 if len(group) == 1:
                     drop[kind][k][group[0]] = value["accuracy_drop"]
 
-    names = np.asarray([f"{n}:{h}" for n in range(N) for h in range(H)])
+    def per_part(x_ZNH: np.ndarray) -> Any:
+        """(Z, N, H) as written: split by part for an encoder-decoder."""
+        if not seq2seq:
+            return x_ZNH
+        return {p.name: x_ZNH[:, p.layers] for p in parts}
+
+    drop = {kind: per_part(d) for kind, d in drop.items()}
+    names = np.asarray([head_name(parts, n, h) for n in range(N) for h in range(H)])
     result = {
         "run_dir": str(run_dir),
         "step": int(step),
@@ -453,9 +493,9 @@ def probe_run(
         "chance": float(data.chance),
         "kinds": list(kinds),
         "baseline": baseline,
-        "drop": {kind: d.tolist() for kind, d in drop.items()},
-        "gradient": gradient_ZNH.tolist(),
-        "importance": importance_ZNH.tolist(),
+        "drop": _tolist(drop),
+        "gradient": _tolist(per_part(gradient_ZNH)),
+        "importance": _tolist(per_part(importance_ZNH)),
         "importance_definition": "mean over examples of |d loss(x) / d gate| at gate 1",
         "importance_batches": (
             f"ranking stream ({exp.train.eval_batches} batches of {exp.train.batch_size}), "
@@ -470,6 +510,9 @@ def probe_run(
         },
         "rows": rows,
     }
+    if seq2seq:
+        result["parts"] = {p.name: PART_TITLES[p.name] for p in parts}
+        result["ranking"] = "one ranking over the heads of all parts"
     out_dir = Path(run_dir) / PROBE_DIR if out_dir is None else Path(out_dir)
     if not is_primary():
         return result
@@ -477,6 +520,20 @@ def probe_run(
     if tensorboard:
         _write_tensorboard(Path(run_dir), result, drop, pruning_Z2X)
     return result
+
+
+def _tolist(x: Any) -> Any:
+    """Arrays (also in a dict of them) as nested lists."""
+    return {k: _tolist(v) for k, v in x.items()} if isinstance(x, dict) else x.tolist()
+
+
+def _titled(drop: Any, f: Callable[[np.ndarray], np.ndarray] | None = None) -> Any:
+    """f of a kind's drop (Z, N, H), or per part {its title: f of its (Z, N, H)} (what
+    `drop_heatmap_png` draws)."""
+    f = f or (lambda x: x)
+    if isinstance(drop, dict):
+        return {PART_TITLES[name]: f(x) for name, x in drop.items()}
+    return f(drop)
 
 
 def _write_outputs(result: dict, drop: dict, pruning_Z2X: np.ndarray, out_dir: Path) -> list[str]:
@@ -494,11 +551,14 @@ def _write_outputs(result: dict, drop: dict, pruning_Z2X: np.ndarray, out_dir: P
     write_atomic(files[1], table.getvalue())
     write_atomic(files[2], pruning_png(pruning_Z2X, result["seeds"], result["chance"])[0])
     titles = [f"seed {s}" for s in result["seeds"]]
+    with_mean = (
+        (lambda x: np.concatenate([x, x.mean(0, keepdims=True)])) if len(titles) > 1 else None
+    )
     for kind, drop_ZNH in drop.items():
-        if len(titles) > 1:
-            drop_ZNH = np.concatenate([drop_ZNH, drop_ZNH.mean(0, keepdims=True)])
         files.append(out_dir / DROP_PNG.format(kind=kind))
-        png = drop_heatmap_png(drop_ZNH, titles + ["mean"] * (len(titles) > 1), kind)[0]
+        png = drop_heatmap_png(
+            _titled(drop_ZNH, with_mean), titles + ["mean"] * (len(titles) > 1), kind
+        )[0]
         write_atomic(files[-1], png)
     return [str(f) for f in files]
 
@@ -519,7 +579,8 @@ def _write_tensorboard(run_dir: Path, result: dict, drop: dict, pruning_Z2X: np.
             if tag == "pruning":
                 png = pruning_png(pruning_Z2X[k : k + 1], [seed], result["chance"])
             else:
-                png = drop_heatmap_png(drop[tag][k : k + 1], [f"seed {seed}"], tag)
+                seed_drop = _titled(drop[tag], lambda x, k=k: x[k : k + 1])
+                png = drop_heatmap_png(seed_drop, [f"seed {seed}"], tag)
             writer.image(f"probe/{tag}", *png, step)
             written.append([step, f"probe/{tag}"])
         writer.close()

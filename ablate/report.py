@@ -1193,32 +1193,48 @@ def _markdown(summary: dict, meta: dict, plots: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _probe_heads(per_head: Any) -> tuple[list[str], np.ndarray]:
+    """(names, seed-mean values) of every probed head, from probe.json's (Z, N, H) lists, or
+    an encoder-decoder's {part: (Z, N, H)} (its heads named PART:LAYER:HEAD)."""
+    parts = per_head if isinstance(per_head, dict) else {"": per_head}
+    names, values = [], []
+    for part, value in parts.items():
+        value_NH = np.nanmean(np.asarray(value, dtype=float), axis=0)
+        prefix = f"{part}:" if part else ""
+        names += [f"{prefix}{n}:{h}" for n, h in np.ndindex(value_NH.shape)]
+        values.append(value_NH.ravel())
+    return names, np.concatenate(values)
+
+
 def _probe_text(probe: dict[str, Any], variant: str) -> str:
     """Plain words for a run's post-hoc head ablation (probe.json), from its numbers."""
     base = float(np.mean(probe["baseline"]["accuracy"]))
-    imp_NH = np.nanmean(np.asarray(probe["importance"], dtype=float), axis=0)
-    N, H = imp_NH.shape
-    most = np.unravel_index(np.nanargmax(imp_NH), imp_NH.shape)
-    least = np.unravel_index(np.nanargmin(imp_NH), imp_NH.shape)
-    parts = [f"Post-hoc head ablation of `{variant}` (accuracy {base:.2f}, {N}x{H} heads):"]
+    names, imp = _probe_heads(probe["importance"])
+    most, least = int(np.nanargmax(imp)), int(np.nanargmin(imp))
+    if "parts" in probe:  # an encoder-decoder: one ranking over its kinds of attention
+        shape = f"{len(names)} heads of {', '.join(probe['parts'].values())}"
+    else:
+        shape = "{}x{} heads".format(*np.shape(probe["importance"])[1:])
+    parts = [f"Post-hoc head ablation of `{variant}` (accuracy {base:.2f}, {shape}):"]
     if "zero" in probe["drop"]:
-        drop_NH = np.nanmean(np.asarray(probe["drop"]["zero"], dtype=float), axis=0)
+        _, drop = _probe_heads(probe["drop"]["zero"])
         parts.append(
-            f"the most important head by gate gradient, {most[0]}:{most[1]}, drops accuracy by "
-            f"{drop_NH[most]:.2f} when zeroed alone, the least important ({least[0]}:{least[1]}) "
-            f"by {drop_NH[least]:.2f}; the largest single-head drop is {np.nanmax(drop_NH):.2f}."
+            f"the most important head by gate gradient, {names[most]}, drops accuracy by "
+            f"{drop[most]:.2f} when zeroed alone, the least important ({names[least]}) "
+            f"by {drop[least]:.2f}; the largest single-head drop is {np.nanmax(drop):.2f}."
         )
     if "mean_pattern" in probe["drop"]:
-        mp = np.asarray(probe["drop"]["mean_pattern"], dtype=float)
+        _, mp = _probe_heads(probe["drop"]["mean_pattern"])
         if np.isfinite(mp).any():
             parts.append(
                 "Replacing one head's pattern by its mean over a reference batch (Hassid et al.) "
-                f"costs at most {np.nanmax(np.nanmean(mp, axis=0)):.2f}."
+                f"costs at most {np.nanmax(mp):.2f}."
             )
     curve = np.mean(np.asarray(probe["pruning"]["accuracy_importance_order"], dtype=float), 0)
-    kept = int(np.argmax(curve < base - 0.05)) - 1 if (curve < base - 0.05).any() else N * H
+    T = len(names)
+    kept = int(np.argmax(curve < base - 0.05)) - 1 if (curve < base - 0.05).any() else T
     parts.append(
-        f"Removing heads least-important first, {max(kept, 0)} of {N * H} can go before accuracy "
+        f"Removing heads least-important first, {max(kept, 0)} of {T} can go before accuracy "
         "falls by more than 0.05."
     )
     return " ".join(parts)
