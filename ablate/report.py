@@ -126,7 +126,9 @@ HOW_TO_READ = """## How to read this
   per seed (the paired design: for one seed every variant starts from the same shared
   weights and sees the same batches), then its mean and interval over seeds. 1 = the variant
   loses everything learned attention gains over chance, 0 = nothing, below 0 = it does
-  better. Undefined when learned attention is not above chance.
+  better. Undefined when learned attention is not above chance (on a masked-LM task, not
+  above the own-token level: a reader of the masked position's own input alone gets the
+  kept tokens right).
 - **Verdicts** read the interval's bounds only: *essential* (above 0.8), *partial* (above 0,
   reaching 0.2 but not wholly above 0.8), *minor* (above 0, below 0.2), *dispensable* (includes
   0, below 0.2), *inconclusive* (includes 0 and 0.2), *better* (below 0).
@@ -369,12 +371,18 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     chance = next((float(r["chance"]) for r in all_rows if finite(r.get("chance"))), math.nan)
     learned_by_seed = _by_seed(runs.get("learned", []))
     learned_acc = _stat(learned_by_seed.values())
-    # Learned attention has learned when its interval lies above chance (with fewer than
+    # What no context gives: chance, or on a masked-LM task the level of reading the own
+    # token alone (kept tokens give their answer away), when that is higher.
+    own = next(
+        (float(r["own_token_level"]) for r in all_rows if finite(r.get("own_token_level"))), None
+    )
+    floor = max(chance, own) if own is not None else chance
+    # Learned attention has learned when its interval lies above that floor (with fewer than
     # MIN_SEEDS seeds, when its mean does: stated as such).
     learns = learned_acc is not None and (
-        learned_acc["low"] > chance
+        learned_acc["low"] > floor
         if _interval(learned_acc).has_interval
-        else learned_acc["mean"] > chance
+        else learned_acc["mean"] > floor
     )
     levels = _levels(all_rows)
     variants = {}
@@ -424,6 +432,7 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         f" ({', '.join(f'{k}={v}' for k, v in sorted(grid.items()))})" if grid else ""
     )
     group = dict(task=first["task"], grid=grid, label=label, chance=chance, levels=levels)
+    group["own_token_level"] = own
     group["eval_sequences"] = first.get("eval_sequences")
     group |= dict(context_need=first.get("context_need"), variants=variants)
     group["alignment_uniform"] = uniform["mean"] if uniform else None
@@ -808,9 +817,16 @@ def _statement(g: dict[str, Any]) -> str:
             f"{chance:.2f}), so context dependence is not defined{reach_text}"
         )
     elif not g["learned_learns"]:
+        own = g.get("own_token_level")
+        floor = (
+            f"the own-token level {own:.2f} (chance {chance:.2f}; a masked token's input is "
+            "its own token in a share of cases)"
+            if own is not None and own > chance
+            else f"chance {chance:.2f}"
+        )
         out.append(
             f"{opening}, learned attention reaches only {_fmt(learned['accuracy'])}, not above"
-            f" chance {chance:.2f}: it did not learn the task, so context dependence"
+            f" {floor}: it did not learn the task, so context dependence"
             f" is undefined{reach_text}"
         )
     else:

@@ -446,6 +446,12 @@ def _point_fields(
         "grid": point.grid,
         "seed": seed,
         "chance": chance,
+        # A masked-LM task's own token gives a share of answers away (the kept tokens).
+        **(
+            {"own_token_level": exp.task.own_token_level}
+            if hasattr(exp.task, "own_token_level")
+            else {}
+        ),
         **levels,
         **(
             {

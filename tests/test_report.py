@@ -313,6 +313,20 @@ def test_learned_at_chance_makes_dependence_undefined():
     assert "not above chance 0.25: it did not learn the task" in g["statement"]
 
 
+def test_a_masked_lm_model_at_the_own_token_level_did_not_learn():
+    # Above chance (0.0625) but within what the kept tokens give away (0.156).
+    own = dict(chance=0.0625, own_token_level=0.156)
+    rows = [_row("t", "learned", s, a, **own) for s, a in enumerate([0.15, 0.17, 0.16])]
+    rows += [_row("t", "none", s, 0.14, **own) for s in range(3)]
+    g = summarize(rows)["groups"][0]
+    assert g["variants"]["none"]["dependence"] is None
+    assert "not above the own-token level 0.16 (chance 0.06" in g["statement"]
+    # Above the own-token level: learned, and the dependence is defined.
+    rows = [_row("t", "learned", s, a, **own) for s, a in enumerate([0.9, 0.95, 0.92])]
+    rows += [_row("t", "none", s, 0.14, **own) for s in range(3)]
+    assert summarize(rows)["groups"][0]["variants"]["none"]["dependence"] is not None
+
+
 def test_single_seed_and_task_without_learned(tmp_path):
     rows = [
         _row("t", "learned", 0, 1.0),
