@@ -790,6 +790,8 @@ def test_ctrl_c_inside_a_save_is_held_until_the_step_and_its_manifest_are_writte
 
     from ablate.checkpoint import MANIFEST, Checkpointer
 
+    # Python's own handler, as in a terminal (a pytest-xdist worker ignores SIGINT).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     ckpt = Checkpointer(tmp_path / "checkpoints")
     real_save = ckpt.manager.save
 
@@ -798,11 +800,15 @@ def test_ctrl_c_inside_a_save_is_held_until_the_step_and_its_manifest_are_writte
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(ckpt.manager, "save", save_hit_by_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.save(5, {"w": jnp.arange(3.0)}, {"step": 5})
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save(5, {"w": jnp.arange(3.0)}, {"step": 5})
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (tmp_path / "checkpoints" / "5" / MANIFEST).is_file()
     assert ckpt.verify(5) is None
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert restored is signal.default_int_handler
 
 
 @pytest.mark.slow
