@@ -397,13 +397,16 @@ class GaussianConfig(NoSettings):
 
 
 class Gaussian(Mixer):
-    """A hard-coded Gaussian around position i + offset_h (You et al. 2020)."""
+    """A hard-coded Gaussian around position i + offset_h (You et al. 2020).
+
+    In cross-attention (target queries over source positions) the centre follows the
+    monotonic alignment i -> i: target i centres on source position i + offset_h, clipped to
+    the row's real source positions [0, n_source - 1], so targets past the source's end
+    centre on its last position. The source's length is read from the visibility; the
+    target's length is not used (it would tell the decoder about its own targets)."""
 
     lacks = ("learned routing: a fixed local pattern", "learned routing")
-    cross_refusal = (
-        "it centres on the query's own position, which has no counterpart among the source "
-        "positions (the pattern needs L == S and one shared position axis)"
-    )
+    supports_cross = True
 
     Config = GaussianConfig
 
@@ -415,12 +418,16 @@ class Gaussian(Mixer):
         self.sigma = float(self.config.sigma)
 
     def pattern(self, x_BLD, visible_BLS, source_BSD=None) -> jax.Array:
-        L = x_BLD.shape[1]
+        L, S = x_BLD.shape[1], visible_BLS.shape[-1]
         pos_L = jnp.arange(L, dtype=jnp.float32)
-        centre_HL = pos_L[None] + jnp.asarray(self.offsets, jnp.float32)[:, None]
-        dist_HLS = pos_L[None, None, :] - centre_HL[:, :, None]
-        logits_1HLS = (-0.5 * (dist_HLS / self.sigma) ** 2)[None]
-        return masked_softmax(logits_1HLS, visible_BLS).astype(x_BLD.dtype)
+        centre_1HL = (pos_L[None] + jnp.asarray(self.offsets, jnp.float32)[:, None])[None]
+        if source_BSD is not None:
+            # A source position is real iff some query may see it (padding is invisible).
+            last_B11 = visible_BLS.any(axis=1).sum(axis=-1)[:, None, None] - 1.0
+            centre_1HL = jnp.clip(centre_1HL, 0.0, jnp.maximum(last_B11, 0.0))
+        dist_BHLS = jnp.arange(S, dtype=jnp.float32)[None, None, None, :] - centre_1HL[..., None]
+        logits_BHLS = -0.5 * (dist_BHLS / self.sigma) ** 2
+        return masked_softmax(logits_BHLS, visible_BLS).astype(x_BLD.dtype)
 
 
 def default_gaussian_offsets(n_heads: int, causal: bool) -> tuple[int, ...]:

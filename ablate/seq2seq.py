@@ -11,8 +11,8 @@ MLP, each pre-norm with a residual).
 
 Refused with their reasons before anything is built: `fourier` outside the encoder (it
 needs a bidirectional square mixing), and in cross-attention every variant without
-`supports_cross` (`none`: the decoder would never see the source; `gaussian`: its centre is
-the query's own position, which the source does not have). Source padding (`source_valid`)
+`supports_cross` (`none`: the decoder would never see the source). `gaussian` there follows
+the monotonic alignment (target i centres on source position i). Source padding (`source_valid`)
 hides padded source positions from every encoder query and every cross-attention query;
 target padding (`valid`) does the same in the decoder.
 
