@@ -422,7 +422,8 @@ class Gaussian(Mixer):
         pos_L = jnp.arange(L, dtype=jnp.float32)
         centre_1HL = (pos_L[None] + jnp.asarray(self.offsets, jnp.float32)[:, None])[None]
         if source_BSD is not None:
-            # A source position is real iff some query may see it (padding is invisible).
+            # A source position is real iff some query may see it (padding is invisible);
+            # sources are padded at the end, so the real ones are [0, n_source).
             last_B11 = visible_BLS.any(axis=1).sum(axis=-1)[:, None, None] - 1.0
             centre_1HL = jnp.clip(centre_1HL, 0.0, jnp.maximum(last_B11, 0.0))
         dist_BHLS = jnp.arange(S, dtype=jnp.float32)[None, None, None, :] - centre_1HL[..., None]

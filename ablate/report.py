@@ -377,7 +377,7 @@ def _summarize_group(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     own = next(
         (float(r["own_token_level"]) for r in all_rows if finite(r.get("own_token_level"))), None
     )
-    floor = max(chance, own) if own is not None else chance
+    floor = chance if own is None else own if math.isnan(chance) else max(chance, own)
     # Learned attention has learned when its interval lies above that floor (with fewer than
     # MIN_SEEDS seeds, when its mean does: stated as such).
     learns = learned_acc is not None and (

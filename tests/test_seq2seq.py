@@ -182,3 +182,9 @@ def test_gaussian_cross_attention_follows_the_monotonic_alignment():
             expected = np.clip(np.arange(L) + offset, 0, n - 1)
             np.testing.assert_array_equal(peak[b, h], expected)
     assert float(probs[1, :, :, 3:].max()) == 0.0  # padded source positions get no mass
+    # The clip moves the centre itself (not only the peak): with sigma 1 a target past the
+    # source's end has the row of a centre on the last real position.
+    wide = Gaussian(1, settings, nnx.Rngs(0), Gaussian.Config(sigma=1.0, offsets=(0,)))
+    probs = wide.pattern(jnp.zeros((B, L, 8)), visible_BLS, source_BSD=jnp.zeros((B, S, 8)))
+    expected = jax.nn.softmax(-0.5 * (jnp.arange(3.0) - 2.0) ** 2)
+    np.testing.assert_allclose(probs[1, 0, 5, :3], expected, rtol=1e-6)
