@@ -46,6 +46,7 @@ Axis letters: the table in `ablate.model` (S source positions).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar, NamedTuple
 
@@ -176,19 +177,9 @@ class Seq2SeqTask(Task):
             deps_from_sources(src_BLJ, S),
         )
 
+    @abc.abstractmethod
     def _targets(self, source_BS, n_B):
         """(targets_BL before EOS, target lengths T_B, source positions src_BLJ of each)."""
-        pi_BL, src_BLJ = self._alignment(source_BS, n_B)
-        lex = jnp.asarray(self.lexicon)
-        targets_BL = lex[jnp.take_along_axis(source_BS, pi_BL, axis=1)]
-        B, _, J = src_BLJ.shape
-        targets_BL = jnp.concatenate([targets_BL, jnp.zeros((B, 1), jnp.int32)], axis=1)
-        src_BLJ = jnp.concatenate([src_BLJ, jnp.full((B, 1, J), -1, jnp.int32)], axis=1)
-        return targets_BL, n_B, src_BLJ
-
-    def _alignment(self, source_BS, n_B):
-        """(pi_BS: the source position each target copies, src_BSJ: the positions deciding it)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ host side
 
@@ -224,12 +215,13 @@ class Seq2SeqTask(Task):
         inputs = np.r_[BOS, targets[:-1]]
         return np.where(weights > 0, inputs, PAD)
 
+    @abc.abstractmethod
     def cross_sources(self, source: np.ndarray) -> list[list[int]]:
         """Per target position (EOS and padding: []), the source positions that decide it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _host_targets(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The target symbols (before EOS) of a host-side source, by the task's rule."""
 
     def _chance(self) -> float:
         """Best accuracy of a constant per target position, estimated on host-drawn sources
@@ -260,8 +252,26 @@ class Seq2SeqTask(Task):
         return float(best / scored)
 
 
+class OneToOne(Seq2SeqTask):
+    """A seq2seq task whose target i is the lexicon's word for ONE source position pi(i)."""
+
+    def _targets(self, source_BS, n_B):
+        """(targets_BL before EOS, target lengths T_B, source positions src_BLJ of each)."""
+        pi_BL, src_BLJ = self._alignment(source_BS, n_B)
+        lex = jnp.asarray(self.lexicon)
+        targets_BL = lex[jnp.take_along_axis(source_BS, pi_BL, axis=1)]
+        B, _, J = src_BLJ.shape
+        targets_BL = jnp.concatenate([targets_BL, jnp.zeros((B, 1), jnp.int32)], axis=1)
+        src_BLJ = jnp.concatenate([src_BLJ, jnp.full((B, 1, J), -1, jnp.int32)], axis=1)
+        return targets_BL, n_B, src_BLJ
+
+    @abc.abstractmethod
+    def _alignment(self, source_BS, n_B):
+        """(pi_BS: the source position each target copies, src_BSJ: the positions deciding it)."""
+
+
 @register
-class Translate(Seq2SeqTask):
+class Translate(OneToOne):
     """Monotone word-for-word translation with a fixed random lexicon."""
 
     name = "translate"
@@ -284,7 +294,7 @@ class Translate(Seq2SeqTask):
 
 
 @register
-class TranslateReorder(Seq2SeqTask):
+class TranslateReorder(OneToOne):
     """Translation where every adjacent (A, N) pair of word classes is written (N, A)."""
 
     name = "translate_reorder"
@@ -345,7 +355,7 @@ class TranslateReorder(Seq2SeqTask):
 
 
 @register
-class ReverseCopy(Seq2SeqTask):
+class ReverseCopy(OneToOne):
     """The source reversed (each symbol written as its target id): y_i = s_(n-1-i)."""
 
     name = "reverse_copy"
