@@ -255,6 +255,11 @@ class Seq2SeqTask(Task):
 class OneToOne(Seq2SeqTask):
     """A seq2seq task whose target i is the lexicon's word for ONE source position pi(i)."""
 
+    def _chance(self):
+        # A target is the lexicon's word for one uniform source symbol (a bijection), so
+        # each symbol's share is 1 / n_symbols; a task whose classes say more overrides this.
+        return self._length_chance(lambda i, n: 1.0 / self.config.n_symbols)
+
     def _targets(self, source_BS, n_B):
         """(targets_BL before EOS, target lengths T_B, source positions src_BLJ of each)."""
         pi_BL, src_BLJ = self._alignment(source_BS, n_B)
@@ -288,9 +293,6 @@ class Translate(OneToOne):
     def cross_sources(self, source):
         n = self._length(source)
         return [[i] for i in range(n)] + [[] for _ in range(self.seq_len - n)]
-
-    def _chance(self):
-        return self._length_chance(lambda i, n: 1.0 / self.config.n_symbols)
 
 
 @register
@@ -379,9 +381,6 @@ class ReverseCopy(OneToOne):
     def cross_sources(self, source):
         n = self._length(source)
         return [[n - 1 - i] for i in range(n)] + [[] for _ in range(self.seq_len - n)]
-
-    def _chance(self):
-        return self._length_chance(lambda i, n: 1.0 / self.config.n_symbols)
 
 
 @register
