@@ -52,7 +52,8 @@ class MixerSettings:
     """What a mixer needs to know about the model it serves (`first_head`: its first head's
     index in the layer, for variants whose heads differ by index; `max_source_len`: the most
     key positions, 0 for self-attention where it is `max_len`; `cross`: whether the mixer
-    serves cross-attention, keys from another sequence)."""
+    serves cross-attention, keys from another sequence; `bias`: whether projections have
+    biases, as in pretrained GPT-2 and BERT)."""
 
     d_model: int
     head_dim: int
@@ -61,6 +62,7 @@ class MixerSettings:
     first_head: int = 0
     max_source_len: int = 0
     cross: bool = False
+    bias: bool = False
 
     @property
     def max_keys(self) -> int:
@@ -273,12 +275,16 @@ class Learned(Mixer):
     supports_cross = True
     #: Q K^T and P V: 2 L K forward each, 4 L K backward each.
     mixing_flops = 12
-    describe = {"w_q": "W_q", "w_k": "W_k"}
+    describe = {"w_q": "W_q", "w_k": "W_k", "b_q": "b_q", "b_k": "b_k"}
 
     def __init__(self, n_heads: int, settings: MixerSettings, rngs: nnx.Rngs, config=None):
         super().__init__(n_heads, settings, rngs, config)
         self.w_q = self.weight_type(_projection(rngs, settings, n_heads))
         self.w_k = self.weight_type(_projection(rngs, settings, n_heads))
+        # Zero-initialised and drawn from no stream (as the value and output biases).
+        bias = settings.bias
+        self.b_q = self.weight_type(jnp.zeros((n_heads, settings.head_dim))) if bias else None
+        self.b_k = self.weight_type(jnp.zeros((n_heads, settings.head_dim))) if bias else None
 
     def matmul_weights(self) -> tuple[nnx.Variable, ...]:
         return (self.w_q, self.w_k)
@@ -287,6 +293,9 @@ class Learned(Mixer):
         source_BSD = x_BLD if source_BSD is None else source_BSD
         q_BLHK = jnp.einsum("BLD,DHK->BLHK", x_BLD, self.w_q[...].astype(x_BLD.dtype))
         k_BSHK = jnp.einsum("BSD,DHK->BSHK", source_BSD, self.w_k[...].astype(x_BLD.dtype))
+        if self.b_q is not None:
+            q_BLHK = q_BLHK + self.b_q[...].astype(x_BLD.dtype)[None, None]
+            k_BSHK = k_BSHK + self.b_k[...].astype(x_BLD.dtype)[None, None]
         return q_BLHK, k_BSHK
 
     def pattern(self, x_BLD, visible_BLS, source_BSD=None) -> jax.Array:

@@ -108,7 +108,9 @@ SEEDS = 8  # Z of the vmapped-vs-sequential comparison, unless asked otherwise
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token, by the formula in the module docstring."""
     model = abstract_model(cfg)
-    weights = [model.head.kernel] + [w for b in model.blocks for w in b.matmul_weights()]
+    # A tied head multiplies by the token embedding (a weight like any other here).
+    head = model.token_embed.embedding if model.head is None else model.head.kernel
+    weights = [head] + [w for b in model.blocks for w in b.matmul_weights()]
     flops = sum((6 if isinstance(w, nnx.Param) else 4) * math.prod(w.shape) for w in weights)
     for layer in mixers_of(model):
         flops += sum(mixer.flops_per_token(seq_len) for _, _, mixer in layer)

@@ -70,6 +70,15 @@ def _probe(args) -> int:
     from ablate.distributed import is_primary
     from ablate.probe import probe_run, summary
 
+    if (args.run_dir is None) == (args.pretrained is None):
+        msg = "give a run folder, or --pretrained NAME (a hub name or a checkpoint folder)"
+        raise ConfigError([("probe", f"{msg}, not both" if args.run_dir else msg)])
+    if args.pretrained is not None:
+        return _probe_pretrained(args)
+    text_flags = [f for f in PRETRAINED_FLAGS if getattr(args, f) is not None]
+    if text_flags:
+        flags = ", ".join("--" + f.replace("_", "-") for f in text_flags)
+        raise ConfigError([("probe", f"{flags} apply only with --pretrained")])
     try:
         seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -78,6 +87,28 @@ def _probe(args) -> int:
     result = probe_run(args.run_dir, args.kinds, args.heads, seeds, args.out, chunk=args.chunk)
     if is_primary():  # process 0 prints and writes for all
         print(summary(result))
+    return EXIT_OK
+
+
+#: `ablate probe` flags of a pretrained model's probe (None: not given).
+PRETRAINED_FLAGS = (
+    "text", "split", "text_column", "seq_len", "batch_size", "batches", "mask_rate", "seed",
+)  # fmt: skip
+
+
+def _probe_pretrained(args) -> int:
+    from ablate.config import ConfigError
+    from ablate.pretrained_probe import probe_pretrained
+
+    if args.seeds is not None:
+        raise ConfigError([("seeds", "a pretrained model has no seeds; use --seed for the text")])
+    given = {f: getattr(args, f) for f in PRETRAINED_FLAGS if getattr(args, f) is not None}
+    result = probe_pretrained(
+        args.pretrained, kinds=args.kinds, heads=args.heads, chunk=args.chunk, out_dir=args.out,
+        **given,
+    )  # fmt: skip
+    print(Path(result["files"][-1]).read_text())
+    print(f"table, plots and summary: {Path(result['files'][0]).parent}")
     return EXIT_OK
 
 
@@ -210,9 +241,31 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=_tensorboard)
 
     p = sub.add_parser(
-        "probe", help="ablate heads of a trained run: drop per head, importance, pruning curve"
+        "probe",
+        help="ablate heads of a trained run, or of a pretrained GPT-2/BERT on text: drop per "
+        "head, importance, pruning curve",
     )
-    p.add_argument("run_dir", help="a run folder made by `ablate train` or `ablate sweep`")
+    p.add_argument(
+        "run_dir", nargs="?", help="a run folder made by `ablate train` or `ablate sweep`"
+    )
+    p.add_argument(
+        "--pretrained",
+        metavar="NAME",
+        help="probe a pretrained model instead: gpt2 ... gpt2-xl, bert-base-uncased ..., a hub "
+        "owner/name, or a folder with config.json, model.safetensors and tokenizer.json",
+    )
+    g = p.add_argument_group("pretrained models (with --pretrained)")
+    g.add_argument(
+        "--text", help="text to probe on: a local txt/jsonl/csv/parquet file or folder, or a "
+        "hub dataset (default: this Python's standard library sources, no download)"
+    )  # fmt: skip
+    g.add_argument("--split", help="dataset split (default: train)")
+    g.add_argument("--text-column", help="text column (default: text)")
+    g.add_argument("--seq-len", type=int, help="window length, at most the context (default: 128)")
+    g.add_argument("--batch-size", type=int, help="windows per batch (default: 8)")
+    g.add_argument("--batches", type=int, help="batches per set (default: 8)")
+    g.add_argument("--mask-rate", type=float, help="BERT: share of tokens masked (default: 0.15)")
+    g.add_argument("--seed", type=int, help="document order, windows, masks (default: 0)")
     p.add_argument(
         "--kinds",
         default="zero,mean,uniform,random,mean_pattern,resample",
@@ -225,7 +278,9 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
         "PART encoder, decoder or cross",
     )
     p.add_argument("--seeds", help="comma-separated seeds (default: all trained)")
-    p.add_argument("--out", help="output folder (default: RUN_DIR/probe)")
+    p.add_argument(
+        "--out", help="output folder (default: RUN_DIR/probe, or ./probe-NAME when pretrained)"
+    )
     p.add_argument("--chunk", type=int, help="ablations evaluated side by side (default: all)")
     p.set_defaults(func=_probe)
 

@@ -71,6 +71,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     fused_attention: bool = True
     remat: bool = False
+    bias: bool = False
+    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
+    norm_position: Literal["pre", "post"] = "pre"
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
 
     def __post_init__(self):
         # Lists given directly (not via from_dict) become tuples, so the config stays hashable.
@@ -115,6 +120,8 @@ class ModelConfig:
             found.append(("d_mlp", msg))
         if self.n_heads >= 1 and self.d_model % self.n_heads:
             found.append(("n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}"))
+        if not self.norm_eps > 0:
+            found.append(("norm_eps", f"must be > 0, got {self.norm_eps}"))
         if self.dropout < 0 or self.dropout >= 1:
             found.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
         for i, part in enumerate(self.freeze):
@@ -207,6 +214,10 @@ class Attention(nnx.Module):
         self.w_o = nnx.Param(
             nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)(rngs.params(), (H, K, D))
         )
+        # Biases (settings.bias) start at zero and are drawn from no stream, so a model with
+        # them starts where the same seed's model without them does.
+        self.b_v = nnx.Param(jnp.zeros((H, K))) if settings.bias else None
+        self.b_o = nnx.Param(jnp.zeros((D,))) if settings.bias else None
         groups, start = [], 0
         for _, run in itertools.groupby(head_variants):
             n = len(list(run))
@@ -255,6 +266,8 @@ class Attention(nnx.Module):
         """
         kv_BSD = x_BLD if source_BSD is None else source_BSD
         v_BSHK = jnp.einsum("BSD,DHK->BSHK", kv_BSD, self.w_v[...].astype(x_BLD.dtype))
+        if self.b_v is not None:
+            v_BSHK = v_BSHK + self.b_v[...].astype(x_BLD.dtype)[None, None]
         source = {} if source_BSD is None else {"source_BSD": source_BSD}
         outs, probs = [], []
         for mixer, (start, n) in zip(self.mixers, self.head_groups):
@@ -269,26 +282,42 @@ class Attention(nnx.Module):
             probs.append(probs_BHLS)
         heads_BLHK = jnp.concatenate(outs, axis=2).astype(x_BLD.dtype)
         y_BLD = jnp.einsum("BLHK,HKD->BLD", heads_BLHK, self.w_o[...].astype(x_BLD.dtype))
+        if self.b_o is not None:
+            y_BLD = y_BLD + self.b_o[...].astype(x_BLD.dtype)[None, None]
         probs_BHLS = jnp.concatenate(probs, axis=1) if return_pattern else None
         return y_BLD, probs_BHLS, heads_BLHK
+
+
+def gelu(x: jax.Array, activation: str = "gelu_tanh") -> jax.Array:
+    """GELU by its `ModelConfig.activation` name: the tanh approximation or the exact (erf)."""
+    return jax.nn.gelu(x, approximate=activation == "gelu_tanh")
 
 
 class MLP(nnx.Module):
     """Two-layer GELU MLP computing in `dtype` (its parameters stay float32)."""
 
-    def __init__(self, d_model: int, d_mlp: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self,
+        d_model: int,
+        d_mlp: int,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        activation: str = "gelu_tanh",
+    ):
         self.up = nnx.Linear(d_model, d_mlp, dtype=dtype, rngs=rngs)
         self.down = nnx.Linear(d_mlp, d_model, dtype=dtype, rngs=rngs)
+        self.activation = activation
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        return self.down(jax.nn.gelu(self.up(x_BLD)))
+        return self.down(gelu(self.up(x_BLD), self.activation))
 
     def matmul_weights(self) -> tuple[nnx.Variable, ...]:
         return (self.up.kernel, self.down.kernel)
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+    """Transformer block: pre-norm x + attn(norm(x)), then x + mlp(norm(x)); or, with
+    `cfg.norm_position` "post" (BERT), norm(x + attn(x)), then norm(x + mlp(x)).
 
     With `frozen`, every weight of the block (mixers included) stays at init.
     """
@@ -303,39 +332,51 @@ class Block(nnx.Module):
         frozen: bool = False,
     ):
         settings = MixerSettings(
-            d_model=cfg.d_model, head_dim=cfg.head_dim, max_len=cfg.seq_len, causal=cfg.causal
+            d_model=cfg.d_model,
+            head_dim=cfg.head_dim,
+            max_len=cfg.seq_len,
+            causal=cfg.causal,
+            bias=cfg.bias,
         )
         # Compute in cfg.dtype, parameters in float32 (flax keeps the norm statistics in f32).
         dtype = jnp.dtype(cfg.dtype)
-        self.norm_attn = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.norm_attn = layer_norm(cfg, rngs, dtype)
         self.attention = Attention(
             head_variants, settings, rngs, mixer_rngs, cfg.attention_settings
         )
-        self.norm_mlp = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_width, rngs, dtype=dtype)
+        self.norm_mlp = layer_norm(cfg, rngs, dtype)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_width, rngs, dtype=dtype, activation=cfg.activation)
         self.dropout = cfg.dropout
+        self.post_norm = cfg.norm_position == "post"
         if frozen:
             # flax's layers (norms, MLP) make nnx.Param and take no variable type.
             _params_to_frozen(self)
 
     def __call__(self, x_BLD, visible_BLS, *, dropout_key=None, **attention_kwargs):
         """Returns (x_BLD, probs_BHLS or None, per-head attention outputs heads_BLHK)."""
+        pre = (lambda norm, x: x) if self.post_norm else (lambda norm, x: norm(x))
+        post = (lambda norm, x: norm(x)) if self.post_norm else (lambda norm, x: x)
         attn_BLD, probs_BHLS, heads_BLHK = self.attention(
-            self.norm_attn(x_BLD), visible_BLS, **attention_kwargs
+            pre(self.norm_attn, x_BLD), visible_BLS, **attention_kwargs
         )
         mlp_key = None
         if dropout_key is not None and self.dropout > 0:
             attn_key, mlp_key = jax.random.split(dropout_key)
             attn_BLD = _dropout(attn_BLD, self.dropout, attn_key)
-        x_BLD = x_BLD + attn_BLD
-        mlp_BLD = self.mlp(self.norm_mlp(x_BLD))
+        x_BLD = post(self.norm_attn, x_BLD + attn_BLD)
+        mlp_BLD = self.mlp(pre(self.norm_mlp, x_BLD))
         if mlp_key is not None:
             mlp_BLD = _dropout(mlp_BLD, self.dropout, mlp_key)
-        return x_BLD + mlp_BLD, probs_BHLS, heads_BLHK
+        return post(self.norm_mlp, x_BLD + mlp_BLD), probs_BHLS, heads_BLHK
 
     def matmul_weights(self) -> tuple[nnx.Variable, ...]:
         """The block's weights outside the mixers that multiply activations."""
         return (self.attention.w_v, self.attention.w_o, *self.mlp.matmul_weights())
+
+
+def layer_norm(cfg: ModelConfig, rngs: nnx.Rngs, dtype: Any = None) -> nnx.LayerNorm:
+    """A LayerNorm over d_model with the config's epsilon, computing in `dtype` (default f32)."""
+    return nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
 
 
 def _params_to_frozen(root: nnx.Module) -> None:
@@ -406,10 +447,16 @@ class Transformer(nnx.Module):
                 for n, v in enumerate(cfg.head_variants())
             ]
         )
-        self.norm = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        # Pre-norm: the final norm, before the head; post-norm (BERT): the embeddings' norm.
+        self.norm = layer_norm(cfg, rngs)
         # The head multiplies in cfg.dtype (a float32 output would make its backward pass
-        # multiply float32 cotangents); the logits are cast to float32 for the loss.
-        self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        # multiply float32 cotangents); the logits are cast to float32 for the loss. Tied: the
+        # transposed token embedding, no bias (GPT-2).
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(cfg.d_model, cfg.vocab_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        )
 
     def __call__(
         self,
@@ -420,11 +467,24 @@ class Transformer(nnx.Module):
         dropout_key: jax.Array | None = None,
     ) -> Output:
         """Logits (B, L, V), and the patterns of every layer when asked for."""
+        return self.run(
+            self.embed(tokens_BL),
+            valid_BL=valid_BL,
+            return_patterns=return_patterns,
+            dropout_key=dropout_key,
+        )
+
+    def run(
+        self,
+        x_BLD: jax.Array,
+        *,
+        valid_BL: jax.Array | None = None,
+        return_patterns: bool = False,
+        dropout_key: jax.Array | None = None,
+    ) -> Output:
+        """The blocks and the head on embedded input x_BLD (what `embed` makes)."""
         cfg = self.cfg
-        B, L = tokens_BL.shape
-        dtype = jnp.dtype(cfg.dtype)
-        x_BLD = self.token_embed(tokens_BL) + self.pos_embed[...][None, :L]
-        x_BLD = x_BLD.astype(dtype)
+        B, L = x_BLD.shape[:2]
         visible_BLS = visibility(L, cfg.causal, valid_BL, B)
         keys = [None] * len(self.blocks)
         if dropout_key is not None and cfg.dropout > 0:
@@ -435,11 +495,28 @@ class Transformer(nnx.Module):
         for block, key in zip(self.blocks, keys):
             x_BLD, probs_BHLS, _ = run(block, x_BLD, visible_BLS, key)
             patterns.append(probs_BHLS)
-        logits = self.head(self.norm(x_BLD.astype(jnp.float32)))
         return Output(
-            logits=logits.astype(jnp.float32),
+            logits=self.logits(x_BLD).astype(jnp.float32),
             patterns=tuple(patterns) if return_patterns else None,
         )
+
+    def embed(self, tokens_BL: jax.Array) -> jax.Array:
+        """The first block's input x_BLD: token + position embeddings (normed when post-norm)."""
+        L = tokens_BL.shape[1]
+        x_BLD = self.token_embed(tokens_BL) + self.pos_embed[...][None, :L]
+        if self.cfg.norm_position == "post":
+            x_BLD = self.norm(x_BLD)
+        return x_BLD.astype(jnp.dtype(self.cfg.dtype))
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        """The LM head on the last block's output (after the final norm when pre-norm)."""
+        x_BLD = x_BLD.astype(jnp.float32)
+        if self.cfg.norm_position == "pre":
+            x_BLD = self.norm(x_BLD)
+        if self.head is None:
+            table_VD = self.token_embed.embedding[...].astype(jnp.dtype(self.cfg.dtype))
+            return x_BLD.astype(table_VD.dtype) @ table_VD.T
+        return self.head(x_BLD)
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

@@ -69,9 +69,13 @@ def patterns_png(
 
 
 def drop_heatmap_png(
-    drop_ZNH: np.ndarray | dict[str, np.ndarray], titles: list[str], kind: str
+    drop_ZNH: np.ndarray | dict[str, np.ndarray],
+    titles: list[str],
+    kind: str,
+    measure: str = "accuracy drop",
 ) -> tuple[bytes, int, int]:
-    """Accuracy drop per layer (rows) and head (columns), one panel per seed (or the mean).
+    """A drop (`measure`, e.g. accuracy drop or loss increase) per layer (rows) and head
+    (columns), one panel per seed (or the mean).
 
     `drop_ZNH` may be a dict {title of a kind of attention: its (Z, N, H)}: one row of
     panels per kind, each panel titled by its kind and seed, one colour scale for all.
@@ -104,15 +108,18 @@ def drop_heatmap_png(
                     ax.set_title(f"{part}\n{title}", fontsize=8)
                 else:
                     ax.set(title=title)
-        fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="accuracy drop")
-        fig.suptitle(f"{kind} ablation: accuracy drop per head", fontsize=9)
+        fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label=measure)
+        fig.suptitle(f"{kind} ablation: {measure} per head", fontsize=9)
         return fig
 
     return _png(draw)
 
 
-def pruning_png(pruning_K2P: np.ndarray, seeds, chance: float) -> tuple[bytes, int, int]:
-    """Accuracy as heads are removed, least important first, beside a random order."""
+def pruning_png(
+    pruning_K2P: np.ndarray, seeds, chance: float | None, measure: str = "accuracy"
+) -> tuple[bytes, int, int]:
+    """A measure (accuracy, or e.g. loss) as heads are removed, least important first,
+    beside a random order; `chance` is drawn as a line where given."""
     P = pruning_K2P.shape[1] // 2
 
     def draw(plt):
@@ -120,8 +127,9 @@ def pruning_png(pruning_K2P: np.ndarray, seeds, chance: float) -> tuple[bytes, i
         for k, seed in enumerate(seeds):
             (line,) = ax.plot(pruning_K2P[k, :P], "-o", ms=3, label=f"by importance, seed {seed}")
             ax.plot(pruning_K2P[k, P:], "--", color=line.get_color(), label=f"random, seed {seed}")
-        ax.axhline(chance, color="gray", lw=0.8, ls=":", label="chance")
-        ax.set(xlabel="heads removed", ylabel="accuracy", title="pruning (Michel et al. 2019)")
+        if chance is not None:
+            ax.axhline(chance, color="gray", lw=0.8, ls=":", label="chance")
+        ax.set(xlabel="heads removed", ylabel=measure, title="pruning (Michel et al. 2019)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
         return fig

@@ -46,7 +46,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +57,19 @@ from ablate.ablation import attentions_of, edited, recorded
 from ablate.attention import MIXERS
 from ablate.checkpoint import Checkpointer
 from ablate.config import ConfigError, upgrade_saved
-from ablate.core import Definition, Programs, TrainState, build_model, eval_batch
+from ablate.core import Programs, TrainState, build_model, eval_batch
 from ablate.distributed import is_primary
 from ablate.experiment import Experiment, build_experiment
-from ablate.heads import PART_TITLES, Group, group_name, head_name, parse_heads, part_at, parts_of
+from ablate.heads import (
+    PART_TITLES,
+    Group,
+    Part,
+    group_name,
+    head_name,
+    parse_heads,
+    part_at,
+    parts_of,
+)
 from ablate.logging import TensorBoardWriter
 from ablate.metrics import nan_to_none, token_metrics
 from ablate.plots import drop_heatmap_png, pruning_png
@@ -130,57 +139,96 @@ def parse_kinds(kinds: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+class ProbedModel(NamedTuple):
+    """What the probe knows of a model besides its weights: its graph (split from params and
+    rest), its kinds of attention, which heads have a pattern (N, H), and its head shape."""
+
+    graphdef: Any
+    parts: tuple[Part, ...]
+    has_pattern_NH: np.ndarray
+    n_heads: int
+    head_dim: int
+    dtype: Any
+
+    @classmethod
+    def of(cls, model: nnx.Module, parts: tuple[Part, ...], head_dim: int, dtype: Any):
+        """Read off a model (an abstract one will do: no weight is read)."""
+        graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+        heads = [a.has_pattern_H for p in parts for a in attentions_of(model, p.attention)]
+        has_pattern_NH = np.array(heads, dtype=bool)
+        return cls(graphdef, parts, has_pattern_NH, has_pattern_NH.shape[1], head_dim, dtype)
+
+
+class ProbeBatches(NamedTuple):
+    """The probe's data, each (E, B, ...): `eval` (inputs, targets, weights, valid[, source,
+    source_valid]) measures every edit; `reference` (inputs, valid[, source, source_valid])
+    gives the mean outputs and patterns, and the resampled patterns; `ranking` (as eval)
+    ranks the heads by importance, held out from `eval`."""
+
+    eval: tuple
+    reference: tuple
+    ranking: tuple
+
+
 class Prober:
     """Compiled ablated evaluation and gate gradients of one trained model, all seeds at once.
 
     An edit (one row) is `gate_NH`, which scales each head's output, and `mix_RNH`, how much
     of each replacement source in `SOURCES` a head takes instead of its own output/pattern;
     N is the layer axis of all `parts`. `params`/`rest` carry the seed axis Z, as in a
-    `TrainState`. `data` is the task's loaded data (read here when not given). Batches are
-    drawn as training's eval draws them (`ablate.core.eval_batch`), with their validity
-    masks (and, for an encoder-decoder, the source and its mask): a padded model is probed
-    with its padding masked, as it was trained and evaluated.
+    `TrainState`. `Prober.of_run` probes a run of `ablate train` on its task's batches;
+    ablate/pretrained_probe.py probes a pretrained model on text windows.
     """
 
     def __init__(
         self,
+        probed: ProbedModel,
+        params: Any,
+        rest: Any,
+        batches: ProbeBatches,
+        chunk: int | None = None,
+    ):
+        self.params, self.rest, self.chunk = params, rest, chunk
+        self.graphdef, self.parts, self.has_pattern_NH = probed[:3]
+        self.N, self.H = self.has_pattern_NH.shape
+        self.head_dim, self.dtype = probed.head_dim, jnp.dtype(probed.dtype)
+        self.n_seeds = jax.tree.leaves(params)[0].shape[0]
+        self.eval_batches, self.reference_batches, self.ranking_batches = batches
+        # Made once by a small program of its own and passed in: inside the big programs
+        # the random pattern would be compiled again (seconds on a CPU).
+        self.fixed_patterns = jax.jit(self._fixed_patterns)()
+        self._evaluate = jax.jit(jax.vmap(self._evaluate_one, in_axes=(0,) * 4 + (None,) * 3))
+        self._gradients = jax.jit(jax.vmap(self._gradients_one, in_axes=(0, 0, None)))
+
+    @classmethod
+    def of_run(
+        cls,
         exp: Experiment,
         params: Any,
         rest: Any,
         data: TaskData | None = None,
         chunk: int | None = None,
-    ):
-        self.exp, self.params, self.rest, self.chunk = exp, params, rest, chunk
-        self.parts = parts_of(exp)
-        self.graphdef = Definition.of(exp).graphdef
+    ) -> Prober:
+        """The prober of a trained run. `data` is the task's loaded data (read here when not
+        given). Batches are drawn as training's eval draws them (`ablate.core.eval_batch`),
+        with their validity masks (and, for an encoder-decoder, the source and its mask): a
+        padded model is probed with its padding masked, as it was trained and evaluated."""
+        parts = parts_of(exp)
         abstract = nnx.eval_shape(lambda: build_model(exp.model, nnx.Rngs(0)))
-        self.has_pattern_NH = np.array(
-            [a.has_pattern_H for p in self.parts for a in attentions_of(abstract, p.attention)],
-            dtype=bool,
-        )
+        probed = ProbedModel.of(abstract, parts, exp.model.head_dim, exp.model.dtype)
         arrays = (exp.task.load() if data is None else data).arrays
-        cfg = exp.model
-        self.N, self.H, self.head_dim = len(self.has_pattern_NH), cfg.n_heads, cfg.head_dim
-        self.n_seeds = jax.tree.leaves(params)[0].shape[0]
-        self.dtype = jnp.dtype(cfg.dtype)
         eval_key = jax.random.PRNGKey(exp.train.eval_seed)
         reference_key = jax.random.fold_in(eval_key, REFERENCE_STREAM)
         ranking_key = jax.random.fold_in(eval_key, RANKING_STREAM)
-        # Made once by a small program of their own and passed in: inside the big programs
-        # the sampler and the random pattern would be compiled again (seconds on a CPU).
         E = exp.train.eval_batches
-        self.eval_batches, self.reference_batches, self.ranking_batches, self.fixed_patterns = (
-            jax.jit(
-                lambda arrays: (
-                    _batches(exp, arrays, eval_key, E),
-                    _model_inputs(_batches(exp, arrays, reference_key, E)),
-                    _batches(exp, arrays, ranking_key, E),
-                    self._fixed_patterns(),
-                )
-            )(arrays)
-        )
-        self._evaluate = jax.jit(jax.vmap(self._evaluate_one, in_axes=(0,) * 4 + (None,) * 3))
-        self._gradients = jax.jit(jax.vmap(self._gradients_one, in_axes=(0, 0, None)))
+        batches = jax.jit(
+            lambda arrays: ProbeBatches(
+                _batches(exp, arrays, eval_key, E),
+                _model_inputs(_batches(exp, arrays, reference_key, E)),
+                _batches(exp, arrays, ranking_key, E),
+            )
+        )(arrays)
+        return cls(probed, params, rest, batches, chunk)
 
     def _fixed_patterns(self) -> tuple[jax.Array, ...]:
         """Per part, uniform and random patterns (2, N, 1, H, L, S), from the variant registry."""
@@ -285,8 +333,7 @@ class Prober:
                 return jax.lax.map(edited, (gate_ANH, mix_ARNH), batch_size=self.chunk)
             return jax.vmap(edited)((gate_ANH, mix_ARNH))
 
-        per_batch = jax.lax.map(one, (batches, references))
-        return jax.tree.map(lambda x: x.mean(0), per_batch)
+        return jax.lax.map(one, (batches, references))  # per batch: (E, A)
 
     def _gradients_one(self, params, rest, batches) -> tuple[jax.Array, jax.Array]:
         model = nnx.merge(self.graphdef, params, rest)
@@ -302,11 +349,15 @@ class Prober:
         counted_EB = batches[2].sum(-1) > 0
         return per_example_gate_importance(loss, jnp.ones((self.N, self.H)), batches, counted_EB)
 
-    def evaluate(self, gate_ZANH, mix_ZARNH) -> dict[str, np.ndarray]:
-        """Metrics (Z, A) of every edit row, in one compiled call."""
+    def evaluate(self, gate_ZANH, mix_ZARNH, per_batch: bool = False) -> dict[str, np.ndarray]:
+        """Metrics (Z, A) of every edit row, in one compiled call: the mean over the eval
+        batches, or with `per_batch` each batch's (Z, E, A), for paired intervals."""
         gate, mix = (jnp.asarray(x, jnp.float32) for x in (gate_ZANH, mix_ZARNH))
         data = (self.eval_batches, self.reference_batches, self.fixed_patterns)
-        return jax.device_get(self._evaluate(self.params, self.rest, gate, mix, *data))
+        measured = self._evaluate(self.params, self.rest, gate, mix, *data)
+        return jax.device_get(
+            measured if per_batch else {k: v.mean(1) for k, v in measured.items()}
+        )
 
     def edits(self, kinds: Sequence[str], masks_ANH) -> tuple[np.ndarray, np.ndarray]:
         """(gate_ZANH, mix_ZARNH) ablating the heads of row a (masks ANH or ZANH) by kinds[a]."""
@@ -433,7 +484,7 @@ def probe_run(
     idx = np.asarray([trained.index(s) for s in seeds])
     params, rest = (jax.tree.map(lambda x: x[idx], s) for s in (state.params, state.rest))
     data = exp.task.load() if data is None else data
-    prober = Prober(exp, params, rest, data, chunk=chunk)
+    prober = Prober.of_run(exp, params, rest, data, chunk=chunk)
 
     gradient_ZNH, importance_ZNH = prober.gate_gradients()
     orders = {

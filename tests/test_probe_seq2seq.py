@@ -61,7 +61,7 @@ def probed(run_dir):
 @pytest.fixture(scope="module")
 def prober(run_dir):
     exp, state, _ = probe.load_run(run_dir)
-    return probe.Prober(exp, state.params, state.rest)
+    return probe.Prober.of_run(exp, state.params, state.rest)
 
 
 def masks(prober, *names):
@@ -201,7 +201,8 @@ def test_uniform_cross_attention_ignores_padded_source_positions(prober):
 
     def probed_loss(batches):
         data = (batches, prober.reference_batches, prober.fixed_patterns)
-        return np.asarray(prober._evaluate(prober.params, prober.rest, gate, mix, *data)["loss"][0])
+        per_batch = prober._evaluate(prober.params, prober.rest, gate, mix, *data)["loss"][0]
+        return np.asarray(per_batch).mean(0)  # (E, A): the mean over the eval batches
 
     clean = probed_loss(batches)
     np.testing.assert_allclose(probed_loss(noisy_batches), clean, rtol=1e-6)

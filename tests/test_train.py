@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -390,3 +391,42 @@ def test_a_task_with_two_routes_is_measured_against_both_masks_and_on_conflict_s
     # Conflict rows skip slot t = pair t, so the uniform share there is weighted otherwise:
     # finite, and the content mask (key and value) gets two positions' worth.
     assert np.all(out["conflict_alignment"][0] > out["conflict_alignment_cheap"][0])
+
+
+def test_pretrained_architecture_knobs_train_from_scratch():
+    """GPT-2's and BERT's knobs (biased projections, exact GELU, post-norm, tied head) are
+    configuration of the one model: such a model trains, its biases and tied embedding move,
+    and each knob changes the function (none is silently ignored)."""
+    import dataclasses
+
+    from ablate.model import Transformer
+
+    knobs = {
+        "bias": True,
+        "activation": "gelu",
+        "norm_position": "post",
+        "norm_eps": 1e-12,
+        "tie_embeddings": True,
+    }
+    exp = tiny(**{f"model.{k}": v for k, v in knobs.items()})
+    start, end = Programs(exp).init(), run_steps(exp)
+    moved = {
+        jax.tree_util.keystr(path): float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for (path, a), (_, b) in zip(
+            jax.tree_util.tree_leaves_with_path(start.params),
+            jax.tree_util.tree_leaves_with_path(end.params),
+        )
+    }
+    for name in ("'b_v'", "'b_o'", "'b_q'", "'token_embed']['embedding'"):
+        assert any(name in k and v > 0 for k, v in moved.items()), (name, list(moved))
+    assert not any("'head'" in k for k in moved)  # tied: no head of its own
+
+    tokens = jnp.tile(jnp.arange(exp.task.seq_len) % 5, (2, 1))
+    with_knobs = Transformer(exp.model, rngs=nnx.Rngs(0))
+    others = {"activation": "gelu_tanh", "norm_position": "pre", "norm_eps": 0.5,
+              "tie_embeddings": False}  # fmt: skip
+    for knob, value in others.items():
+        cfg = dataclasses.replace(exp.model, **{knob: value})
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        apart = np.abs(np.asarray(model(tokens).logits) - np.asarray(with_knobs(tokens).logits))
+        assert apart.max() > 1e-4, knob

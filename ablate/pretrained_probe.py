@@ -1,0 +1,525 @@
+"""`ablate probe --pretrained NAME`: how much a pretrained GPT-2 or BERT relies on its heads'
+input-dependent attention, measured on held-out text.
+
+The text (the embedded standard-library corpus by default, or a local file / hub dataset)
+is tokenised with the model's own tokenizer and cut into windows: documents in a seeded
+order, joined by the end-of-text (GPT-2) or [SEP] (BERT) token, cut into consecutive windows
+of `seq_len` positions (a window never exceeds the model's context: a longer `seq_len` is
+refused, never truncated silently). Windows are dealt, in a seeded order, into three sets of
+`batches` x `batch_size`: eval (every number measured), reference (the mean outputs and
+mean patterns, and the inputs of `resample`) and ranking (Michel importance, so the pruning
+order is not chosen on the windows it is measured on). The loss is next-token cross-entropy
+(GPT-2) or masked-token cross-entropy (BERT: `mask_rate` of each window's tokens, [CLS] and
+[SEP] excepted, replaced by [MASK], at positions drawn from `seed`).
+
+The measurements are the trained-run probe's (`ablate.probe.Prober`, one compiled call for
+every row, `chunk` rows side by side: by default as many as `default_chunk` estimates to fit
+in about 2 GB of activations): every head alone under every kind; Michel importance and the
+pruning curves; and the whole-model PAPA measurement (Hassid et al. 2022): every head's
+pattern replaced at once by its mean over the reference windows (`mean_pattern`), and by
+uniform, then the same layer by layer. The whole-model and per-layer rows carry paired 95%
+intervals over the eval batches (each batch's loss difference from the unablated model on
+the same windows; Student t), and the summary's sentences are chosen from those bounds.
+
+Real text has no ground-truth dependency mask, so attention alignment is not measured;
+importance and the mean gate gradient per head (probe.json) are what the probe offers there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from scipy import stats
+
+from ablate import data as sources
+from ablate.attention import MixerSettings
+from ablate.config import ConfigError
+from ablate.data import DataError
+from ablate.heads import Part, group_name, head_name, parse_heads
+from ablate.logging import TensorBoardWriter
+from ablate.metrics import nan_to_none
+from ablate.plots import drop_heatmap_png, pruning_png
+from ablate.pretrained import Pretrained, load
+from ablate.probe import (
+    PATTERN_KINDS,
+    ProbeBatches,
+    ProbedModel,
+    Prober,
+    _masks,
+    _prefix_masks,
+    parse_kinds,
+)
+from ablate.runfolder import DROP_PNG, PROBE_FILE, PROBE_RECORD, PRUNING_PNG, write_atomic
+
+SUMMARY_FILE = "SUMMARY.md"
+#: The two whole-model replacements of the PAPA measurement.
+PAPA_KINDS = ("mean_pattern", "uniform")
+LEVEL = 0.95
+DEFAULT_SEQ_LEN = 128
+#: What the edit rows evaluated side by side may hold in activations, by default (bytes).
+CHUNK_BYTES = 2e9
+
+
+def text_documents(text: str | None, split: str = "train", text_column: str = "text"):
+    """(documents, what they are in words): the stdlib corpus, or a file / hub dataset."""
+    if not text:
+        files = sources.stdlib_files()
+        if not files:
+            raise DataError("no *.py files found in this Python's standard library")
+        docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        return docs, f"the standard library's top-level sources ({len(files)} files)"
+    ds = sources.load_dataset(text, split)
+    docs = [t for t in sources.column(ds, text_column, "text_column") if isinstance(t, str)]
+    if not any(d.strip() for d in docs):
+        raise DataError(f"{text}: every text in column {text_column!r} is empty")
+    return docs, f"{text} (split {split!r}, column {text_column!r}, {len(docs)} texts)"
+
+
+def cut_windows(pre: Pretrained, docs: Sequence[str], seq_len: int, n: int, seed: int):
+    """(n, seq_len + 1) token windows (GPT-2: inputs and the next token), or (n, seq_len)
+    [CLS] ... [SEP] windows (BERT), from the documents in a seeded order."""
+    if not 2 < seq_len <= pre.context:
+        raise ConfigError(
+            [
+                (
+                    "seq_len",
+                    f"must be in 3..{pre.context} (the model's context: {pre.name} has "
+                    f"position embeddings for {pre.context} positions; text is cut into "
+                    f"windows of seq_len tokens), got {seq_len}",
+                )
+            ]
+        )
+    bert = pre.family == "bert"
+    special = pre.tokenizer.special
+    width = seq_len - 2 if bert else seq_len + 1
+    joint = special["sep"] if bert else special["eos"]
+    order = np.random.default_rng(seed).permutation(len(docs))
+    stream, have = [], 0
+    for start in range(0, len(order), 64):
+        chunk = [docs[i] for i in order[start : start + 64] if docs[i]]
+        for enc in pre.tokenizer.inner.encode_batch(chunk, add_special_tokens=False):
+            stream.append(np.asarray([*enc.ids, joint], np.int32))
+            have += len(stream[-1])
+        if have >= n * width:
+            break
+    ids = np.concatenate(stream) if stream else np.zeros((0,), np.int32)
+    if len(ids) < n * width:
+        raise DataError(
+            f"the text gives {len(ids) // width} windows of {width} tokens; the probe needs "
+            f"{n} (3 sets of batches x batch_size): give more text, or fewer or smaller batches"
+        )
+    windows = ids[: n * width].reshape(n, width)
+    if bert:
+        cls = np.full((n, 1), special["cls"], np.int32)
+        windows = np.concatenate([cls, windows, np.full((n, 1), special["sep"], np.int32)], 1)
+    return windows[np.random.default_rng(seed + 1).permutation(n)]
+
+
+def text_batches(
+    pre: Pretrained, windows: np.ndarray, batches: int, batch_size: int, mask_rate: float, seed: int
+) -> ProbeBatches:
+    """The probe's three sets of batches (each E x B windows) and what is scored in them."""
+    E, B = batches, batch_size
+    sets = windows.reshape(3, E, B, -1)
+    if pre.family == "gpt2":
+        inputs, targets = sets[..., :-1], sets[..., 1:]
+        weights = np.ones(inputs.shape, np.float32)
+    else:
+        targets = sets
+        rng = np.random.default_rng(seed + 2)
+        inner = np.zeros(sets.shape, bool)
+        inner[..., 1:-1] = True
+        masked = inner & (rng.random(sets.shape) < mask_rate)
+        # Every window scores at least one token: its first inner position if none was drawn.
+        none = ~masked.any(-1)
+        masked[..., 1] |= none
+        inputs = np.where(masked, pre.tokenizer.special["mask"], sets).astype(np.int32)
+        weights = masked.astype(np.float32)
+    drawn = [
+        tuple(jnp.asarray(x[k]) for x in (inputs, targets, weights)) + (None,) for k in range(3)
+    ]
+    return ProbeBatches(drawn[0], (drawn[1][0], None), drawn[2])
+
+
+def probe_pretrained(
+    name: str,
+    text: str | None = None,
+    *,
+    split: str = "train",
+    text_column: str = "text",
+    kinds: str | Sequence[str] = ("zero", "mean", "uniform", "random", "mean_pattern", "resample"),
+    heads: str | Sequence | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    batches: int = 8,
+    mask_rate: float = 0.15,
+    seed: int = 0,
+    chunk: int | None = None,
+    out_dir: str | Path | None = None,
+    tensorboard: bool = True,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Probe a pretrained model on text; write probe.json/csv, plots, TensorBoard images and
+    SUMMARY.md to `out_dir` (default ./probe-NAME); return the results. `seq_len` defaults
+    to the model's context or 128, whichever is less."""
+    kinds = parse_kinds(kinds)
+    for field, value, low in (("batch_size", batch_size, 1), ("batches", batches, 2)):
+        if value < low:
+            raise ConfigError([(field, f"must be >= {low}, got {value}")])
+    if not 0 < mask_rate < 1:
+        raise ConfigError([("mask_rate", f"must be in (0, 1), got {mask_rate}")])
+    out_dir = Path(out_dir or f"probe-{Path(name).name or 'model'}")
+    settings = {
+        "model": name,
+        "text": text or "stdlib",
+        "split": split,
+        "text_column": text_column,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "batches": batches,
+        "mask_rate": mask_rate,
+        "seed": seed,
+    }
+    pre = load(name, cache_dir=cache_dir)
+    seq_len = min(DEFAULT_SEQ_LEN, pre.context) if seq_len is None else seq_len
+    settings["seq_len"] = seq_len
+    _refuse_other_probe(out_dir, settings)
+    docs, described = text_documents(text, split, text_column)
+    windows = cut_windows(pre, docs, seq_len, 3 * batches * batch_size, seed)
+    data = text_batches(pre, windows, batches, batch_size, mask_rate, seed)
+
+    cfg = pre.config
+    N, H = cfg.n_layers, cfg.n_heads
+    part = Part(
+        "", "attention", "patterns", 0, N, seq_len, seq_len,
+        MixerSettings(cfg.d_model, cfg.head_dim, seq_len, cfg.causal),
+    )  # fmt: skip
+    graphdef, params, rest = nnx.split(pre.model, nnx.Param, ...)
+    params, rest = (jax.tree.map(lambda x: x[None], s) for s in (params, rest))
+    probed = ProbedModel.of(pre.model, (part,), cfg.head_dim, cfg.dtype)._replace(graphdef=graphdef)
+    if chunk is None:
+        chunk = default_chunk(cfg, batch_size, seq_len)
+    prober = Prober(probed, params, rest, data, chunk=chunk)
+
+    groups = (
+        [((n, h),) for n in range(N) for h in range(H)]
+        if heads is None
+        else parse_heads(heads, (part,), H)
+    )
+    everything = (tuple((n, h) for n in range(N) for h in range(H)),)
+    layers = [tuple((n, h) for h in range(H)) for n in range(N)]
+    gradient_ZNH, importance_ZNH = prober.gate_gradients()
+    orders = {
+        "importance": np.argsort(importance_ZNH[0].ravel(), kind="stable"),
+        "random": np.random.default_rng(seed).permutation(N * H),
+    }
+    X = N * H + 1
+    papa_groups = [*everything, *layers]
+    rows_kinds = (
+        ["zero"]
+        + [k for k in kinds for _ in groups]
+        + [k for k in PAPA_KINDS for _ in papa_groups]
+        + ["zero"] * 2 * X
+    )
+    masks_ANH = np.concatenate(
+        [np.zeros((1, N, H), np.float32)]
+        + [_masks(groups, N, H)] * len(kinds)
+        + [_masks(papa_groups, N, H)] * len(PAPA_KINDS)
+        + [_prefix_masks(o, N, H) for o in orders.values()]
+    )
+    measured = prober.evaluate(*prober.edits(rows_kinds, masks_ANH), per_batch=True)
+    loss_EA = measured["loss"][0]
+    accuracy_A = measured["accuracy"][0].mean(0)
+    loss_A = loss_EA.mean(0)
+
+    rows, drop = [], {}
+    G, P = len(groups), len(papa_groups)
+    for i, kind in enumerate(kinds):
+        drop[kind] = np.full((1, N, H), np.nan)
+        for g, group in enumerate(groups):
+            a = 1 + i * G + g
+            applies = kind not in PATTERN_KINDS or all(prober.has_pattern_NH[x] for x in group)
+            row = _row(loss_A[a], accuracy_A[a], loss_A[0], accuracy_A[0], applies)
+            rows.append({"kind": kind, "heads": group_name(group, (part,)), **row})
+            if len(group) == 1:
+                drop[kind][0][group[0]] = row["loss_increase"]
+    papa = []
+    for j, kind in enumerate(PAPA_KINDS):
+        for g in range(len(papa_groups)):
+            a = 1 + len(kinds) * G + j * P + g
+            scope = "all layers" if g == 0 else f"layer {g - 1}"
+            papa.append(
+                {"kind": kind, "scope": scope, **_paired(loss_EA[:, a], loss_EA[:, 0], loss_A[0])}
+            )
+    # The difference between the two replacements, paired on the same batches.
+    a_mean, a_uniform = 1 + len(kinds) * G, 1 + len(kinds) * G + P
+    uniform_minus_mean = _paired(loss_EA[:, a_uniform], loss_EA[:, a_mean], loss_A[0])
+    pruning_2X = loss_EA[:, -2 * X :].mean(0).reshape(2, X)
+    names = np.asarray([head_name((part,), n, h) for n in range(N) for h in range(H)])
+
+    result = {
+        "model": name,
+        "family": pre.family,
+        "folder": str(pre.folder),
+        "settings": settings,
+        "text": described,
+        "loss": "next-token cross-entropy"
+        if pre.family == "gpt2"
+        else (f"masked-token cross-entropy ({mask_rate:.0%} of inner tokens masked)"),
+        "windows": {
+            "seq_len": seq_len,
+            "context": pre.context,
+            "per_set": batches * batch_size,
+            "sets": "eval (measured), reference (means, resample), ranking (importance)",
+            "scored_tokens_per_set": int(np.asarray(data.eval[2]).sum()),
+        },
+        "n_layers": N,
+        "n_heads": H,
+        "kinds": list(kinds),
+        "baseline": {
+            "loss": float(loss_A[0]),
+            "perplexity": float(np.exp(loss_A[0])),
+            "accuracy": float(accuracy_A[0]),
+        },
+        "drop": {k: v.tolist() for k, v in drop.items()},
+        "drop_measure": "loss increase (nats per scored token) over the unablated model",
+        "gradient": gradient_ZNH.tolist(),
+        "importance": importance_ZNH.tolist(),
+        "importance_definition": "mean over windows of |d loss(x) / d gate| at gate 1",
+        "papa": papa,
+        "uniform_minus_mean_pattern": uniform_minus_mean,
+        "interval": f"paired {LEVEL:.0%} Student t over the {batches} eval batches",
+        "pruning": {
+            "importance_order": names[orders["importance"]].tolist(),
+            "loss_importance_order": pruning_2X[0].tolist(),
+            "random_order": names[orders["random"]].tolist(),
+            "loss_random_order": pruning_2X[1].tolist(),
+        },
+        "alignment": (
+            "not measured: real text has no ground-truth dependency mask; see importance "
+            "and gradient per head"
+        ),
+        "rows": rows,
+    }
+    result["files"] = _write(result, drop, pruning_2X, out_dir, tensorboard)
+    return result
+
+
+def default_chunk(cfg, batch_size: int, seq_len: int, budget: float = CHUNK_BYTES) -> int:
+    """How many edit rows to evaluate side by side so that their activations stay near
+    `budget` bytes: per row, every layer's residual stream, MLP and patterns for one batch,
+    and the logits (a rough float32 count, not a measurement)."""
+    B, L, D, H, N = batch_size, seq_len, cfg.d_model, cfg.n_heads, cfg.n_layers
+    per_row = 4 * B * L * (N * (4 * D + cfg.mlp_width + 2 * H * L) + cfg.vocab_size)
+    return max(1, int(budget // per_row))
+
+
+def _row(loss, accuracy, base_loss, base_accuracy, applies: bool) -> dict[str, float]:
+    if not applies:
+        nan = math.nan
+        return dict(loss=nan, perplexity=nan, accuracy=nan, loss_increase=nan, accuracy_drop=nan)
+    return {
+        "loss": float(loss),
+        "perplexity": float(np.exp(loss)),
+        "accuracy": float(accuracy),
+        "loss_increase": float(loss - base_loss),
+        "accuracy_drop": float(base_accuracy - accuracy),
+    }
+
+
+def _paired(loss_E: np.ndarray, base_E: np.ndarray, base_loss: float) -> dict[str, float]:
+    """Mean loss difference over the eval batches, its paired t interval, and the same as a
+    perplexity ratio and a share of the unablated loss."""
+    diff_E = np.asarray(loss_E, np.float64) - np.asarray(base_E, np.float64)
+    mean = float(diff_E.mean())
+    half = float(
+        stats.t.ppf(0.5 + LEVEL / 2, len(diff_E) - 1) * diff_E.std(ddof=1) / math.sqrt(len(diff_E))
+    )
+    low, high = mean - half, mean + half
+    return {
+        "loss": float(np.mean(loss_E)),
+        "increase": mean,
+        "low": low,
+        "high": high,
+        "perplexity_ratio": math.exp(mean),
+        "perplexity_ratio_low": math.exp(low),
+        "perplexity_ratio_high": math.exp(high),
+        "relative": mean / base_loss,
+    }
+
+
+def _refuse_other_probe(out_dir: Path, settings: dict) -> None:
+    """A folder holding another probe's results is never overwritten."""
+    file = out_dir / PROBE_FILE
+    if file.is_file():
+        try:
+            before = json.loads(file.read_text()).get("settings")
+        except (ValueError, OSError):
+            before = None
+        if before != settings:
+            raise ConfigError(
+                [
+                    (
+                        "out",
+                        f"{out_dir} holds the results of another probe ({file}); give another "
+                        "--out, or remove that folder",
+                    )
+                ]
+            )
+
+
+def _write(result: dict, drop: dict, pruning_2X: np.ndarray, out_dir: Path, tensorboard: bool):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(DROP_PNG.format(kind="*")):
+        stale.unlink()
+    files = [out_dir / PROBE_FILE, out_dir / "probe.csv", out_dir / PRUNING_PNG]
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(result["rows"][0]))
+    writer.writeheader()
+    writer.writerows(result["rows"])
+    write_atomic(files[1], table.getvalue())
+    pruning = pruning_png(pruning_2X.reshape(1, -1), ["model"], None, "loss")
+    write_atomic(files[2], pruning[0])
+    images = {"pruning": pruning}
+    for kind, drop_1NH in drop.items():
+        files.append(out_dir / DROP_PNG.format(kind=kind))
+        images[kind] = drop_heatmap_png(drop_1NH, [result["model"]], kind, "loss increase")
+        write_atomic(files[-1], images[kind][0])
+    files.append(out_dir / SUMMARY_FILE)
+    write_atomic(files[-1], summary_markdown(result))
+    if tensorboard:
+        _tensorboard(out_dir / "tensorboard", images)
+    result["files"] = [str(f) for f in files]
+    write_atomic(files[0], json.dumps(nan_to_none(result), indent=1))
+    return result["files"]
+
+
+def _tensorboard(logdir: Path, images: dict) -> None:
+    """The images at step 0, each tag once (a rerun of the same probe adds nothing)."""
+    record = logdir / PROBE_RECORD
+    written = json.loads(record.read_text()) if record.is_file() else []
+    todo = [tag for tag in images if [0, f"probe/{tag}"] not in written]
+    if not todo:
+        return
+    writer = TensorBoardWriter(logdir)
+    for tag in todo:
+        writer.image(f"probe/{tag}", *images[tag], 0)
+        written.append([0, f"probe/{tag}"])
+    writer.close()
+    write_atomic(record, json.dumps(written))
+
+
+def _interval(p: dict, key: str = "increase") -> str:
+    return f"{p[key]:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]"
+
+
+def _effect(p: dict) -> str:
+    """A loss difference in words, chosen by its interval's bounds."""
+    if p["low"] > 0:
+        return (
+            f"raises the loss by {_interval(p)} nats per token (perplexity x"
+            f"{p['perplexity_ratio']:.3f} [{p['perplexity_ratio_low']:.3f}, "
+            f"{p['perplexity_ratio_high']:.3f}])"
+        )
+    if p["high"] < 0:
+        return f"lowers the loss by {_interval(p)} nats per token"
+    return f"changes the loss by {_interval(p)} nats per token: no change is shown"
+
+
+def summary_markdown(result: dict) -> str:
+    """The probe's findings in sentences chosen from the interval bounds, then the tables."""
+    base = result["baseline"]
+    papa = {(p["kind"], p["scope"]): p for p in result["papa"]}
+    mean_all, uniform_all = papa[("mean_pattern", "all layers")], papa[("uniform", "all layers")]
+    d = result["uniform_minus_mean_pattern"]
+    w = result["windows"]
+    out = [
+        f"# Probe of {result['model']} ({result['family']})",
+        "",
+        f"Text: {result['text']}, cut into windows of {w['seq_len']} tokens (the model's "
+        f"context is {w['context']}); {w['per_set']} windows per set, "
+        f"{w['scored_tokens_per_set']} scored tokens in the eval set. Loss: {result['loss']}. "
+        f"Intervals: {result['interval']}.",
+        "",
+        f"Unablated: loss {base['loss']:.3f} (perplexity {base['perplexity']:.2f}), token "
+        f"accuracy {base['accuracy']:.3f}.",
+        "",
+        "## How much the model depends on input-dependent attention",
+        "",
+        "Replacing every head's pattern at once by its mean over the reference windows (PAPA, "
+        f"Hassid et al. 2022: what is left is attention's input-independent part) "
+        f"{_effect(mean_all)}; {mean_all['relative']:+.1%} of the unablated loss.",
+        f"Replacing every pattern by uniform attention {_effect(uniform_all)}.",
+    ]
+    if d["low"] > 0:
+        out.append(
+            "The mean patterns keep part of what attention does: uniform costs more, by "
+            f"{_interval(d)} nats per token."
+        )
+    elif d["high"] < 0:
+        out.append(f"Uniform attention costs less than the mean patterns, by {_interval(d)} nats.")
+    else:
+        out.append(f"Mean patterns and uniform differ by {_interval(d)} nats: no difference shown.")
+    if uniform_all["increase"] > 0 and uniform_all["low"] > 0:
+        share = mean_all["increase"] / uniform_all["increase"]
+        out.append(
+            f"As a share of what uniform attention loses, removing the input dependence loses "
+            f"{share:.0%} (a ratio of the two means, no interval)."
+        )
+    out += [
+        "",
+        "For comparison, not as a target: in pretrained encoders fine-tuned on downstream "
+        "tasks, constant mean patterns cost about 8% relative on average (Hassid et al. 2022, "
+        "task scores, not this loss).",
+        "",
+        "| replaced | scope | loss increase [95% CI] | perplexity ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for p in result["papa"]:
+        out.append(
+            f"| {p['kind']} | {p['scope']} | {_interval(p)} | x{p['perplexity_ratio']:.3f} |"
+        )
+    out += ["", "## Single heads", ""]
+    for kind in result["kinds"]:
+        rows = [r for r in result["rows"] if r["kind"] == kind and math.isfinite(r["loss"])]
+        top = sorted(rows, key=lambda r: -r["loss_increase"])[:3]
+        shown = ", ".join(f"{r['heads']} {r['loss_increase']:+.3f}" for r in top) or "n/a"
+        out.append(f"- {kind}: largest loss increases {shown}")
+    imp = np.asarray(result["importance"][0]).ravel()
+    names = result["pruning"]["importance_order"]
+    out.append(f"- Michel importance, highest first: {', '.join(names[::-1][:5])}")
+    prune = result["pruning"]
+    X = len(prune["loss_importance_order"])
+    marks = sorted({(X - 1) // 4, (X - 1) // 2, 3 * (X - 1) // 4})
+    out += [
+        "",
+        "## Pruning (Michel et al. 2019)",
+        "",
+        "| heads removed | loss, least important first | loss, random order |",
+        "| --- | --- | --- |",
+    ]
+    for k in [0, *marks, X - 1]:
+        out.append(
+            f"| {k} of {X - 1} | {prune['loss_importance_order'][k]:.3f} | "
+            f"{prune['loss_random_order'][k]:.3f} |"
+        )
+    out += [
+        "",
+        "## Alignment",
+        "",
+        "Real text has no ground-truth dependency mask, so whether a head attends where the "
+        "text's dependencies are is not measured. Per head, probe.json has Michel importance "
+        f"(E|dL/dgate|, total {imp.sum():.3f}) and the mean gate gradient instead.",
+        "",
+    ]
+    return "\n".join(out)
