@@ -125,8 +125,9 @@ def pruning_png(
     def draw(plt):
         fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90, layout="constrained")
         for k, seed in enumerate(seeds):
-            (line,) = ax.plot(pruning_K2P[k, :P], "-o", ms=3, label=f"by importance, seed {seed}")
-            ax.plot(pruning_K2P[k, P:], "--", color=line.get_color(), label=f"random, seed {seed}")
+            name = seed if isinstance(seed, str) else f"seed {seed}"  # or a model's name
+            (line,) = ax.plot(pruning_K2P[k, :P], "-o", ms=3, label=f"by importance, {name}")
+            ax.plot(pruning_K2P[k, P:], "--", color=line.get_color(), label=f"random, {name}")
         if chance is not None:
             ax.axhline(chance, color="gray", lw=0.8, ls=":", label="chance")
         ax.set(xlabel="heads removed", ylabel=measure, title="pruning (Michel et al. 2019)")

@@ -219,6 +219,9 @@ def probe_pretrained(
     everything = (tuple((n, h) for n in range(N) for h in range(H)),)
     layers = [tuple((n, h) for h in range(H)) for n in range(N)]
     gradient_ZNH, importance_ZNH = prober.gate_gradients()
+    mean_from_uniform_NH, input_from_mean_NH = pattern_spread(
+        pre.model, data.reference[0], cfg.causal
+    )
     orders = {
         "importance": np.argsort(importance_ZNH[0].ravel(), kind="stable"),
         "random": np.random.default_rng(seed).permutation(N * H),
@@ -264,6 +267,8 @@ def probe_pretrained(
     # The difference between the two replacements, paired on the same batches.
     a_mean, a_uniform = 1 + len(kinds) * G, 1 + len(kinds) * G + P
     uniform_minus_mean = _paired(loss_EA[:, a_uniform], loss_EA[:, a_mean], loss_A[0])
+    # The last pruning row zeroes every head: the model without attention's mixing.
+    no_attention = _paired(loss_EA[:, -1], loss_EA[:, 0], loss_A[0])
     pruning_2X = loss_EA[:, -2 * X :].mean(0).reshape(2, X)
     names = np.asarray([head_name((part,), n, h) for n in range(N) for h in range(H)])
 
@@ -298,6 +303,20 @@ def probe_pretrained(
         "importance_definition": "mean over windows of |d loss(x) / d gate| at gate 1",
         "papa": papa,
         "uniform_minus_mean_pattern": uniform_minus_mean,
+        "no_attention": no_attention,
+        "pattern_spread": {
+            "mean_from_uniform": mean_from_uniform_NH.tolist(),
+            "input_from_mean": input_from_mean_NH.tolist(),
+            "definition": (
+                "total variation distance, averaged over query rows and reference windows: "
+                "of each head's mean pattern from uniform attention, and of each window's "
+                "pattern from the mean"
+            ),
+        },
+        "no_attention_definition": (
+            "every head's output zeroed (gate 0), the attention output biases kept: each "
+            "position sees only its own token and position"
+        ),
         "interval": f"paired {LEVEL:.0%} Student t over the {batches} eval batches",
         "pruning": {
             "importance_order": names[orders["importance"]].tolist(),
@@ -313,6 +332,32 @@ def probe_pretrained(
     }
     result["files"] = _write(result, drop, pruning_2X, out_dir, tensorboard)
     return result
+
+
+def pattern_spread(model, inputs_EBL: jax.Array, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per head (N, H), over the reference windows: how far the mean pattern is from uniform
+    attention, and how far each window's pattern is from the mean, as total variation
+    distances averaged over query rows. The mean-pattern ablation replaces the second with
+    nothing; where the first is small, it is close to replacing by uniform attention."""
+
+    def patterns(x_BL):
+        return jnp.stack(model(x_BL, return_patterns=True).patterns)  # (N, B, H, L, S)
+
+    L = inputs_EBL.shape[-1]
+    visible_LS = jnp.tril(jnp.ones((L, L))) if causal else jnp.ones((L, L))
+    uniform_LS = visible_LS / visible_LS.sum(-1, keepdims=True)
+
+    @jax.jit
+    def spread(inputs_EBL):
+        mean_NHLS = jax.lax.map(lambda x: patterns(x).mean(1), inputs_EBL).mean(0)
+        from_mean = jax.lax.map(
+            lambda x: 0.5 * jnp.abs(patterns(x) - mean_NHLS[:, None]).sum(-1).mean((1, 3)),
+            inputs_EBL,
+        ).mean(0)
+        from_uniform = 0.5 * jnp.abs(mean_NHLS - uniform_LS[None, None]).sum(-1).mean(-1)
+        return from_uniform, from_mean
+
+    return tuple(np.asarray(x) for x in spread(inputs_EBL))
 
 
 def default_chunk(cfg, batch_size: int, seq_len: int, budget: float = CHUNK_BYTES) -> int:
@@ -388,12 +433,13 @@ def _write(result: dict, drop: dict, pruning_2X: np.ndarray, out_dir: Path, tens
     writer.writeheader()
     writer.writerows(result["rows"])
     write_atomic(files[1], table.getvalue())
-    pruning = pruning_png(pruning_2X.reshape(1, -1), ["model"], None, "loss")
+    short = Path(result["model"]).name or result["model"]
+    pruning = pruning_png(pruning_2X.reshape(1, -1), [short], None, "loss")
     write_atomic(files[2], pruning[0])
     images = {"pruning": pruning}
     for kind, drop_1NH in drop.items():
         files.append(out_dir / DROP_PNG.format(kind=kind))
-        images[kind] = drop_heatmap_png(drop_1NH, [result["model"]], kind, "loss increase")
+        images[kind] = drop_heatmap_png(drop_1NH, [short], kind, "loss increase")
         write_atomic(files[-1], images[kind][0])
     files.append(out_dir / SUMMARY_FILE)
     write_atomic(files[-1], summary_markdown(result))
@@ -456,6 +502,9 @@ def summary_markdown(result: dict) -> str:
         "",
         "## How much the model depends on input-dependent attention",
         "",
+        "With every head's output zeroed (each position then sees only its own token and "
+        f"position: the no-attention level) {_effect(result['no_attention'])}: what "
+        "attention as a whole is worth here.",
         "Replacing every head's pattern at once by its mean over the reference windows (PAPA, "
         f"Hassid et al. 2022: what is left is attention's input-independent part) "
         f"{_effect(mean_all)}; {mean_all['relative']:+.1%} of the unablated loss.",
@@ -470,12 +519,23 @@ def summary_markdown(result: dict) -> str:
         out.append(f"Uniform attention costs less than the mean patterns, by {_interval(d)} nats.")
     else:
         out.append(f"Mean patterns and uniform differ by {_interval(d)} nats: no difference shown.")
-    if uniform_all["increase"] > 0 and uniform_all["low"] > 0:
-        share = mean_all["increase"] / uniform_all["increase"]
+    none = result["no_attention"]
+    if none["low"] > 0:
         out.append(
-            f"As a share of what uniform attention loses, removing the input dependence loses "
-            f"{share:.0%} (a ratio of the two means, no interval)."
+            "As shares of what zeroing every head loses (ratios of means, no interval): the "
+            f"mean patterns lose {mean_all['increase'] / none['increase']:.0%}, uniform "
+            f"attention {uniform_all['increase'] / none['increase']:.0%}."
         )
+    spread = result["pattern_spread"]
+    far = np.asarray(spread["mean_from_uniform"])
+    each = np.asarray(spread["input_from_mean"])
+    out.append(
+        f"Why the two compare as they do: the heads' mean patterns lie {far.min():.2f}-"
+        f"{far.max():.2f} from uniform attention (total variation, averaged over query "
+        f"rows), while each window's pattern lies {each.min():.2f}-{each.max():.2f} from its "
+        "head's mean: what a mean pattern keeps beyond uniform is the first, what it removes "
+        "the second."
+    )
     out += [
         "",
         "For comparison, not as a target: in pretrained encoders fine-tuned on downstream "

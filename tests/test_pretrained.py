@@ -234,6 +234,11 @@ def test_probe_writes_every_output_and_the_summary(probed, name):
     )
     assert f"{whole['increase']:+.3f} [{whole['low']:+.3f}, {whole['high']:+.3f}]" in summary
     assert len(result["papa"]) == 2 * (1 + 2)  # mean_pattern and uniform: all, then per layer
+    # The no-attention level is the last pruning row (every head removed), read per batch.
+    none = result["no_attention"]
+    assert none["loss"] == pytest.approx(result["pruning"]["loss_random_order"][-1], rel=1e-6)
+    assert none["low"] <= none["increase"] <= none["high"]
+    assert "no-attention level" in summary
     saved = json.loads(files[0].read_text())
     assert saved["baseline"]["loss"] == pytest.approx(result["baseline"]["loss"])
 
@@ -323,3 +328,41 @@ def test_cli_refuses_run_folder_flags_mixed_with_pretrained(tmp_path):
     assert main(["probe"]) == 2
     assert main(["probe", str(tmp_path), "--pretrained", "gpt2"]) == 2
     assert main(["probe", str(tmp_path), "--text", "x.txt"]) == 2
+
+
+def test_text_from_a_local_file_is_windowed_with_the_models_tokenizer(tmp_path):
+    from ablate.pretrained_probe import cut_windows, text_documents
+
+    lines = [f"def f{i}(x):\n    return x * {i} + len('{'ab' * i}')\n" for i in range(200)]
+    file = tmp_path / "code.jsonl"
+    file.write_text("".join(json.dumps({"body": t}) + "\n" for t in lines))
+    docs, described = text_documents(str(file), text_column="body")
+    assert docs == lines and "column 'body'" in described
+    pre = load(str(FIXTURES / "gpt2-tiny"))
+    windows = cut_windows(pre, docs, 16, 12, seed=0)
+    assert windows.shape == (12, 17)
+    # The windows are the first 12 runs of 17 tokens of the stream of the documents in the
+    # seeded order, each ended by end-of-text, dealt in another seeded order.
+    order = np.random.default_rng(0).permutation(len(docs))
+    eos = pre.tokenizer.special["eos"]
+    stream = np.concatenate([np.r_[pre.tokenizer.encode(docs[i]), eos] for i in order])
+    runs = stream[: 12 * 17].reshape(12, 17)
+    assert sorted(map(tuple, windows.tolist())) == sorted(map(tuple, runs.tolist()))
+    assert not (windows == runs).all()  # dealt in a shuffled order
+    with pytest.raises(DataError, match="column 'text' not found"):
+        text_documents(str(file))
+    with pytest.raises(DataError, match="windows"):
+        cut_windows(pre, docs[:2], 16, 12, seed=0)
+
+
+def test_pattern_spread_is_zero_for_uniform_heads_and_not_for_learned_ones():
+    from ablate.pretrained_probe import pattern_spread
+
+    folder = str(FIXTURES / "gpt2-tiny")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 399, (2, 3, 16)), jnp.int32)
+    far, each = pattern_spread(load(folder, attention="uniform").model, tokens, causal=True)
+    np.testing.assert_allclose(far, 0, atol=1e-6)
+    np.testing.assert_allclose(each, 0, atol=1e-6)
+    far, each = pattern_spread(load(folder).model, tokens, causal=True)
+    assert far.shape == each.shape == (2, 4)
+    assert (far > 0.01).all() and (each > 0.01).all()
