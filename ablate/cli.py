@@ -92,7 +92,8 @@ def _probe(args) -> int:
 
 #: `ablate probe` flags of a pretrained model's probe (None: not given).
 PRETRAINED_FLAGS = (
-    "text", "split", "text_column", "seq_len", "batch_size", "batches", "mask_rate", "seed",
+    "text", "split", "text_column", "text_config", "seq_len", "batch_size", "batches",
+    "mask_rate", "seed",
 )  # fmt: skip
 
 
@@ -261,6 +262,7 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
     )  # fmt: skip
     g.add_argument("--split", help="dataset split (default: train)")
     g.add_argument("--text-column", help="text column (default: text)")
+    g.add_argument("--text-config", help="a hub dataset's configuration (e.g. wikitext-2-raw-v1)")
     g.add_argument("--seq-len", type=int, help="window length, at most the context (default: 128)")
     g.add_argument("--batch-size", type=int, help="windows per batch (default: 8)")
     g.add_argument("--batches", type=int, help="batches per set (default: 8)")
@@ -281,7 +283,12 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", help="output folder (default: RUN_DIR/probe, or ./probe-NAME when pretrained)"
     )
-    p.add_argument("--chunk", type=int, help="ablations evaluated side by side (default: all)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        help="ablations evaluated side by side (default: all; with --pretrained, as many as "
+        "fit in about 2 GB of activations)",
+    )
     p.set_defaults(func=_probe)
 
     p = sub.add_parser(

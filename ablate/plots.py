@@ -86,6 +86,7 @@ def drop_heatmap_png(
     every = np.concatenate([x.ravel() for x in rows.values()])
     magnitudes = np.abs(every[np.isfinite(every)])
     vmax = max(float(magnitudes.max()) if magnitudes.size else 0.0, 1e-3)
+    digits = 2 if vmax >= 0.1 else 3  # small drops (a loss in nats) keep a third digit
     # Each kind's row as tall as its layers (one kind: the plain grid).
     extra = {} if len(rows) == 1 else {"height_ratios": [x.shape[1] for x in rows.values()]}
 
@@ -99,7 +100,7 @@ def drop_heatmap_png(
             for ax, drop_NH, title in zip(axes_row, part_ZNH, titles):
                 image = ax.imshow(drop_NH, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
                 for (n, h), v in np.ndenumerate(drop_NH):
-                    text = "n/a" if np.isnan(v) else f"{v:.2f}"
+                    text = "n/a" if np.isnan(v) else f"{v:.{digits}f}"
                     color = "white" if abs(v) > 0.6 * vmax else "black"  # NaN compares False
                     ax.text(h, n, text, ha="center", va="center", fontsize=7, color=color)
                 ax.set(xlabel="head", ylabel="layer", xticks=range(H))

@@ -167,16 +167,26 @@ def locate(name: str, cache_dir: str | Path | None = None) -> Path:
             ]
         )
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo, allow_patterns=list(FILES), cache_dir=cache_dir))
-    except Exception as e:  # the hub library raises its own, requests' and OS errors
+    except Exception as e:  # the hub library raises its own, httpx's and OS errors
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+        folder = (
+            "pass a local folder holding config.json, model.safetensors and tokenizer.json "
+            f"(made on a machine with network, e.g. `hf download {repo} "
+            f"{' '.join(FILES[:3])} --local-dir PATH`)"
+        )
+        if isinstance(e, LocalEntryNotFoundError):  # no network (or offline), not cached
+            raise DataError(
+                f"cannot reach the Hugging Face hub for {repo!r} and it is not in the hub "
+                f"cache ({detail}). Without network, {folder}, or fill the hub cache on "
+                "such a machine and copy it"
+            ) from None
         raise DataError(
-            f"cannot fetch {repo!r} from the Hugging Face hub and it is not in the hub cache "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}). "
-            "Without network, pass a local folder holding config.json, model.safetensors and "
-            f"tokenizer.json (made on a machine with network, e.g. `hf download {repo} "
-            f"{' '.join(FILES[:3])} --local-dir PATH`), or fill the hub cache there and copy it"
+            f"the Hugging Face hub refused {repo!r} ({detail}): check the name (and a token "
+            f"for a gated or private model), or {folder}"
         ) from None
 
 
@@ -287,7 +297,9 @@ def load(
             "weights: convert pytorch_model.bin with transformers' save_pretrained)"
         )
     model = _build(cfg, family, types, seed)
-    _fill(model, _read_tensors(weights, family), family, weights)
+    tensors = _read_tensors(weights, family)
+    _check_tied(tensors, hf)
+    _fill(model, tensors, family, weights)
     return Pretrained(name, folder, family, cfg, model, tokenizer, types)
 
 
@@ -425,12 +437,60 @@ class _Tensors(dict):
 
     def __init__(self, tensors: Mapping[str, np.ndarray], path: Path, names: Mapping[str, str]):
         super().__init__(tensors)
-        self.path, self.names = path, names
+        self.path, self.names, self.read = path, names, set()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        value = super().__getitem__(key)
+        self.read.add(key)
+        return value
 
     def __missing__(self, key: str):
+        if key.startswith("cls."):
+            raise DataError(
+                f"{self.path}: tensor {key!r} is missing: ablate needs BERT's masked-LM head, "
+                "as a BertForMaskedLM or BertForPreTraining checkpoint holds it"
+            )
         raise DataError(
-            f"{self.path}: tensor {key!r} is missing (is this a {key.split('.')[0]} checkpoint of the family its config.json names?)"
+            f"{self.path}: tensor {key!r} is missing (is this a checkpoint of the model its "
+            "config.json describes?)"
         )
+
+
+#: Tensors a checkpoint may hold that no ablate module reads: BERT's pooler and
+#: next-sentence head, position-id buffers, and heads tied to the token embedding (checked
+#: equal to it by `_check_tied`).
+UNUSED = (
+    "pooler.",
+    "cls.seq_relationship.",
+    "embeddings.position_ids",
+    "lm_head.",
+    "cls.predictions.decoder.",
+)
+#: Tied heads as checkpoints may store them: name -> the tensor it must equal.
+TIED = {
+    "lm_head.weight": "wte.weight",
+    "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+
+
+def _check_tied(source: _Tensors, hf: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose LM head is not its token embedding: ablate ties them."""
+    if hf.get("tie_word_embeddings", True) is False:
+        raise DataError(
+            f"{source.path}: config.json sets tie_word_embeddings = false; ablate's GPT-2 and "
+            "BERT tie the LM head to the token embedding"
+        )
+    for head, table in TIED.items():
+        if (
+            head in source
+            and table in source
+            and not np.array_equal(dict.__getitem__(source, head), dict.__getitem__(source, table))
+        ):
+            raise DataError(
+                f"{source.path}: tensor {source.names[head]!r} differs from "
+                f"{source.names[table]!r}; ablate ties the LM head to the token embedding"
+            )
 
 
 def _fill(model: Transformer, source: _Tensors, family: str, path: Path) -> None:
@@ -462,6 +522,19 @@ def _fill(model: Transformer, source: _Tensors, family: str, path: Path) -> None
             read(ours, variable)
         elif isinstance(variable.get_value(), jax.ShapeDtypeStruct):
             raise DataError(f"{path}: nothing in the checkpoint fills {ours}")
+    swapped = any(not isinstance(m, Learned) for b in model.blocks for m in b.attention.mixers)
+    # Query/key weights of heads swapped for another variant are dropped by design.
+    dropped = ("attention.self.query.", "attention.self.key.") if swapped else ()
+    unread = [
+        source.names[k]
+        for k in source
+        if k not in source.read and not k.startswith(UNUSED) and not any(d in k for d in dropped)
+    ]
+    if unread:
+        raise DataError(
+            f"{path}: {len(unread)} tensors fit nothing of the architecture config.json "
+            f"describes ({cfg.n_layers} layers), e.g. {', '.join(sorted(unread)[:4])}"
+        )
 
 
 def _named_variables(model: nnx.Module):
