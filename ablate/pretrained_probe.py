@@ -333,7 +333,7 @@ def probe_pretrained(
     # The difference between the two replacements, paired on the same batches.
     a_mean, a_uniform = 1 + len(kinds) * G, 1 + len(kinds) * G + P
     uniform_minus_mean = _paired(loss_EA[:, a_uniform], loss_EA[:, a_mean], loss_A[0])
-    unigram = unigram_level(data, cfg.vocab_size)
+    unigram = unigram_level(data, cfg.vocab_size, pre.tokenizer.special.values())
     # The last pruning row zeroes every head: the model without attention's mixing.
     no_attention = _paired(loss_EA[:, -1], loss_EA[:, 0], loss_A[0])
     pruning_2X = loss_EA[:, -2 * X :].mean(0).reshape(2, X)
@@ -387,8 +387,9 @@ def probe_pretrained(
         ),
         "unigram_level": unigram,
         "unigram_definition": (
-            "cross-entropy on the eval set's scored tokens of their frequencies among the "
-            "ranking set's scored tokens, add-one smoothed: a model of no context"
+            "cross-entropy on the eval set's scored tokens of their frequencies among every "
+            "token of the reference and ranking windows (special tokens left out), add-one "
+            "smoothed: a model of no context"
         ),
         "interval": f"paired {LEVEL:.0%} Student t over the {batches} eval batches",
         "pruning": {
@@ -433,12 +434,14 @@ def pattern_spread(model, inputs_EBL: jax.Array, causal: bool) -> tuple[np.ndarr
     return tuple(np.asarray(x) for x in spread(inputs_EBL))
 
 
-def unigram_level(data: ProbeBatches, vocab_size: int) -> float:
+def unigram_level(data: ProbeBatches, vocab_size: int, special: Sequence[int]) -> float:
     """The loss of a model of no context on the eval set's scored tokens: each token's
-    frequency among the ranking set's scored tokens (held out from eval), add-one smoothed."""
+    frequency among every token of the reference and ranking windows (held out from eval;
+    special tokens and [MASK] left out), add-one smoothed."""
     _, targets, weights, _ = data.eval
-    fitted = np.asarray(data.ranking[1])[np.asarray(data.ranking[2]) > 0]
-    counts = np.bincount(fitted, minlength=vocab_size).astype(np.float64) + 1.0
+    seen = np.concatenate([np.ravel(data.ranking[1]), np.ravel(data.reference[0])])
+    seen = seen[~np.isin(seen, list(special))]
+    counts = np.bincount(seen, minlength=vocab_size).astype(np.float64) + 1.0
     log_p = np.log(counts / counts.sum())
     scored = np.asarray(weights) > 0
     return float(-log_p[np.asarray(targets)[scored]].mean())
@@ -587,8 +590,8 @@ def summary_markdown(result: dict) -> str:
         "sampling is not in them); the per-layer rows are not corrected for multiplicity.",
         "",
         f"Unablated: loss {base['loss']:.3f} (perplexity {base['perplexity']:.2f}), token "
-        f"accuracy {base['accuracy']:.3f}. A model of no context (token frequencies of the "
-        f"ranking set, add-one smoothed) scores {unigram:.3f}: the model is "
+        f"accuracy {base['accuracy']:.3f}. A model of no context (token frequencies in the "
+        f"reference and ranking windows, add-one smoothed) scores {unigram:.3f}: the model is "
         f"{abs(unigram - base['loss']):.3f} nats {'below' if base['loss'] < unigram else 'above'} it.",
         "",
         "## How much the model depends on input-dependent attention",

@@ -8,7 +8,9 @@ from flax import nnx
 
 import ablate.sweep as sweep_module
 from ablate.config import ConfigError, load_toml
+from ablate.core import build_model
 from ablate.model import Transformer
+from ablate.seq2seq import Seq2SeqConfig
 from ablate.sweep import expand, run_sweep
 
 TINY_SWEEP = """
@@ -132,8 +134,12 @@ def test_every_experiment_file_loads_and_builds_a_model(path, monkeypatch):
     assert header.startswith("#")
     assert "ablate " in path.read_text().split("\n\n")[0]  # the exact command is in the header
     for point in points[:: max(1, len(points) // 4)]:
-        model = nnx.eval_shape(lambda p=point: Transformer(p.experiment.model, rngs=nnx.Rngs(0)))
-        assert len(model.blocks) == point.experiment.model.n_layers
+        cfg = point.experiment.model
+        model = nnx.eval_shape(lambda cfg=cfg: build_model(cfg, nnx.Rngs(0)))
+        if isinstance(cfg, Seq2SeqConfig):  # an encoder-decoder: encoder and decoder blocks
+            assert (len(model.encoder), len(model.blocks)) == (cfg.n_layers, cfg.n_decoder_layers)
+        else:
+            assert isinstance(model, Transformer) and len(model.blocks) == cfg.n_layers
 
 
 def test_list_names_every_variant_and_task(capsys):
