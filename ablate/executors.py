@@ -172,11 +172,13 @@ def run_ray(
             for ref in ready:
                 try:
                     outcome = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # raised by ablate itself: a bug
+                    outcome = {"status": "lost", "message": f"the point raised: {e.cause!r}"}
                 except ray.exceptions.RayError as e:
-                    why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                    why = (str(e).strip().split("\n") + [""])[0][:300]
                     outcome = {
                         "status": "lost",
-                        "message": f"the Ray worker failed (after {options.retries} retries): "
+                        "message": f"its Ray worker died (run {options.retries + 1} times): "
                         f"{type(e).__name__}: {why}",
                     }
                 on_result(runs[ref], outcome)

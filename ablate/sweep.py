@@ -920,13 +920,15 @@ def point_job(job: PointJob) -> dict[str, str]:
         return {"status": "busy", "message": str(e)}
     except Preempted as e:
         return {"status": "preempted", "message": str(e)}
-    return {"status": rows[0]["status"], "message": rows[0]["error"].splitlines()[0][:300]}
+    return {"status": rows[0]["status"], "message": rows[0]["error"].split("\n")[0][:300]}
 
 
 def collect_results(sweep_dir: str | Path) -> list[str]:
     """Collect every run folder's rows into the sweep's results table (what `ablate report`
     does first, merging what shards or workers left); returns the runs whose rows changed."""
     sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return []  # the report says what is missing
     meta_path = sweep_dir / SWEEP_FILE
     points = json.loads(meta_path.read_text())["points"] if meta_path.is_file() else []
     runs = points + sorted(

@@ -52,8 +52,9 @@ def table(sweep_dir: Path) -> list[dict]:
 
 
 def report_text(sweep_dir: Path) -> str:
-    """REPORT.md without its wall-time section (the one part that depends on the machine)."""
-    text = (sweep_dir / "REPORT.md").read_text()
+    """REPORT.md without its wall-time section (the one part that depends on the machine),
+    its work folder written as WORKDIR."""
+    text = (sweep_dir / "REPORT.md").read_text().replace(str(sweep_dir.parent), "WORKDIR")
     start = text.index("## Wall time")
     end = text.find("\n## ", start + 1)
     return text[:start] + ("" if end < 0 else text[end:])
