@@ -213,7 +213,11 @@ def run_slurm(
         for run in jobs:
             if run in ids:
                 job = submitit.SlurmJob(folder=folder, job_id=ids[run])
-                if job.state.split()[0] in LIVE_STATES:
+                try:
+                    state = job.state.split()[0]
+                except Exception:  # noqa: BLE001 - sacct cannot say: submit it again
+                    state = "UNKNOWN"
+                if state in LIVE_STATES:
                     live[run] = job
     executor = submitit.AutoExecutor(folder=folder, cluster=options.cluster)
     executor.update_parameters(

@@ -20,9 +20,12 @@ carry the cross-attention's alignment beside the decoder's.
 
 A task entry's `label` names it in run folders and the report (default: the task name);
 `overrides` holds dotted fields for that task's points only. The rest of the file (`[model]`, `[optim]`, `[train]`) is the base every point starts
-from. Each point is validated before anything trains; rows go to `results.jsonl` (one per
-run and seed) as runs finish; a point already recorded as ok is skipped on rerun, and
-failed points are retried (their old rows replaced, never duplicated). Each task's data is
+from. Each point is validated before anything trains. Every point runs through
+`train_point`, here or on a worker (`--executor ray|slurm`, `ablate.executors`; or a
+`--shard i/n` of the points in another process), which leaves its rows (one per seed) in
+its run folder; the driver collects them into `results.jsonl` (`ResultsTable.collect`) as
+runs finish. A point already recorded as ok is skipped on rerun, and failed points are
+retried (their old rows replaced, never duplicated). In one process, each task's data is
 read once per sweep and shared by all its points (`SharedData`).
 """
 

@@ -340,3 +340,65 @@ def test_slurm_array_rerun_after_the_driver_is_killed_resubmits_only_the_unfinis
     assert resubmitted == set(RUNS) - finished
     assert table(sweep_dir) == table(local_sweep)
     assert report_text(sweep_dir) == report_text(local_sweep)
+
+
+def test_a_slurm_rerun_waits_for_jobs_still_running_and_submits_the_rest(tmp_path, monkeypatch):
+    """Against a stand-in for submitit's SLURM side (no scheduler here): a point whose job
+    from the last submission is still running is waited for, not submitted again; the rest
+    go out as one array with the options given; a task that ended without a result is lost
+    with the job's state."""
+    import types
+
+    submitted, parameters = [], {}
+
+    class Job:
+        def __init__(self, folder=None, job_id="", outcome=None, state="COMPLETED"):
+            self.job_id, self.outcome, self.state = job_id, outcome, state
+
+        def done(self):
+            return True
+
+        def result(self):
+            if self.outcome is None:
+                raise RuntimeError("Job 7_1 (task: 0) with path ... has not produced any output")
+            return self.outcome
+
+    class SlurmJob(Job):  # what a rerun finds of the last submission
+        def __init__(self, folder, job_id):
+            state = {"5_0": "RUNNING", "5_1": "FAILED"}[job_id]
+            super().__init__(job_id=job_id, outcome={"status": "ok", "message": ""}, state=state)
+
+    class AutoExecutor:
+        def __init__(self, folder, cluster):
+            assert cluster == "slurm"
+
+        def update_parameters(self, **kwargs):
+            parameters.update(kwargs)
+
+        def map_array(self, fn, jobs):
+            submitted.extend(jobs)
+            return [Job(job_id=f"7_{i}", outcome=fn(j)) for i, j in enumerate(jobs)]
+
+    fake = types.SimpleNamespace(SlurmJob=SlurmJob, AutoExecutor=AutoExecutor)
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    monkeypatch.setattr(executors.shutil, "which", lambda name: "/usr/bin/sbatch")
+    (tmp_path / SLURM_DIR).mkdir()
+    (tmp_path / SLURM_DIR / "jobs.json").write_text(json.dumps({"a": "5_0", "b": "5_1"}))
+    got = {}
+    options = executors.SlurmOptions(partition="gpu", gpus_per_job=1, time_minutes=90)
+    options = executors.dataclasses.replace(options, poll_seconds=0, additional={"account": "x"})
+    assert options.problems() == []
+    fn = lambda job: {"status": "ok", "message": job} if job != "c" else None  # c: no result
+    executors.run_slurm(fn, {"a": "a", "b": "b", "c": "c"}, options, tmp_path, got.__setitem__)
+    assert submitted == ["b", "c"]  # a's job is still running: waited for, not resubmitted
+    assert got["a"] == {"status": "ok", "message": ""} and got["b"]["message"] == "b"
+    assert got["c"]["status"] == "lost"
+    assert got["c"]["message"].startswith("SLURM job 7_1 ended without a result (COMPLETED)")
+    assert json.loads((tmp_path / SLURM_DIR / "jobs.json").read_text()) == {
+        "a": "5_0",
+        "b": "7_0",
+        "c": "7_1",
+    }
+    assert parameters["slurm_partition"] == "gpu" and parameters["gpus_per_node"] == 1
+    assert parameters["timeout_min"] == 90
+    assert parameters["slurm_additional_parameters"] == {"account": "x"}
