@@ -402,3 +402,22 @@ def test_a_slurm_rerun_waits_for_jobs_still_running_and_submits_the_rest(tmp_pat
     assert parameters["slurm_partition"] == "gpu" and parameters["gpus_per_node"] == 1
     assert parameters["timeout_min"] == 90
     assert parameters["slurm_additional_parameters"] == {"account": "x"}
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--executor", "mpi"], "--executor: unknown 'mpi'; one of local, ray, slurm"),
+        (["--shard", "3/2"], "--shard: '3/2' must be i/n"),
+        (["--executor", "ray", "--gpus-per-point", "-1"], "--gpus-per-point: must be a share"),
+        (["--executor", "slurm", "--slurm-time", "soon"], "--slurm-time: 'soon' must be"),
+        (["--executor", "slurm", "--slurm-option", "account"], "--slurm-option: 'account' must"),
+    ],
+)
+def test_the_command_refuses_bad_executor_flags_with_exit_2(tmp_path, capsys, flags, message):
+    from ablate.cli import main
+
+    exp = write_experiment(tmp_path)
+    assert main(["sweep", str(exp), "--workdir", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "four").exists()
