@@ -19,14 +19,15 @@ from ablate.config import ConfigError
 from ablate.runfolder import LOCK_FILE, METRICS_FILE, ROWS_FILE, SHARED_MARKER, SLURM_DIR
 from ablate.sweep import PointJob, ResultsTable, expand, parse_shard, point_job, run_sweep
 
-# 2 tasks x 2 variants = 4 points; majority's points train 4x longer, so that the
-# assoc_recall points finish first (the driver-kill test stops the sweep in between).
+# 1 task x 2 variants x 2 step budgets = 4 points; the budgets share compiled programs (a
+# cold compile is most of a tiny sweep's time), and the 40-step points finish first (the
+# driver-kill test stops the sweep in between).
 FOUR_POINTS = """
 [sweep]
 name = "four"
 variants = ["learned", "uniform"]
-tasks = [{ name = "assoc_recall", n_pairs = 2, n_keys = 4, n_values = 2 },
-         { name = "majority", n_items = 5, n_symbols = 3, overrides = { "train.steps" = 160 } }]
+tasks = [{ name = "assoc_recall", n_pairs = 2, n_keys = 4, n_values = 2 }]
+grid = { "train.steps" = [40, 160] }
 [model]
 d_model = 16
 n_heads = 2
@@ -42,7 +43,7 @@ eval_batches = 1
 gradient_alignment = false
 checkpoint_every = 20
 """
-RUNS = ["assoc_recall-learned", "assoc_recall-uniform", "majority-learned", "majority-uniform"]
+RUNS = [f"assoc_recall-{v}-steps{n}" for v in ("learned", "uniform") for n in (40, 160)]
 TIMING = ("wall_seconds", "compile_seconds")  # the only fields that depend on who trained
 
 
@@ -227,15 +228,15 @@ def test_a_rerun_collects_what_workers_finished_after_the_driver_died(tmp_path, 
 
     monkeypatch.setattr(executors, "run_ray", engine)
     summary = run_sweep(exp, workdir=tmp_path, executor="ray", report=False)
-    assert sent == ["majority-uniform"]
+    assert sent == [RUNS[3]]
     assert "4 runs: 3 already done, 0 trained now, 1 failed" in summary
     got = ResultsTable(tmp_path / "four" / "results.jsonl").rows()
     assert [r["run"] for r in got] == [run for run in RUNS for _ in (0, 1)]
-    lost = [r for r in got if r["run"] == "majority-uniform"]
+    lost = [r for r in got if r["run"] == RUNS[3]]
     assert [r["status"] for r in lost] == ["failed", "failed"]
     assert lost[0]["error"] == "the Ray worker failed: killed" and lost[0]["seed"] == 0
     # The lost point's rows are in its folder, so `ablate report` merges the same table.
-    left = (tmp_path / "four" / "majority-uniform" / ROWS_FILE).read_text().splitlines()
+    left = (tmp_path / "four" / RUNS[3] / ROWS_FILE).read_text().splitlines()
     assert [json.loads(x)["status"] for x in left] == ["failed", "failed"]
 
 
@@ -270,12 +271,12 @@ def test_shards_in_two_processes_then_report_equal_one_local_sweep(tmp_path, loc
 
 @pytest.mark.slow
 def test_ray_sweep_with_a_killed_worker_equals_the_local_sweep(tmp_path, local_sweep):
-    """A local Ray instance with 2 workers; the worker training majority-learned is killed
+    """A local Ray instance with 2 workers; the worker training a 160-step point is killed
     (SIGKILL) after its step-20 eval: Ray runs the point again, it resumes from its
     checkpoint, and the table equals the local executor's, number for number."""
     pytest.importorskip("ray")
     killed = []
-    run_dir = tmp_path / "four" / "majority-learned"
+    run_dir = tmp_path / "four" / RUNS[1]
 
     def kill_mid_point():
         deadline = time.monotonic() + 600
