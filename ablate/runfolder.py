@@ -17,7 +17,8 @@ writes or reads the file uses):
                                   probe.csv, pruning.png (PRUNING_PNG), drop_KIND.png (DROP_PNG)
       .ablate.lock                held by the process writing the run (LOCK_FILE)
       rows.jsonl                  in a sweep, the run's rows of the results table, written
-                                  by whoever trained it once it is done (ROWS_FILE)
+                                  by whoever trained it once it is done (ROWS_FILE); beside
+                                  the folder, as .RUN.rows.jsonl, when it cannot hold them
     SWEEP_DIR/                    one `ablate sweep`: a RUN_DIR per point, and
       sweep.json                  the command (SWEEP_FILE)
       .ablate-shared              the driver's marker: a worker that cannot read it does not

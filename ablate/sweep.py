@@ -333,7 +333,7 @@ class ResultsTable:
         by_run = _by_run(self.rows())
         changed = []
         for run in runs:
-            new = read_jsonl(self.path.parent / run / ROWS_FILE)
+            new = point_rows(self.path.parent, run)
             if new and new != by_run.get(run):
                 by_run[run] = new
                 changed.append(run)
@@ -885,8 +885,20 @@ def train_point(
 
 
 def _write_rows(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)  # a point may fail before its run starts
-    write_jsonl(run_dir / ROWS_FILE, rows)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)  # a point may fail before its run starts
+        write_jsonl(run_dir / ROWS_FILE, rows)
+    except OSError:  # the folder cannot hold them (a file in its way): beside it, still read
+        write_jsonl(_rows_beside(run_dir), rows)
+
+
+def _rows_beside(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.{ROWS_FILE}"
+
+
+def point_rows(sweep_dir: Path, run: str) -> list[dict[str, Any]]:
+    """The rows a point left (in its run folder, else beside it); [] if it left none."""
+    return read_jsonl(sweep_dir / run / ROWS_FILE) or read_jsonl(_rows_beside(sweep_dir / run))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -913,7 +925,7 @@ def point_job(job: PointJob) -> dict[str, str]:
     sweep_dir = Path(job.sweep_dir)
     if problem := shared_problem(sweep_dir, job.marker, job.driver):
         return {"status": "not_shared", "message": problem}
-    if _all_ok(read_jsonl(sweep_dir / job.point.run_name / ROWS_FILE)):
+    if _all_ok(point_rows(sweep_dir, job.point.run_name)):
         return {"status": "ok", "message": "already done"}
     if 0 < job.gpus < 1:  # JAX would take 75% of the device; leave room for its co-tenants
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 * job.gpus:.3f}")
@@ -935,7 +947,9 @@ def collect_results(sweep_dir: str | Path) -> list[str]:
     meta_path = sweep_dir / SWEEP_FILE
     points = json.loads(meta_path.read_text())["points"] if meta_path.is_file() else []
     runs = points + sorted(
-        d.name for d in sweep_dir.iterdir() if (d / ROWS_FILE).is_file() and d.name not in points
+        d.name
+        for d in sweep_dir.iterdir()
+        if point_rows(sweep_dir, d.name) and d.name not in points
     )
     return ResultsTable(sweep_dir / RESULTS_FILE, order=points).collect(runs)
 
@@ -1016,7 +1030,7 @@ def run_sweep(
         done = {
             p.run_name
             for p in here
-            if _all_ok(read_jsonl(sweep_dir / p.run_name / ROWS_FILE) or legacy.get(p.run_name))
+            if _all_ok(point_rows(sweep_dir, p.run_name) or legacy.get(p.run_name))
         }
     else:
         here = points

@@ -422,3 +422,28 @@ def test_the_command_refuses_bad_executor_flags_with_exit_2(tmp_path, capsys, fl
     assert main(["sweep", str(exp), "--workdir", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "four").exists()
+
+
+def test_a_point_whose_run_folder_cannot_be_made_is_still_recorded(tmp_path, monkeypatch):
+    """A file in the way of a run folder: the point fails, and its rows, which cannot go in
+    the folder, go beside it, where the table collects them (once)."""
+    sweep_dir = tmp_path / "four"
+    sweep_dir.mkdir()
+    (sweep_dir / RUNS[0]).write_text("in the way\n")
+
+    def train(exp, run_dir, **kwargs):
+        raise OSError(f"cannot create or open the run folder {run_dir}")
+
+    monkeypatch.setattr(sweep_module, "train", train)
+    monkeypatch.setattr(sweep_module, "task_levels", lambda exp, cache: {})
+    exp = write_experiment(tmp_path)
+    assert "4 failed" in run_sweep(exp, workdir=tmp_path, report=False, progress=False)
+    got = ResultsTable(sweep_dir / "results.jsonl").rows()
+    assert [(r["run"], r["status"]) for r in got] == [
+        (run, "failed") for run in RUNS for _ in (0, 1)
+    ]
+    assert f"the run folder {sweep_dir / RUNS[0]}" in got[0]["error"]
+    assert (sweep_dir / f".{RUNS[0]}.{ROWS_FILE}").is_file()
+    assert (sweep_dir / RUNS[0]).read_text() == "in the way\n"  # the user's file is untouched
+    run_sweep(exp, workdir=tmp_path, report=False, progress=False)  # retried, failed again
+    assert len(ResultsTable(sweep_dir / "results.jsonl").rows()) == 8
