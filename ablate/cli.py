@@ -50,9 +50,9 @@ def _sweep(args) -> int:
             retries=args.retries,
         )
     elif args.executor == "slurm":
-        extra = dict(o.partition("=")[::2] for o in args.slurm_option)
         if bad := [o for o in args.slurm_option if "=" not in o]:
             raise ConfigError([("--slurm-option", f"{bad[0]!r} must be KEY=VALUE")])
+        extra = dict(o.partition("=")[::2] for o in args.slurm_option)
         options = SlurmOptions(
             partition=args.slurm_partition,
             gpus_per_job=args.slurm_gpus_per_job,
