@@ -37,14 +37,40 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
+    from ablate.config import ConfigError
+    from ablate.executors import RayOptions, SlurmOptions, parse_minutes
     from ablate.sweep import run_sweep
 
+    options = None
+    if args.executor == "ray":
+        options = RayOptions(
+            address=args.ray_address,
+            cpus_per_point=args.cpus_per_point,
+            gpus_per_point=args.gpus_per_point,
+            retries=args.retries,
+        )
+    elif args.executor == "slurm":
+        if bad := [o for o in args.slurm_option if "=" not in o]:
+            raise ConfigError([("--slurm-option", f"{bad[0]!r} must be KEY=VALUE")])
+        extra = dict(o.partition("=")[::2] for o in args.slurm_option)
+        options = SlurmOptions(
+            partition=args.slurm_partition,
+            gpus_per_job=args.slurm_gpus_per_job,
+            cpus_per_job=args.slurm_cpus_per_job,
+            time_minutes=parse_minutes(args.slurm_time),
+            array_parallelism=args.slurm_array_parallelism,
+            additional=extra,
+            cluster=args.slurm_cluster,
+        )
     summary = run_sweep(
         args.experiment,
         overrides=args.set,
         workdir=args.workdir,
         progress=not args.quiet,
         report=not args.no_report,
+        executor=args.executor,
+        shard=args.shard,
+        options=options,
     )
     print(summary)
     return EXIT_OK
@@ -52,7 +78,9 @@ def _sweep(args) -> int:
 
 def _report(args) -> int:
     from ablate.report import write_report
+    from ablate.sweep import collect_results
 
+    collect_results(args.sweep_dir)  # what shards and workers left in the run folders
     path = write_report(args.sweep_dir)
     print(f"report: {path}")
     return EXIT_OK
@@ -196,6 +224,53 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _sweep_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """Where `ablate sweep` runs its points (README: "Sweeps across machines")."""
+    p.add_argument(
+        "--executor",
+        default="local",
+        help="local (default: one point after another here), ray (Ray tasks) or slurm "
+        "(a SLURM job array through submitit)",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only points I, I+N, I+2N, ... here (any launcher); merge: ablate report DIR",
+    )
+    g = p.add_argument_group("--executor ray")
+    g.add_argument("--ray-address", help="cluster address (default: start a local Ray instance)")
+    g.add_argument("--cpus-per-point", type=float, default=1.0, help="CPUs per point (1)")
+    g.add_argument(
+        "--gpus-per-point",
+        type=float,
+        default=0.0,
+        help="share of a GPU per point: 0.25 packs four points onto one (default 0: CPU only)",
+    )
+    g.add_argument(
+        "--retries", type=int, default=2, help="runs again of a point whose worker died (2)"
+    )
+    g = p.add_argument_group("--executor slurm")
+    g.add_argument("--slurm-partition", help="partition (default: the cluster's)")
+    g.add_argument("--slurm-gpus-per-job", type=int, default=0, help="GPUs per array task (0)")
+    g.add_argument("--slurm-cpus-per-job", type=int, default=1, help="CPUs per array task (1)")
+    g.add_argument("--slurm-time", default="60", help="time limit: minutes or H:MM:SS (60)")
+    g.add_argument(
+        "--slurm-array-parallelism", type=int, default=256, help="array tasks at once (256)"
+    )
+    g.add_argument(
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another sbatch option, e.g. account=myproj (repeatable)",
+    )
+    g.add_argument(
+        "--slurm-cluster",
+        default="slurm",
+        help="slurm, or local: submitit runs the array on this machine (to try a setup)",
+    )
+
+
 def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
     """The parser of every subcommand; `bench_flags=False` leaves `ablate bench`'s flags out
     (building them imports JAX), as `main` does for any other command."""
@@ -230,6 +305,7 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="grid of tasks x variants x seeds, then the report")
     experiment_args(p)
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    _sweep_executor_arguments(p)
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="(re)write the report of a sweep folder")

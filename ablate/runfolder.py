@@ -16,9 +16,16 @@ writes or reads the file uses):
       probe/                      `ablate probe` outputs (PROBE_DIR): probe.json (PROBE_FILE),
                                   probe.csv, pruning.png (PRUNING_PNG), drop_KIND.png (DROP_PNG)
       .ablate.lock                held by the process writing the run (LOCK_FILE)
+      rows.jsonl                  in a sweep, the run's rows of the results table, written
+                                  by whoever trained it once it is done (ROWS_FILE); beside
+                                  the folder, as .RUN.rows.jsonl, when it cannot hold them
     SWEEP_DIR/                    one `ablate sweep`: a RUN_DIR per point, and
       sweep.json                  the command (SWEEP_FILE)
-      results.jsonl, results.csv  one row per (run, seed) (RESULTS_FILE, RESULTS_CSV)
+      .ablate-shared              the driver's marker: a worker that cannot read it does not
+                                  share the driver's storage (SHARED_MARKER)
+      results.jsonl, results.csv  one row per (run, seed), collected by the driver from the
+                                  runs' rows.jsonl (RESULTS_FILE, RESULTS_CSV)
+      slurm/                      submitit's job files and jobs.json (SLURM_DIR)
       REPORT.md, report/          the report (REPORT_FILE, REPORT_DIR)
 
 Writes that replace a file go through `write_atomic` (a reader, or a kill, sees the old
@@ -64,6 +71,9 @@ LOCK_FILE = ".ablate.lock"
 SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.jsonl"
 RESULTS_CSV = "results.csv"
+ROWS_FILE = "rows.jsonl"
+SHARED_MARKER = ".ablate-shared"
+SLURM_DIR = "slurm"
 REPORT_FILE = "REPORT.md"
 REPORT_DIR = "report"
 LOCK_WAIT_SECONDS = 60.0  # default; the environment variable below overrides it

@@ -20,9 +20,12 @@ carry the cross-attention's alignment beside the decoder's.
 
 A task entry's `label` names it in run folders and the report (default: the task name);
 `overrides` holds dotted fields for that task's points only. The rest of the file (`[model]`, `[optim]`, `[train]`) is the base every point starts
-from. Each point is validated before anything trains; rows go to `results.jsonl` (one per
-run and seed) as runs finish; a point already recorded as ok is skipped on rerun, and
-failed points are retried (their old rows replaced, never duplicated). Each task's data is
+from. Each point is validated before anything trains. Every point runs through
+`train_point`, here or on a worker (`--executor ray|slurm`, `ablate.executors`; or a
+`--shard i/n` of the points in another process), which leaves its rows (one per seed) in
+its run folder; the driver collects them into `results.jsonl` (`ResultsTable.collect`) as
+runs finish. A point already recorded as ok is skipped on rerun, and failed points are
+retried (their old rows replaced, never duplicated). In one process, each task's data is
 read once per sweep and shared by all its points (`SharedData`).
 """
 
@@ -34,6 +37,9 @@ import io
 import itertools
 import json
 import math
+import os
+import secrets
+import socket
 import time
 import traceback
 from collections import Counter
@@ -60,7 +66,10 @@ from ablate.runfolder import (
     METRICS_FILE,
     RESULTS_CSV,
     RESULTS_FILE,
+    ROWS_FILE,
+    SHARED_MARKER,
     SWEEP_FILE,
+    RunFolderBusy,
     read_jsonl,
     write_atomic,
     write_jsonl,
@@ -297,25 +306,43 @@ def expand(data: Mapping[str, Any], default_name: str = "sweep") -> tuple[str, l
 
 
 class ResultsTable:
-    """results.jsonl: one row per (run, seed); rewritten atomically, never duplicated."""
+    """results.jsonl: one row per (run, seed); rewritten atomically, never duplicated.
 
-    def __init__(self, path: Path):
+    Rows enter it one way, `collect`: from the rows.jsonl each finished run leaves in its run
+    folder, whoever trained it (this process, a shard, a Ray or SLURM worker). A driver killed
+    and rerun collects what the workers finished meanwhile; only the driver writes the table.
+    Rows are kept in the sweep's point order (`order`), so the table does not depend on which
+    worker finished first.
+    """
+
+    def __init__(self, path: Path, order: Sequence[str] = ()):
         self.path = path
+        self.order = {run: i for i, run in enumerate(order)}
 
     def rows(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
 
     def done(self) -> set[str]:
         """Runs whose every row is ok (skipped on resume)."""
-        status: dict[str, bool] = {}
-        for r in self.rows():
-            status[r["run"]] = status.get(r["run"], True) and r["status"] == "ok"
-        return {run for run, ok in status.items() if ok}
+        return {run for run, rows in _by_run(self.rows()).items() if _all_ok(rows)}
 
-    def replace_run(self, run: str, new_rows: list[dict[str, Any]]) -> None:
-        rows = [r for r in self.rows() if r["run"] != run] + new_rows
-        write_jsonl(self.path, rows)
-        self._write_csv(rows)
+    def collect(self, runs: Sequence[str]) -> list[str]:
+        """Bring the rows of these runs' folders into the table (a run without rows.jsonl
+        keeps the rows it has, as in a sweep folder from before rows.jsonl); returns the
+        runs whose rows changed. One atomic rewrite, none when nothing changed."""
+        by_run = _by_run(self.rows())
+        changed = []
+        for run in runs:
+            new = point_rows(self.path.parent, run)
+            if new and new != by_run.get(run):
+                by_run[run] = new
+                changed.append(run)
+        if changed:
+            ordered = sorted(by_run, key=lambda run: self.order.get(run, len(self.order)))
+            rows = [r for run in ordered for r in by_run[run]]
+            write_jsonl(self.path, rows)
+            self._write_csv(rows)
+        return changed
 
     def _write_csv(self, rows: list[dict[str, Any]]) -> None:
         import csv
@@ -370,6 +397,17 @@ class ResultsTable:
         writer.writeheader()
         writer.writerows(rows)
         write_atomic(self.path.with_name(RESULTS_CSV), text.getvalue())
+
+
+def _by_run(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"], []).append(r)
+    return by_run
+
+
+def _all_ok(rows: Sequence[dict[str, Any]]) -> bool:
+    return bool(rows) and all(r["status"] == "ok" for r in rows)
 
 
 class SharedData:
@@ -767,6 +805,155 @@ def _route_history(steps: list[int], by_step: dict[int, dict]) -> dict[str, Any]
     return out
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`--shard i/n` as (i, n): this process runs points i, i + n, i + 2n, ... of the sweep."""
+    if text is None:
+        return None
+    i, sep, n = str(text).partition("/")
+    if sep and i.strip().isdigit() and n.strip().isdigit() and int(i) < int(n):
+        return int(i), int(n)
+    raise ConfigError(
+        [("--shard", f"{text!r} must be i/n with whole numbers 0 <= i < n, e.g. 0/2 and 1/2")]
+    )
+
+
+def shared_marker(sweep_dir: Path) -> str:
+    """The token in the sweep folder's marker, written the first time (and kept, so that
+    workers still running for an earlier driver find the token they were given)."""
+    path = sweep_dir / SHARED_MARKER
+    try:
+        return json.loads(path.read_text())["token"]
+    except (OSError, ValueError, KeyError, TypeError):
+        token = secrets.token_hex(8)
+        write_atomic(path, json.dumps({"token": token, "host": socket.gethostname()}) + "\n")
+        return token
+
+
+def shared_problem(sweep_dir: Path, token: str, driver: str) -> str | None:
+    """Why this worker does not see the driver's sweep folder (None: it does)."""
+    path = sweep_dir / SHARED_MARKER
+    try:
+        found = json.loads(path.read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found == token:
+        return None
+    what = "finds no" if found is None else "finds another sweep's"
+    return (
+        f"the worker on {socket.gethostname()} {what} marker {path} written by the driver on "
+        f"{driver}: it does not see the driver's sweep folder. The work folder (--workdir) must "
+        "be on storage every worker shares, at the same path (NFS, a cluster file system); "
+        "see the README, 'Sweeps across machines'"
+    )
+
+
+def train_point(
+    point: Point,
+    sweep_dir: Path,
+    level_cache: dict,
+    shared: SharedData,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train one point (all its seeds) and leave its rows in its run folder (ROWS_FILE);
+    returns them. The one way a point runs, whoever runs it: the local loop, a shard, a Ray
+    task or a SLURM array task (`point_job`). A failure becomes rows that say so."""
+    t0 = time.perf_counter()
+    levels, chance = task_levels(point.experiment, level_cache), None
+    run_dir = safe_join(sweep_dir, point.run_name)
+    try:
+        data = shared.take(point)
+        chance = data.chance
+        result = train(point.experiment, run_dir, data=data, progress=progress)
+        rows = _rows_for(point, result, _eval_history(run_dir), levels)
+        if point.probe:
+            rows = _probe(run_dir, rows, data)
+    except Diverged as e:
+        wall = time.perf_counter() - t0
+        rows = _failed_rows(point, "diverged", str(e), wall, levels, chance)
+    except (KeyboardInterrupt, SystemExit, Preempted, RunFolderBusy):
+        # Preempted: the run saved its state; the sweep stops and a rerun resumes it. Busy:
+        # another process trains this run; its rows are its own to write.
+        raise
+    except Exception as e:  # noqa: BLE001 - one point's failure must not stop the sweep
+        tb = traceback.format_exc(limit=3)
+        error = f"{type(e).__name__}: {e}\n{tb}"
+        rows = _failed_rows(point, "failed", error, time.perf_counter() - t0, levels, chance)
+    finally:
+        shared.release(point)
+    on_primary(lambda: _write_rows(run_dir, rows), f"writing {ROWS_FILE}")
+    return rows
+
+
+def _write_rows(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)  # a point may fail before its run starts
+        write_jsonl(run_dir / ROWS_FILE, rows)
+    except OSError:  # the folder cannot hold them (a file in its way): beside it, still read
+        write_jsonl(_rows_beside(run_dir), rows)
+
+
+def _rows_beside(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.{ROWS_FILE}"
+
+
+def point_rows(sweep_dir: Path, run: str) -> list[dict[str, Any]]:
+    """The rows a point left (in its run folder, else beside it); [] if it left none."""
+    return read_jsonl(sweep_dir / run / ROWS_FILE) or read_jsonl(_rows_beside(sweep_dir / run))
+
+
+@dataclasses.dataclass(frozen=True)
+class PointJob:
+    """What a worker is sent for one point: the point, the driver's sweep folder (absolute),
+    the token of its marker and the driver's host (to check it shares the folder)."""
+
+    point: Point
+    sweep_dir: str
+    marker: str
+    driver: str
+    gpus: float = 0.0  # the share of one accelerator the point was given
+
+
+# A Ray worker process runs many points: each task's reference levels are computed once.
+_WORKER_LEVELS: dict = {}
+
+
+def point_job(job: PointJob) -> dict[str, str]:
+    """A worker's whole part in a sweep (one Ray task, one SLURM array task): check that it
+    sees the driver's folder (before anything compiles), then `train_point` unless the run
+    already has ok rows. Returns {"status", "message"}: the rows' status, or `not_shared`,
+    `busy` (another process trains the run) or `preempted`, which leave no rows."""
+    sweep_dir = Path(job.sweep_dir)
+    if problem := shared_problem(sweep_dir, job.marker, job.driver):
+        return {"status": "not_shared", "message": problem}
+    if _all_ok(point_rows(sweep_dir, job.point.run_name)):
+        return {"status": "ok", "message": "already done"}
+    if 0 < job.gpus < 1:  # JAX would take 75% of the device; leave room for its co-tenants
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 * job.gpus:.3f}")
+    try:
+        rows = train_point(job.point, sweep_dir, _WORKER_LEVELS, SharedData([job.point]), False)
+    except RunFolderBusy as e:
+        return {"status": "busy", "message": str(e)}
+    except Preempted as e:
+        return {"status": "preempted", "message": str(e)}
+    return {"status": rows[0]["status"], "message": rows[0]["error"].split("\n")[0][:300]}
+
+
+def collect_results(sweep_dir: str | Path) -> list[str]:
+    """Collect every run folder's rows into the sweep's results table (what `ablate report`
+    does first, merging what shards or workers left); returns the runs whose rows changed."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return []  # the report says what is missing
+    meta_path = sweep_dir / SWEEP_FILE
+    points = json.loads(meta_path.read_text())["points"] if meta_path.is_file() else []
+    runs = points + sorted(
+        d.name
+        for d in sweep_dir.iterdir()
+        if point_rows(sweep_dir, d.name) and d.name not in points
+    )
+    return ResultsTable(sweep_dir / RESULTS_FILE, order=points).collect(runs)
+
+
 def run_sweep(
     experiment_file: str | Path,
     *,
@@ -774,12 +961,26 @@ def run_sweep(
     workdir: str | Path = "runs",
     progress: bool = True,
     report: bool = True,
+    executor: str = "local",
+    shard: str | None = None,
+    options: Any = None,
 ) -> str:
-    """Run every point not yet done, then write the report; returns a short summary."""
+    """Run every point not yet done, collect their rows, then write the report; returns a
+    short summary.
+
+    `executor` runs the points here one after another (`local`), as Ray tasks or as a SLURM
+    job array (`options`: `executors.RayOptions` / `SlurmOptions`); `shard` ("i/n") runs this
+    process's slice of the points here and leaves merging to `ablate report`.
+    """
+    from ablate import executors
+
+    slice_ = parse_shard(shard)
+    engine = executors.check(executor, options, sharded=slice_ is not None)
     data = apply_overrides(load_toml(experiment_file), overrides)
     name, points = expand(data, default_name=Path(experiment_file).stem)
+    remote = executor != "local"
     refused: dict[tuple[str, str], list[str]] = {}  # one line per problem, naming its runs
-    for point in points:
+    for point in [] if remote else points:  # a worker checks its own devices (in `train`)
         tc = point.experiment.train
         try:
             check_mesh(tc.mesh, len(tc.seeds), tc.batch_size)
@@ -797,7 +998,7 @@ def run_sweep(
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     # In a multi-process run every process trains every point; process 0 writes the files.
-    def write_sweep_file():
+    def write_sweep_files():
         write_atomic(
             sweep_dir / SWEEP_FILE,
             json.dumps(
@@ -818,58 +1019,79 @@ def run_sweep(
                 indent=2,
             ),
         )
+        return shared_marker(sweep_dir)
 
-    on_primary(write_sweep_file, f"writing {SWEEP_FILE}")
-    primary = is_primary()
-    table = ResultsTable(sweep_dir / RESULTS_FILE)
-    done = table.done()
-    todo = [p for p in points if p.run_name not in done]
+    # The driver of remote workers never starts JAX (it would take an accelerator's memory).
+    primary = True if remote else is_primary()
+    marker = write_sweep_files() if remote else on_primary(write_sweep_files, "writing the sweep")
+    table = ResultsTable(sweep_dir / RESULTS_FILE, order=[p.run_name for p in points])
+    if slice_ is not None:  # a shard writes run folders only; `ablate report` merges them
+        here, legacy = points[slice_[0] :: slice_[1]], _by_run(table.rows())
+        done = {
+            p.run_name
+            for p in here
+            if _all_ok(point_rows(sweep_dir, p.run_name) or legacy.get(p.run_name))
+        }
+    else:
+        here = points
+        if primary:
+            table.collect([p.run_name for p in points])  # what workers finished meanwhile
+        done = table.done()
+    todo = [p for p in here if p.run_name not in done]
 
     from tqdm.auto import tqdm
 
+    where = "" if slice_ is None else f" shard {shard}"
     bar = tqdm(
-        total=len(points),
-        initial=len(points) - len(todo),
-        desc=f"sweep {name}",
+        total=len(here),
+        initial=len(here) - len(todo),
+        desc=f"sweep {name}{where}",
         unit="run",
         disable=not (progress and primary),
     )
-    failures, level_cache, shared = 0, {}, SharedData(todo)
-    for point in todo:
-        bar.set_postfix_str(point.run_name)
-        t0 = time.perf_counter()
-        levels, chance = task_levels(point.experiment, level_cache), None
-        try:
-            data = shared.take(point)
-            chance = data.chance
-            run_dir = safe_join(sweep_dir, point.run_name)
-            result = train(point.experiment, run_dir, data=data, progress=progress)
-            rows = _rows_for(point, result, _eval_history(run_dir), levels)
-            if point.probe:
-                rows = _probe(run_dir, rows, data)
-        except Diverged as e:
-            wall = time.perf_counter() - t0
-            rows = _failed_rows(point, "diverged", str(e), wall, levels, chance)
-        except (KeyboardInterrupt, SystemExit, Preempted):
-            # Preempted: the run saved its state; the sweep stops and a rerun resumes it.
-            raise
-        except Exception as e:  # noqa: BLE001 - one point's failure must not stop the sweep
-            tb = traceback.format_exc(limit=3)
-            error = f"{type(e).__name__}: {e}\n{tb}"
-            rows = _failed_rows(point, "failed", error, time.perf_counter() - t0, levels, chance)
-        finally:
-            shared.release(point)
-        failures += rows[0]["status"] != "ok"
-        if primary:
-            table.replace_run(point.run_name, rows)
+    counts: Counter = Counter()
+
+    def finished(run: str, status: str) -> None:
+        counts[status] += 1
+        if primary and slice_ is None:
+            table.collect([run])
         bar.update(1)
+
+    if not remote:
+        level_cache, shared = {}, SharedData(todo)
+        for point in todo:
+            bar.set_postfix_str(point.run_name)
+            rows = train_point(point, sweep_dir, level_cache, shared, progress=progress)
+            finished(point.run_name, rows[0]["status"])
+    else:
+        by_run = {p.run_name: p for p in todo}
+        host = socket.gethostname()
+        gpus = getattr(options, "gpus_per_point", 0.0)
+        jobs = {
+            p.run_name: PointJob(p, str(sweep_dir.absolute()), marker, host, gpus) for p in todo
+        }
+
+        def on_result(run: str, outcome: dict[str, str]) -> None:
+            if outcome["status"] == "not_shared":
+                raise ConfigError([("--workdir", outcome["message"])])
+            if outcome["status"] == "lost":  # the worker died (or its job ended) mid-point
+                rows = _failed_rows(by_run[run], "failed", outcome["message"], None, {}, None)
+                _write_rows(sweep_dir / run, rows)
+            finished(run, outcome["status"])
+
+        engine(point_job, jobs, options, sweep_dir, on_result)
     bar.close()
+    failures = sum(n for status, n in counts.items() if status in ("failed", "diverged", "lost"))
+    unfinished = counts["busy"] + counts["preempted"]
     lines = [
         f"sweep folder: {sweep_dir}",
-        f"{len(points)} runs: {len(points) - len(todo)} already done, "
-        f"{len(todo) - failures} trained now, {failures} failed",
+        f"{len(here)} runs{where}: {len(here) - len(todo)} already done, "
+        f"{len(todo) - failures - unfinished} trained now, {failures} failed"
+        + (f", {unfinished} stopped or busy elsewhere (rerun to finish)" if unfinished else ""),
     ]
-    if report and primary:
+    if slice_ is not None:
+        lines.append(f"merge the shards' rows and report: ablate report {sweep_dir}")
+    elif report and primary:
         from ablate.report import write_report
 
         lines.append(f"report: {write_report(sweep_dir)}")
