@@ -58,6 +58,13 @@ def _report(args) -> int:
     return EXIT_OK
 
 
+def _view(args) -> int:
+    from ablate.view import write_view
+
+    print(f"view: {write_view(args.folder, args.out)}")
+    return EXIT_OK
+
+
 def _tensorboard(args) -> int:
     from ablate.tb_server import serve
 
@@ -203,6 +210,11 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write the report of a sweep folder")
     p.add_argument("sweep_dir")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("view", help="write view.html: attention token by token, for a browser")
+    p.add_argument("folder", help="a sweep folder or a run folder")
+    p.add_argument("--out", help="where to write the page (default: FOLDER/view.html)")
+    p.set_defaults(func=_view)
 
     p = sub.add_parser("tensorboard", help="serve TensorBoard for a run or sweep folder")
     p.add_argument("logdir")
