@@ -222,6 +222,7 @@ def write_view(folder: str | Path, out: str | Path | None = None) -> Path:
     A file in its place that this function did not write is left alone (ConfigError).
     """
     folder = Path(folder)
+    data = page_data(folder)  # a page with no runs says so (a sweep whose runs all failed)
     path = Path(out) if out is not None else folder / VIEW_FILE
     if path.is_file() and GENERATOR not in path.read_text(errors="replace")[:4000]:
         raise ConfigError(
@@ -232,11 +233,6 @@ def write_view(folder: str | Path, out: str | Path | None = None) -> Path:
                     "it (move it, or pass --out OTHER.html)",
                 )
             ]
-        )
-    data = page_data(folder)
-    if not data["runs"]:
-        raise ConfigError(
-            [("folder", f"{folder}: no run with stored examples (patterns_final.npz) to show")]
         )
     write_atomic(path, render(data))
     return path
