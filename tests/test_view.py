@@ -198,12 +198,13 @@ def browse(page: Path, fragment: str, tmp_path: Path, *flags: str) -> str:
 
 
 class Cells(HTMLParser):
-    """The drawn token cells of each attention strip: (stage, layer, head) -> [(attn, dep)]."""
+    """What the page drew: per (stage, layer, head), the attention strip's token cells
+    [(weight, dependency mark)] (`strips`) and the small multiples' squares (`minis`)."""
 
     def __init__(self):
         super().__init__()
-        self.strips, self.current, self.selection, self.error, self.minis = {}, None, None, None, 0
-        self.depth = 0
+        self.strips, self.minis, self.selection, self.error = {}, {}, None, None
+        self.current = self.cell = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -212,15 +213,18 @@ class Cells(HTMLParser):
             self.error = a.get("data-error")
         if a.get("id") == "selection":
             self.selection = json.loads(a["data-state"])
-        if "attn" in classes and "strip" in classes:
-            self.current = (a["data-stage"], int(a["data-layer"]), int(a["data-head"]))
-            self.strips[self.current] = []
-        elif "tok" in classes and self.current and "data-attn" in a:
-            self.strips[self.current].append((float(a["data-attn"]), a.get("data-dep") == "1"))
-        elif "truth" in classes:
+        if "strip" in classes:
             self.current = None
-        if "mini" in classes:
-            self.minis += 1
+            if "attn" in classes:
+                self.current = self.strips.setdefault(
+                    (a["data-stage"], int(a["data-layer"]), int(a["data-head"])), []
+                )
+        elif "cell" in classes:
+            self.cell = (int(a["data-layer"]), int(a["data-head"]))
+        elif "mini" in classes:
+            self.current = self.minis.setdefault((a["data-stage"], *self.cell), [])
+        elif "data-attn" in a and self.current is not None:
+            self.current.append((float(a["data-attn"]), "dep" in classes))
 
 
 def test_chromium_draws_the_selected_heads_attention_and_dependencies(run, tmp_path):
@@ -267,7 +271,12 @@ def test_chromium_draws_the_selected_heads_attention_and_dependencies(run, tmp_p
     # All heads as small multiples: init and trained of each head of the layer.
     grid = Cells()
     grid.feed(browse(page, fragment.replace(f"head={head}", "head=all"), tmp_path, "--dump-dom"))
-    assert grid.minis == 2 * r["heads"] and grid.selection["head"] == "all"
+    assert grid.selection["head"] == "all" and not grid.strips
+    assert len(grid.minis) == 2 * r["layers"] * r["heads"]
+    for (stage, n, h), drawn in grid.minis.items():
+        want = decoded(r, stage, seed, example)[n, h, t]
+        np.testing.assert_allclose([v for v, _ in drawn], want, atol=1e-4)
+        assert [j for j, (_, dep) in enumerate(drawn) if dep] == ex["deps"][t]
 
     # A value the page does not offer is reported, not silently replaced.
     bad = Cells()
