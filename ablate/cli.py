@@ -204,7 +204,9 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="grid of tasks x variants x seeds, then the report")
     experiment_args(p)
-    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument(
+        "--no-report", action="store_true", help="skip the report and view.html at the end"
+    )
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="(re)write the report of a sweep folder")
