@@ -1,6 +1,7 @@
-"""The attention viewer: what view.html embeds equals what the model computes on the stored
-examples, and a real browser (headless Chromium) draws those values and the dependency marks
-after a selection made through the page's own controls."""
+"""The attention viewer: view.html embeds the stored examples of a run folder (that training
+stores the model's own patterns: tests/test_train.py), and a real browser (headless Chromium)
+draws those values and the dependency marks after a selection made through the page's own
+controls."""
 
 from __future__ import annotations
 
@@ -13,62 +14,65 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ablate.checkpoint import Checkpointer
 from ablate.config import ConfigError
-from ablate.core import EXAMPLES, Programs, eval_batch
-from ablate.experiment import build_experiment
-from ablate.runfolder import CHECKPOINT_DIR, PATTERNS_FILE, PATTERNS_INIT_FILE, VIEW_FILE
-from ablate.train import train
+from ablate.core import EXAMPLES
+from ablate.runfolder import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PATTERNS_FILE,
+    PATTERNS_INIT_FILE,
+    VIEW_FILE,
+)
+from ablate.tasks import make_task
 from ablate.view import LEVELS, write_view
 
-ROUNDING = 0.5 / LEVELS + 1e-3  # the page's bytes, and float16 in the run folder
 
-
-def experiment():
-    """Two layers (learned, then a fixed random pattern), 2 heads, 2 seeds, mqar (padded
-    with fillers, 4 scored queries per sequence)."""
-    return build_experiment(
-        {
-            "name": "view_run",
-            "task": {"name": "mqar"},
-            "model": {
-                "d_model": 16,
-                "n_heads": 2,
-                "n_layers": 2,
-                "attention": ["learned", "random_fixed"],
-            },
-            "optim": {"learning_rate": 1e-2, "warmup_steps": 0},
-            "train": {
-                "steps": 20,
-                "batch_size": 8,
-                "seeds": [0, 3],
-                "steps_per_dispatch": 10,
-                "log_every": 10,
-                "eval_every": 20,
-                "eval_batches": 1,
-                "checkpoint_every": 20,
-                "compile_cache": True,
-                "gradient_alignment": False,
-            },
-        }
-    )
+def stored_run(run_dir: Path, seeds=(0, 3), steps=20, N=2, H=2, E=EXAMPLES):
+    """A run folder as training leaves it (config.json, metrics.jsonl, patterns_init.npz and
+    patterns_final.npz: ablate/train.py `write_examples`), with mqar's real sequences and
+    random causal patterns; whether training stores the model's own patterns is
+    tests/test_train.py's `test_resume_is_bit_identical`."""
+    task = make_task("mqar")
+    batch = jax.tree.map(np.asarray, jax.jit(task.sample, static_argnums=1)(jax.random.key(0), E))
+    L = task.seq_len
+    rng = np.random.default_rng(1)
+    causal_LS = np.tril(np.ones((L, L), bool))
+    run_dir.mkdir(parents=True)
+    config = {"task": {"name": "mqar"}, "model": {"causal": True}, "train": {"seeds": list(seeds)}}
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config))
+    rows = []
+    for stage, step, name in (("init", 0, PATTERNS_INIT_FILE), ("final", steps, PATTERNS_FILE)):
+        logits = rng.normal(size=(len(seeds), E, N, H, L, L)) * (3 if stage == "final" else 1)
+        probs = np.where(causal_LS, np.exp(logits), 0.0)
+        probs /= probs.sum(-1, keepdims=True)
+        per_seed = lambda x: np.repeat(x[None], len(seeds), 0)
+        np.savez(
+            run_dir / name,
+            step=np.int64(step),
+            probs=probs.astype(np.float16),
+            deps=per_seed(batch.deps),
+            weights=per_seed(batch.weights),
+            inputs=per_seed(batch.inputs),
+            targets=per_seed(batch.targets),
+            input_labels=np.array([task.token_labels(x) for x in batch.inputs]),
+            target_labels=np.array([task.token_labels(x) for x in batch.targets]),
+            has_pattern=np.ones((N, H), bool),
+        )
+        for seed in seeds:
+            metrics = rng.uniform(size=(3, N, H)).tolist()
+            rows.append(dict(step=step, seed=seed, kind="eval", uniform_alignment=0.2))
+            rows[-1] |= dict(zip(("alignment", "gradient_alignment", "entropy"), metrics))
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The run, stopped at step 10 and resumed to 20 (as a preempted run is), and its page;
-    the init examples as the first part left them."""
-    run_dir = tmp_path_factory.mktemp("view") / "view_run"
-    exp = experiment()
-    train(exp, run_dir, progress=False, stop_after=10)
-    assert not (run_dir / PATTERNS_FILE).exists()
-    init = (run_dir / PATTERNS_INIT_FILE).read_bytes()
-    train(exp, run_dir, progress=False)
-    return exp, run_dir, write_view(run_dir), init
+    run_dir = stored_run(tmp_path_factory.mktemp("view") / "view_run")
+    return run_dir, write_view(run_dir)
 
 
 def embedded(page: Path) -> dict:
@@ -85,58 +89,32 @@ def decoded(r: dict, stage: str, seed: int, example: int, key: str = "attention"
     return raw.reshape(r["layers"], r["heads"], len(ex["scored"]), S) / LEVELS
 
 
-def model_patterns(exp):
-    """state -> the patterns (Z, E, N, H, L, S) the model computes on the first eval
-    sequences (compiled once), and those sequences."""
-    programs = Programs(exp)
-    batch = eval_batch(exp.task, (), programs.sampler.eval_key, 0, exp.train.batch_size)
-    first = jax.tree.map(lambda x: x[:EXAMPLES], batch)
-
-    def one(params, rest):
-        model = programs.definition.merge(params, rest)
-        return jnp.stack(model(first.inputs, return_patterns=True).patterns, 1)
-
-    per_seed = jax.jit(jax.vmap(one))
-    return lambda state: np.asarray(per_seed(state.params, state.rest)), first
-
-
-def test_embedded_patterns_are_the_models_on_each_example_at_init_and_trained(run):
-    exp, run_dir, page, _ = run
-    data = embedded(page)
-    (r,) = data["runs"]
+def test_the_page_embeds_each_stored_examples_scored_rows_tokens_deps_and_metrics(run):
+    run_dir, page = run
+    (r,) = embedded(page)["runs"]
     assert (r["layers"], r["heads"], r["seeds"], r["steps"]) == (
         2,
         2,
         [0, 3],
         {"init": 0, "final": 20},
     )
-    programs = Programs(exp)
-    init = programs.init()
-    _, trained, _ = Checkpointer(run_dir / CHECKPOINT_DIR).restore_latest(programs.abstract_state())
-    patterns, first = model_patterns(exp)
-    for stage, state in (("init", init), ("final", trained)):
-        probs_ZENHLS = patterns(state)
+    rows = [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
+    for stage, name in (("init", PATTERNS_INIT_FILE), ("final", PATTERNS_FILE)):
+        stored = np.load(run_dir / name)
         for k in range(2):
-            probs_ENHLS = probs_ZENHLS[k]
             for e, ex in enumerate(r["examples"]):
-                scored = np.flatnonzero(np.asarray(first.weights[e]) > 0)
+                scored = np.flatnonzero(stored["weights"][k, e] > 0)
                 assert ex["scored"] == scored.tolist() and len(scored) == 4
-                want = probs_ENHLS[e][:, :, scored, :]
-                np.testing.assert_allclose(decoded(r, stage, k, e), want, atol=ROUNDING)
-                deps = np.asarray(first.deps[e])
+                want = stored["probs"][k, e][:, :, scored, :].astype(float)
+                np.testing.assert_allclose(decoded(r, stage, k, e), want, atol=0.5 / LEVELS)
+                deps = stored["deps"][k, e]
                 assert ex["deps"] == [np.flatnonzero(deps[i]).tolist() for i in scored]
-                assert ex["tokens"] == exp.task.token_labels(first.inputs[e])
-    # The compared things differ: training moved the learned layer, the seeds differ, and
-    # the fixed random layer stayed where it was.
-    moved = np.abs(decoded(r, "final", 0, 0)[0] - decoded(r, "init", 0, 0)[0]).max()
-    assert moved > 0.05
-    assert np.abs(decoded(r, "init", 0, 0) - decoded(r, "init", 1, 0)).max() > 0.05
-    np.testing.assert_array_equal(decoded(r, "final", 1, 2)[1], decoded(r, "init", 1, 2)[1])
-    # The head metrics are the eval rows of those steps.
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = next(x for x in rows if x["kind"] == "eval" and x["step"] == 20 and x["seed"] == 3)
-    assert r["metrics"]["final"]["alignment"][1] == last["alignment"]
-    assert r["metrics"]["init"]["entropy"][0] != r["metrics"]["final"]["entropy"][0]
+                assert ex["tokens"] == stored["input_labels"][e].tolist()
+                assert ex["targets"] == stored["target_labels"][e][scored].tolist()
+        for k, seed in enumerate(r["seeds"]):
+            row = next(x for x in rows if x["step"] == int(stored["step"]) and x["seed"] == seed)
+            assert r["metrics"][stage]["alignment"][k] == row["alignment"]
+    assert "FILLER" in r["examples"][0]["tokens"]  # mqar's own name of its filler token
 
 
 def test_labels_name_a_tasks_special_tokens_and_decode_bytes():
@@ -148,11 +126,8 @@ def test_labels_name_a_tasks_special_tokens_and_decode_bytes():
     assert make_task("translate").source_labels([0, 4]) == ["PAD", "4"]
 
 
-def test_a_resumed_run_keeps_its_init_examples_and_a_foreign_page_is_never_replaced(run, tmp_path):
-    exp, run_dir, page, init = run
-    assert (run_dir / PATTERNS_INIT_FILE).read_bytes() == init  # step 0 was not redone
-    assert int(np.load(run_dir / PATTERNS_FILE)["step"]) == 20
-
+def test_a_page_it_did_not_write_is_never_replaced(run, tmp_path):
+    run_dir, page = run
     mine = tmp_path / VIEW_FILE
     mine.write_text("<html>my own notes</html>")
     with pytest.raises(ConfigError, match="not written by `ablate view`"):
@@ -228,7 +203,7 @@ class Cells(HTMLParser):
 
 
 def test_chromium_draws_the_selected_heads_attention_and_dependencies(run, tmp_path):
-    exp, run_dir, page, _ = run
+    run_dir, page = run
     (r,) = embedded(page)["runs"]
     seed, example, layer, head = 1, 2, 0, 1
     ex = r["examples"][example]
