@@ -86,6 +86,13 @@ def _report(args) -> int:
     return EXIT_OK
 
 
+def _view(args) -> int:
+    from ablate.view import write_view
+
+    print(f"view: {write_view(args.folder, args.out)}")
+    return EXIT_OK
+
+
 def _tensorboard(args) -> int:
     from ablate.tb_server import serve
 
@@ -304,13 +311,20 @@ def build_parser(bench_flags: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="grid of tasks x variants x seeds, then the report")
     experiment_args(p)
-    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument(
+        "--no-report", action="store_true", help="skip the report and view.html at the end"
+    )
     _sweep_executor_arguments(p)
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="(re)write the report of a sweep folder")
     p.add_argument("sweep_dir")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("view", help="write view.html: attention token by token, for a browser")
+    p.add_argument("folder", help="a sweep folder or a run folder")
+    p.add_argument("--out", help="where to write the page (default: FOLDER/view.html)")
+    p.set_defaults(func=_view)
 
     p = sub.add_parser("tensorboard", help="serve TensorBoard for a run or sweep folder")
     p.add_argument("logdir")

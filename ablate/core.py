@@ -10,7 +10,7 @@ passed into the compiled programs, never closed over):
   train_step    one step: the batch of (seed, step), loss, gradients, update, metrics
   train_chunk   `steps_per_dispatch` steps in one `lax.scan`
   evaluate      held-out metrics and per-head attention metrics over the eval batches
-  first_patterns  the patterns of the first eval sequence (heatmaps)
+  example_patterns  the patterns of the first few eval sequences (viewer, heatmaps)
 
 `eval_batch` is the one held-out batch function (with the validity mask `valid_BL` of padded
 tasks); training and the probe both draw through it. `bad_ids` is the one check of token ids
@@ -451,18 +451,39 @@ def _per_head(patterns, deps, weights, name: str) -> jax.Array:
     return jnp.stack([attention_metrics(p, deps, weights)[name] for p in patterns])
 
 
-def first_patterns(
+class Examples(NamedTuple):
+    """The first few held-out sequences of eval batch 0 (axis E) and every layer's patterns on
+    them: what the attention viewer and the heatmaps show. A seq2seq model's also carry the
+    source and its cross-attention (None otherwise)."""
+
+    inputs: jax.Array  # int32 (E, L)
+    targets: jax.Array  # int32 (E, L)
+    weights: jax.Array  # float32 (E, L)
+    deps: jax.Array  # bool (E, L, S)
+    probs: jax.Array  # (E, N, H, L, S)
+    source: jax.Array | None = None  # int32 (E, S)
+    cross_probs: jax.Array | None = None  # (E, N, H, L, S)
+    cross_deps: jax.Array | None = None  # bool (E, L, S)
+
+
+# Sequences kept per seed for the viewer (fewer when the batch is smaller).
+EXAMPLES = 4
+
+
+def example_patterns(
     definition: Definition, sampler: Sampler, params: nnx.State, rest: nnx.State, arrays: Any
-):
-    """(patterns (N, H, L, S), deps (L, S), weights (L,)) of the first eval sequence; for an
-    encoder-decoder also its cross-attention patterns (N, H, L, S) and cross_deps (L, S)."""
+) -> Examples:
+    """The patterns of every layer and head on the first `EXAMPLES` eval sequences."""
     model = definition.merge(params, rest)
     batch = sampler.eval(arrays, 0)
-    first = jax.tree.map(lambda x: x[:1], batch)
+    first = jax.tree.map(lambda x: x[: min(EXAMPLES, sampler.batch_size)], batch)
     out = definition.forward(model, first, first.valid, return_patterns=True)
-    drawn = (jnp.stack([p[0] for p in out.patterns]), batch.deps[0], batch.weights[0])
+    stack = lambda patterns: jnp.stack(patterns, axis=1)  # N x (E, H, L, S) -> (E, N, H, L, S)
+    drawn = Examples(first.inputs, first.targets, first.weights, first.deps, stack(out.patterns))
     if definition.seq2seq:
-        drawn += (jnp.stack([p[0] for p in out.cross_patterns]), batch.cross_deps[0])
+        drawn = drawn._replace(
+            source=first.source, cross_probs=stack(out.cross_patterns), cross_deps=first.cross_deps
+        )
     return drawn
 
 
@@ -514,7 +535,7 @@ class Programs:
             out_shardings=place.replicated,
         )
         self._patterns = jax.jit(
-            seeds(functools.partial(first_patterns, definition, sampler), (0, 0, None)),
+            seeds(functools.partial(example_patterns, definition, sampler), (0, 0, None)),
             in_shardings=weights,
             out_shardings=place.replicated,
         )
@@ -565,8 +586,8 @@ class Programs:
                 out[name] = np.where(has_pattern_NH[None], out[name], np.nan)
         return out
 
-    def patterns(self, state: TrainState, arrays: Any):
-        """(probs (Z, N, H, L, S), deps (Z, L, S), weights (Z, L)) of the first eval sequence."""
+    def patterns(self, state: TrainState, arrays: Any) -> Examples:
+        """`Examples` of every seed (leading axis Z: probs (Z, E, N, H, L, S), ...)."""
         return jax.device_get(self._patterns(state.params, state.rest, arrays))
 
     def params_finite(self, state: TrainState) -> np.ndarray:

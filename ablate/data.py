@@ -14,6 +14,8 @@ import numpy as np
 
 BYTES = 256
 PAD, BOS, SEP, CLS = 256, 257, 258, 259
+SPECIAL_NAMES = {PAD: "PAD", BOS: "BOS", SEP: "SEP", CLS: "CLS"}
+VISIBLE_WHITESPACE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
 BYTE_VOCAB = 260
 LOCAL_SUFFIXES = {
     ".txt": "text",
@@ -90,6 +92,16 @@ class ByteTokenizer:
     vocab_size = BYTE_VOCAB
     specials = BYTES
 
+    def label(self, token: int) -> str:
+        """A readable label of one id: the byte's character (space, newline and tab as
+        symbols, other unprintable bytes as \\xNN), or the special's name."""
+        if token >= BYTES:
+            return SPECIAL_NAMES.get(token, str(token))
+        char = chr(token)
+        if char in VISIBLE_WHITESPACE:
+            return VISIBLE_WHITESPACE[char]
+        return char if 32 < token < 127 else f"\\x{token:02x}"
+
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8).astype(
             np.int32
@@ -120,6 +132,12 @@ class HubTokenizer:
         # Our four specials go after the tokenizer's own ids.
         self.specials = base
         self.vocab_size = base + 4
+
+    def label(self, token: int) -> str:
+        """The tokenizer's own string of an id, or our special's name."""
+        if token >= self.specials:
+            return SPECIAL_NAMES.get(token - self.specials + PAD, str(token))
+        return self._tok.id_to_token(token) or str(token)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.int32)

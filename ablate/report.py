@@ -965,9 +965,11 @@ def _load_patterns(npz: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
     try:
         with np.load(npz) as data:
             part = "cross_" if "cross_probs" in data else ""
-            probs_NHLS = np.asarray(data[f"{part}probs"][0], dtype=float)
-            scored_L = np.asarray(data["weights"][0]) > 0
-            mask_LS = np.asarray(data[f"{part}deps"][0], bool) & scored_L[:, None]
+            # Since the viewer: an axis of examples after the seed's (its first is drawn).
+            first = (0, 0) if "inputs" in data else (0,)
+            probs_NHLS = np.asarray(data[f"{part}probs"][first], dtype=float)
+            scored_L = np.asarray(data["weights"][first]) > 0
+            mask_LS = np.asarray(data[f"{part}deps"][first], bool) & scored_L[:, None]
             has = f"{part}has_pattern"
             has_NH = np.asarray(data[has], bool) if has in data else None
     except (OSError, KeyError, ValueError, IndexError):

@@ -9,7 +9,9 @@ writes or reads the file uses):
       final.json                  the result, once the last step is done (FINAL_FILE)
       final.step<S>-N.json        a result kept when the run was extended at step S (KEPT_FINAL)
       metrics.jsonl               train and eval rows, one per (step, seed, kind) (METRICS_FILE)
-      patterns_final.npz          the trained heads' patterns on one sequence (PATTERNS_FILE)
+      patterns_init.npz           every head's patterns at step 0 on the first few eval
+                                  sequences, with their tokens and masks (PATTERNS_INIT_FILE)
+      patterns_final.npz          the same at the last step (PATTERNS_FILE)
       checkpoints/STEP/           orbax checkpoints with ablate's manifest (CHECKPOINT_DIR)
       seed_<seed>/                TensorBoard events of one seed (`seed_dir`)
         probe_written.json        the probe images already in its events (PROBE_RECORD)
@@ -27,6 +29,7 @@ writes or reads the file uses):
                                   runs' rows.jsonl (RESULTS_FILE, RESULTS_CSV)
       slurm/                      submitit's job files and jobs.json (SLURM_DIR)
       REPORT.md, report/          the report (REPORT_FILE, REPORT_DIR)
+      view.html                   the attention viewer, data inlined (VIEW_FILE)
 
 Writes that replace a file go through `write_atomic` (a reader, or a kill, sees the old
 content or the new, whole); JSON lines are appended whole by `append_jsonl` and read back by
@@ -61,6 +64,7 @@ FINAL_FILE = "final.json"
 KEPT_FINAL = "final.step{step}"  # + "-N.json"
 METRICS_FILE = "metrics.jsonl"
 PATTERNS_FILE = "patterns_final.npz"
+PATTERNS_INIT_FILE = "patterns_init.npz"
 CHECKPOINT_DIR = "checkpoints"
 PROBE_DIR = "probe"
 PROBE_FILE = "probe.json"
@@ -76,6 +80,7 @@ SHARED_MARKER = ".ablate-shared"
 SLURM_DIR = "slurm"
 REPORT_FILE = "REPORT.md"
 REPORT_DIR = "report"
+VIEW_FILE = "view.html"
 LOCK_WAIT_SECONDS = 60.0  # default; the environment variable below overrides it
 LOCK_WAIT_ENV = "ABLATE_LOCK_WAIT_SECONDS"
 # Placement, not the experiment: a run may resume on another mesh.

@@ -1093,7 +1093,9 @@ def run_sweep(
         lines.append(f"merge the shards' rows and report: ablate report {sweep_dir}")
     elif report and primary:
         from ablate.report import write_report
+        from ablate.view import write_view
 
         lines.append(f"report: {write_report(sweep_dir)}")
+        lines.append(f"view: {write_view(sweep_dir)} (open it in a browser)")
     lines.append(f"TensorBoard: ablate tensorboard {sweep_dir}")
     return "\n".join(lines)

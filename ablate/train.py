@@ -33,7 +33,15 @@ import numpy as np
 
 from ablate.checkpoint import Checkpointer, CheckpointMismatch
 from ablate.config import ConfigError, flatten
-from ablate.core import CROSS_PER_HEAD, INVALID_TOKENS, PER_HEAD, Programs, TrainState, bad_ids
+from ablate.core import (
+    CROSS_PER_HEAD,
+    INVALID_TOKENS,
+    PER_HEAD,
+    Examples,
+    Programs,
+    TrainState,
+    bad_ids,
+)
 from ablate.data import DataError  # one class for every bad-data error (exit 3)
 from ablate.distributed import any_process, check_mesh, is_primary, on_primary
 from ablate.experiment import Experiment
@@ -48,6 +56,7 @@ from ablate.runfolder import (  # noqa: F401  (Preempted: part of this API)
     KEPT_FINAL,
     METRICS_FILE,
     PATTERNS_FILE,
+    PATTERNS_INIT_FILE,
     Preempted,
     RunFolderBusy,
     RunLock,
@@ -272,7 +281,10 @@ def _train_locked(
 
         if start == 0:
             logger.evaluation(programs.evaluate(state, arrays), 0)
-            logger.heatmaps(programs.patterns(state, arrays), 0, "init")
+            drawn = programs.patterns(state, arrays)
+            logger.heatmaps(drawn, 0, "init")
+            if metrics_file is not None:
+                write_examples(run_dir / PATTERNS_INIT_FILE, drawn, 0, programs)
         _stop_if_asked(sigterm, start)
         programs.compile(state, arrays)
         _stop_if_asked(sigterm, start)
@@ -310,20 +322,7 @@ def _train_locked(
                 drawn = programs.patterns(state, arrays)
                 logger.heatmaps(drawn, step, "trained")
             if last and metrics_file is not None:
-                probs, deps, weights = drawn[:3]
-                cross = {}
-                if len(drawn) > 3:  # an encoder-decoder: its cross-attention too
-                    cross = dict(
-                        cross_probs=drawn[3], cross_deps=drawn[4], cross_has_pattern=cross_NH
-                    )
-                write_npz(
-                    run_dir / PATTERNS_FILE,
-                    probs=probs,
-                    deps=deps,
-                    weights=weights,
-                    has_pattern=has_pattern_NH,
-                    **cross,
-                )
+                write_examples(run_dir / PATTERNS_FILE, drawn, step, programs)
                 logger.hparams(exp)
             # Read the flag only now: a SIGTERM during the evaluation above still saves here.
             # Every process must agree to stop (a SIGTERM may reach only some).
@@ -360,6 +359,34 @@ def _train_locked(
         final_json = dataclasses.asdict(result)
         on_primary(lambda: _write_json(run_dir / FINAL_FILE, final_json), f"writing {FINAL_FILE}")
     return result
+
+
+def write_examples(path: Path, drawn: Examples, step: int, programs: Programs) -> None:
+    """The viewer's examples of every seed at `step` (`Examples` with a leading Z axis):
+    patterns in float16, the token ids with the task's label for each, which heads have a
+    pattern. The eval sequences are the same for every seed, so the labels are seed 0's."""
+    task, definition = programs.exp.task, programs.definition
+    labels = lambda ids_EL: np.array([task.token_labels(ids_L) for ids_L in ids_EL], dtype=str)
+    arrays = {
+        "step": np.int64(step),
+        "probs": drawn.probs.astype(np.float16),
+        "deps": drawn.deps,
+        "weights": drawn.weights,
+        "inputs": drawn.inputs,
+        "targets": drawn.targets,
+        "input_labels": labels(drawn.inputs[0]),
+        "target_labels": labels(drawn.targets[0]),
+        "has_pattern": definition.has_pattern_NH,
+    }
+    if drawn.source is not None:  # an encoder-decoder: its source and cross-attention too
+        arrays |= {
+            "source": drawn.source,
+            "source_labels": np.array([task.source_labels(s) for s in drawn.source[0]], dtype=str),
+            "cross_probs": drawn.cross_probs.astype(np.float16),
+            "cross_deps": drawn.cross_deps,
+            "cross_has_pattern": definition.cross_has_pattern_NH,
+        }
+    write_npz(path, **arrays)
 
 
 def _write_config(run_dir: Path, config: dict, changed: list[str]) -> None:
@@ -540,30 +567,26 @@ class _Logger:
                 )
         return scalars
 
-    def heatmaps(self, drawn, step: int, label: str) -> None:
+    def heatmaps(self, drawn: Examples, step: int, label: str) -> None:
         """Pattern images of the first eval sequence per seed, as `Programs.patterns` gives them
         (an encoder-decoder's cross-attention too, `patterns/cross_layerN`)."""
-        probs_ZNHLS, deps_ZLS, weights_ZL = drawn[:3]
-        if len(drawn) > 3:
-            cross_ZNHLS, cross_deps_ZLS = drawn[3:]
+        scored_ZL = drawn.weights[:, 0] > 0
+        parts = [("", drawn.probs, drawn.deps, self.has_pattern_NH)]
+        if drawn.cross_probs is not None:
+            parts.insert(
+                0, ("cross_", drawn.cross_probs, drawn.cross_deps, self.cross_has_pattern_NH)
+            )
+        for prefix, probs_ZENHLS, deps_ZELS, has_pattern_NH in parts:
+            what = "cross-attention layer" if prefix else "layer"
             for k, writer in enumerate(self.writers):
-                for layer in range(cross_ZNHLS.shape[1]):
+                for layer in range(probs_ZENHLS.shape[2]):
                     png, w, h = patterns_png(
-                        cross_ZNHLS[k, layer],
-                        cross_deps_ZLS[k] & (weights_ZL[k][:, None] > 0),
-                        f"cross-attention layer {layer} ({label}, step {step})",
-                        has_pattern_H=self.cross_has_pattern_NH[layer],
+                        probs_ZENHLS[k, 0, layer],
+                        deps_ZELS[k, 0] & scored_ZL[k][:, None],
+                        f"{what} {layer} ({label}, step {step})",
+                        has_pattern_H=has_pattern_NH[layer],
                     )
-                    writer.image(f"patterns/cross_layer{layer}/{label}", png, w, h, step)
-        for k, writer in enumerate(self.writers):
-            for layer in range(probs_ZNHLS.shape[1]):
-                png, w, h = patterns_png(
-                    probs_ZNHLS[k, layer],
-                    deps_ZLS[k] & (weights_ZL[k][:, None] > 0),
-                    f"layer {layer} ({label}, step {step})",
-                    has_pattern_H=self.has_pattern_NH[layer],
-                )
-                writer.image(f"patterns/layer{layer}/{label}", png, w, h, step)
+                    writer.image(f"patterns/{prefix}layer{layer}/{label}", png, w, h, step)
 
     def hparams(self, exp: Experiment) -> None:
         hp = flatten(exp.to_dict())

@@ -5,6 +5,7 @@ finding the aligned source position (slow), and a tiny sweep with its report (sl
 
 from __future__ import annotations
 
+import base64
 import json
 
 import jax
@@ -128,8 +129,24 @@ def test_train_logs_cross_attention_and_resumes_bit_identically(tmp_path):
         assert tag in tags, tag
     assert any(t.startswith("patterns/cross_layer0/trained") for t in tags)
     drawn = np.load(tmp_path / "straight" / "patterns_final.npz")
-    assert drawn["cross_probs"].shape == (2, 1, 2, 5, 4)
-    assert drawn["cross_deps"].shape == (2, 5, 4)
+    assert drawn["cross_probs"].shape == (2, 4, 1, 2, 5, 4)  # seeds, examples, N, H, L, S
+    assert drawn["cross_deps"].shape == (2, 4, 5, 4)
+    again = np.load(tmp_path / "resumed" / "patterns_final.npz")
+    for name in ("probs", "cross_probs", "source", "source_labels", "input_labels"):
+        np.testing.assert_array_equal(again[name], drawn[name])
+
+    # The viewer's cross-attention: target positions over the source tokens.
+    from ablate.view import LEVELS, page_data
+
+    (r,) = page_data(tmp_path / "straight")["runs"]
+    ex = r["examples"][1]
+    assert r["seq2seq"] and ex["source"] == exp.task.source_labels(drawn["source"][0, 1])
+    want = drawn["cross_probs"][1, 1][:, :, ex["scored"], :]
+    got = np.frombuffer(base64.b64decode(r["cross"]["final"][1][1]), np.uint8)
+    np.testing.assert_allclose(got.reshape(want.shape) / LEVELS, want, atol=0.5 / LEVELS + 1e-3)
+    cross_deps = drawn["cross_deps"][0, 1]
+    assert ex["cross_deps"] == [np.flatnonzero(cross_deps[i]).tolist() for i in ex["scored"]]
+    assert any(ex["cross_deps"])
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Training: learning, seed vmapping, scan, freezing, resume, logs, bad input."""
 
+import base64
 import json
 
 import jax
@@ -13,7 +14,7 @@ from ablate.cli import main
 from ablate.config import ConfigError
 from ablate.core import Programs
 from ablate.experiment import TrainConfig, build_experiment
-from ablate.runfolder import read_jsonl
+from ablate.runfolder import PATTERNS_FILE, PATTERNS_INIT_FILE, read_jsonl
 from ablate.train import train
 
 
@@ -197,6 +198,55 @@ def test_resume_is_bit_identical(tmp_path):
         evals = [r for r in read_jsonl(tmp_path / d / "metrics.jsonl") if r["kind"] == "eval"]
         for seed in (0, 1):
             assert [r["step"] for r in evals if r["seed"] == seed] == [0, 5, 10, 20, 40]
+
+    # The viewer's examples: the resumed run keeps the same ones (step 0's written before its
+    # first checkpoint, the last step's once), and its page holds what the model computes.
+    for name in (PATTERNS_INIT_FILE, PATTERNS_FILE):
+        kept, again = (np.load(tmp_path / d / name) for d in ("straight", "resumed"))
+        for key in kept.files:
+            np.testing.assert_array_equal(again[key], kept[key])
+    page_holds_the_models_patterns(
+        exp, tmp_path / "resumed", {"init": Programs(exp).init(), "final": a}
+    )
+
+
+def page_holds_the_models_patterns(exp, run_dir, states):
+    """The view page's pattern rows of every stored example, stage and seed equal the
+    patterns the model with that stage's state computes on the example (to the page's 1/255)."""
+    from ablate.core import EXAMPLES, eval_batch
+    from ablate.view import LEVELS, page_data
+
+    programs = Programs(exp)
+    batch = eval_batch(exp.task, (), programs.sampler.eval_key, 0, exp.train.batch_size)
+    first = jax.tree.map(lambda x: x[:EXAMPLES], batch)
+
+    @jax.jit
+    @jax.vmap
+    def patterns(params, rest):  # (E, N, H, L, S) of one seed
+        model = programs.definition.merge(params, rest)
+        return jnp.stack(model(first.inputs, return_patterns=True).patterns, 1)
+
+    (r,) = page_data(run_dir)["runs"]
+    assert r["steps"] == {"init": 0, "final": exp.train.steps}
+    for stage, state in states.items():
+        probs_ZENHLS = np.asarray(patterns(state.params, state.rest))
+        for k in range(len(exp.train.seeds)):
+            for e, ex in enumerate(r["examples"]):
+                scored = np.flatnonzero(np.asarray(first.weights[e]) > 0)
+                assert ex["scored"] == scored.tolist() and len(scored) > 0
+                assert ex["tokens"] == exp.task.token_labels(first.inputs[e])
+                deps = np.asarray(first.deps[e])
+                assert ex["deps"] == [np.flatnonzero(deps[i]).tolist() for i in scored]
+                raw = np.frombuffer(base64.b64decode(r["attention"][stage][k][e]), np.uint8)
+                want = probs_ZENHLS[k, e][:, :, scored, :]
+                np.testing.assert_allclose(
+                    raw.reshape(want.shape) / LEVELS, want, atol=0.5 / LEVELS + 1e-3
+                )
+    # What was compared differs: training moved the patterns, and the seeds differ.
+    init_ZENHLS = np.asarray(patterns(states["init"].params, states["init"].rest))
+    final_ZENHLS = np.asarray(patterns(states["final"].params, states["final"].rest))
+    assert np.abs(final_ZENHLS - init_ZENHLS).max() > 0.05
+    assert np.abs(init_ZENHLS[0] - init_ZENHLS[1]).max() > 0.05
 
 
 def test_tensorboard_files_have_scalars_images_hparams(tmp_path):

@@ -218,6 +218,22 @@ class Task(abc.ABC):
         """valid_BL for padded tasks (attention masks padding out), else None."""
         return None if self.pad_id is None else inputs_BL != self.pad_id
 
+    def token_labels(self, ids: Any) -> list[str]:
+        """A readable label per token id (the attention viewer's): the task's own name of a
+        special token (its class constants in capitals: BOS, SEP, BLANK, MASK, ...), else
+        the id."""
+        names = self.special_tokens()
+        return [names.get(int(i), str(int(i))) for i in np.asarray(ids).ravel()]
+
+    def special_tokens(self) -> dict[int, str]:
+        """{id: name} of the task's special tokens, read from its integer class constants."""
+        names: dict[int, str] = {}
+        for cls in reversed(type(self).__mro__):
+            for name, value in vars(cls).items():
+                if name.isupper() and isinstance(value, int) and not isinstance(value, bool):
+                    names[value] = name
+        return names
+
     def cheap_positions(self, i: int) -> list[int]:
         """The fixed positions the cheap route reads for the target at position i."""
         raise TypeError(f"{self.name} has no cheap route")

@@ -76,6 +76,17 @@ class _TextTask(Task):
         """The id of special token PAD/BOS/SEP/CLS under this task's tokenizer."""
         return self.tokenizer.specials + (token - BYTES)
 
+    def token_labels(self, ids) -> list[str]:
+        """The tokenizer's label of each id; ids past its vocabulary are the task's own (a
+        masked LM's MASK, a classifier's labels)."""
+        tok, labels = self.tokenizer, []
+        for i in (int(i) for i in np.asarray(ids).ravel()):
+            labels.append(tok.label(i) if i < tok.vocab_size else self._extra_label(i))
+        return labels
+
+    def _extra_label(self, token: int) -> str:
+        return str(token)
+
     def _split(self, split: str):
         """One split of the configured source (or of the in-memory data)."""
         cfg = self.config
@@ -260,6 +271,9 @@ class _MaskedLanguageModel(_LanguageModel):
         self.mask_id = self.tokenizer.vocab_size
         self.vocab_size = self.mask_id + 1
 
+    def _extra_label(self, token: int) -> str:
+        return "MASK" if token == self.mask_id else str(token)
+
     def _windows(self, ids: jax.Array, key: jax.Array, batch_size: int, starts_B=None) -> Batch:
         L = self.seq_len
         if starts_B is None:
@@ -329,6 +343,9 @@ class TextClassification(_TextTask):
         self.text_vocab = self.tokenizer.vocab_size
         self.vocab_size = self.text_vocab + self.config.n_classes
         self.pad_id = self._special(PAD)
+
+    def _extra_label(self, token: int) -> str:
+        return f"class {token - self.text_vocab}"
 
     def load(self) -> TaskData:
         """Splits(train, eval) as `Examples` on the device, and the majority-label chance."""

@@ -144,6 +144,13 @@ class Seq2SeqTask(Task):
     def _tables(self, rng: np.random.Generator) -> None:
         """Draw further task tables (after the lexicon and classes, from the same stream)."""
 
+    def special_tokens(self) -> dict[int, str]:
+        return {PAD: "PAD", BOS: "BOS", EOS: "EOS"}
+
+    def source_labels(self, ids) -> list[str]:
+        """A label per source id (PAD, else the id)."""
+        return ["PAD" if int(i) == PAD else str(int(i)) for i in np.asarray(ids).ravel()]
+
     def source_valid(self, source_BS: jax.Array) -> jax.Array:
         """valid_BS: the source's real positions (cross-attention and the encoder hide the rest)."""
         return source_BS != PAD
