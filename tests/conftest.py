@@ -19,3 +19,24 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", False)
+
+
+#: The test files that take longest (measured: --durations), run first. With two xdist
+#: workers and whole files per worker (--dist loadfile), a long file started last runs alone
+#: at the end; starting the long ones first packs the two workers evenly.
+LONGEST_FIRST = (
+    "test_sweep_executors.py",  # its slow tests: several minutes
+    "test_train.py",
+    "test_sweep.py",
+    "test_seq2seq_train.py",
+    "test_probe_seq2seq.py",
+    "test_probe.py",
+    "test_data.py",
+    "test_pretrained.py",
+    "test_external_variant.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file

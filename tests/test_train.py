@@ -443,6 +443,7 @@ def test_a_task_with_two_routes_is_measured_against_both_masks_and_on_conflict_s
     assert np.all(out["conflict_alignment"][0] > out["conflict_alignment_cheap"][0])
 
 
+@pytest.mark.slow
 def test_pretrained_architecture_knobs_train_from_scratch():
     """GPT-2's and BERT's knobs (biased projections, exact GELU, post-norm, tied head) are
     configuration of the one model: such a model trains, its biases and tied embedding move,
