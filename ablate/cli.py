@@ -36,11 +36,33 @@ def _train(args) -> int:
     return EXIT_OK
 
 
+#: The flags of each remote executor, with their defaults: given with another executor they
+#: would be ignored, so they are refused.
+EXECUTOR_FLAGS = {
+    "ray": {"ray_address": None, "cpus_per_point": 1.0, "gpus_per_point": 0.0, "retries": 2},
+    "slurm": {
+        "slurm_partition": None,
+        "slurm_gpus_per_job": 0,
+        "slurm_cpus_per_job": 1,
+        "slurm_time": "60",
+        "slurm_array_parallelism": 256,
+        "slurm_option": [],
+        "slurm_cluster": "slurm",
+    },
+}
+
+
 def _sweep(args) -> int:
     from ablate.config import ConfigError
     from ablate.executors import RayOptions, SlurmOptions, parse_minutes
     from ablate.sweep import run_sweep
 
+    for executor, flags in EXECUTOR_FLAGS.items():
+        given = [f for f, default in flags.items() if getattr(args, f) != default]
+        if given and args.executor != executor:
+            names = ", ".join("--" + f.replace("_", "-") for f in given)
+            msg = f"{names} apply only with --executor {executor} (not {args.executor})"
+            raise ConfigError([("--executor", msg)])
     options = None
     if args.executor == "ray":
         options = RayOptions(
@@ -78,11 +100,18 @@ def _sweep(args) -> int:
 
 def _report(args) -> int:
     from ablate.report import write_report
-    from ablate.sweep import collect_results
+    from ablate.sweep import collect_results, points_without_rows
 
     collect_results(args.sweep_dir)  # what shards and workers left in the run folders
     path = write_report(args.sweep_dir)
     print(f"report: {path}")
+    if missing := points_without_rows(args.sweep_dir):
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        print(
+            f"note: {len(missing)} points of sweep.json have no rows yet ({shown}): shards or "
+            "workers still running, or a worker whose folder is not on the shared storage; "
+            "the report covers the others"
+        )
     return EXIT_OK
 
 
@@ -246,23 +275,46 @@ def _sweep_executor_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("--executor ray")
     g.add_argument("--ray-address", help="cluster address (default: start a local Ray instance)")
-    g.add_argument("--cpus-per-point", type=float, default=1.0, help="CPUs per point (1)")
+    ray, slurm = EXECUTOR_FLAGS["ray"], EXECUTOR_FLAGS["slurm"]
+    g.add_argument(
+        "--cpus-per-point", type=float, default=ray["cpus_per_point"], help="CPUs per point (1)"
+    )
     g.add_argument(
         "--gpus-per-point",
         type=float,
-        default=0.0,
+        default=ray["gpus_per_point"],
         help="share of a GPU per point: 0.25 packs four points onto one (default 0: CPU only)",
     )
     g.add_argument(
-        "--retries", type=int, default=2, help="runs again of a point whose worker died (2)"
+        "--retries",
+        type=int,
+        default=ray["retries"],
+        help="runs again of a point whose worker died (2)",
     )
     g = p.add_argument_group("--executor slurm")
     g.add_argument("--slurm-partition", help="partition (default: the cluster's)")
-    g.add_argument("--slurm-gpus-per-job", type=int, default=0, help="GPUs per array task (0)")
-    g.add_argument("--slurm-cpus-per-job", type=int, default=1, help="CPUs per array task (1)")
-    g.add_argument("--slurm-time", default="60", help="time limit: minutes or H:MM:SS (60)")
     g.add_argument(
-        "--slurm-array-parallelism", type=int, default=256, help="array tasks at once (256)"
+        "--slurm-gpus-per-job",
+        type=int,
+        default=slurm["slurm_gpus_per_job"],
+        help="GPUs per array task (0)",
+    )
+    g.add_argument(
+        "--slurm-cpus-per-job",
+        type=int,
+        default=slurm["slurm_cpus_per_job"],
+        help="CPUs per array task (1)",
+    )
+    g.add_argument(
+        "--slurm-time",
+        default=slurm["slurm_time"],
+        help="time limit: minutes or H:MM:SS (60)",
+    )
+    g.add_argument(
+        "--slurm-array-parallelism",
+        type=int,
+        default=slurm["slurm_array_parallelism"],
+        help="array tasks at once (256)",
     )
     g.add_argument(
         "--slurm-option",

@@ -938,6 +938,16 @@ def point_job(job: PointJob) -> dict[str, str]:
     return {"status": rows[0]["status"], "message": rows[0]["error"].split("\n")[0][:300]}
 
 
+def points_without_rows(sweep_dir: str | Path) -> list[str]:
+    """The points sweep.json lists that have no row in the results table."""
+    sweep_dir = Path(sweep_dir)
+    meta_path = sweep_dir / SWEEP_FILE
+    if not meta_path.is_file():
+        return []
+    have = {r["run"] for r in read_jsonl(sweep_dir / RESULTS_FILE)}
+    return [p for p in json.loads(meta_path.read_text())["points"] if p not in have]
+
+
 def collect_results(sweep_dir: str | Path) -> list[str]:
     """Collect every run folder's rows into the sweep's results table (what `ablate report`
     does first, merging what shards or workers left); returns the runs whose rows changed."""
@@ -1074,7 +1084,8 @@ def run_sweep(
         def on_result(run: str, outcome: dict[str, str]) -> None:
             if outcome["status"] == "not_shared":
                 raise ConfigError([("--workdir", outcome["message"])])
-            if outcome["status"] == "lost":  # the worker died (or its job ended) mid-point
+            # The worker died (or its job ended) mid-point; rows it finished are kept.
+            if outcome["status"] == "lost" and not _all_ok(point_rows(sweep_dir, run)):
                 rows = _failed_rows(by_run[run], "failed", outcome["message"], None, {}, None)
                 _write_rows(sweep_dir / run, rows)
             finished(run, outcome["status"])
@@ -1096,6 +1107,9 @@ def run_sweep(
         from ablate.view import write_view
 
         lines.append(f"report: {write_report(sweep_dir)}")
-        lines.append(f"view: {write_view(sweep_dir)} (open it in a browser)")
+        try:
+            lines.append(f"view: {write_view(sweep_dir)} (open it in a browser)")
+        except ConfigError as e:  # a view.html ablate did not write: kept, and said so
+            lines.append(f"view: not written ({e}); `ablate view {sweep_dir} --out FILE`")
     lines.append(f"TensorBoard: ablate tensorboard {sweep_dir}")
     return "\n".join(lines)

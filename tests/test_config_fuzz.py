@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import pytest
+import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -417,7 +418,14 @@ def offline():
         mp.setattr(socket.socket, "connect_ex", refuse_connection)
         mp.setattr(ablate.data, "load_dataset", no_data)
         mp.setattr(ablate.data, "stdlib_files", no_data)
+        # A hub tokenizer name is fetched to learn its vocabulary (tokenizers is installed):
+        # offline, as here, fetching fails, and the task refuses the name with a DataError.
+        mp.setattr(tokenizers.Tokenizer, "from_pretrained", offline_tokenizer)
         yield
+
+
+def offline_tokenizer(name, *args, **kwargs):
+    raise OSError(f"offline: tokenizer {name!r} cannot be fetched from the hub")
 
 
 def task_names_in(doc: dict) -> set[str]:

@@ -413,6 +413,11 @@ def test_a_slurm_rerun_waits_for_jobs_still_running_and_submits_the_rest(tmp_pat
         (["--executor", "ray", "--gpus-per-point", "-1"], "--gpus-per-point: must be a share"),
         (["--executor", "slurm", "--slurm-time", "soon"], "--slurm-time: 'soon' must be"),
         (["--executor", "slurm", "--slurm-option", "account"], "--slurm-option: 'account' must"),
+        (
+            ["--slurm-partition", "gpu", "--slurm-gpus-per-job", "1"],
+            "--slurm-partition, --slurm-gpus-per-job apply only with --executor slurm",
+        ),
+        (["--executor", "slurm", "--gpus-per-point", "0.5"], "apply only with --executor ray"),
     ],
 )
 def test_the_command_refuses_bad_executor_flags_with_exit_2(tmp_path, capsys, flags, message):
@@ -447,3 +452,13 @@ def test_a_point_whose_run_folder_cannot_be_made_is_still_recorded(tmp_path, mon
     assert (sweep_dir / RUNS[0]).read_text() == "in the way\n"  # the user's file is untouched
     run_sweep(exp, workdir=tmp_path, report=False, progress=False)  # retried, failed again
     assert len(ResultsTable(sweep_dir / "results.jsonl").rows()) == 8
+
+
+def test_points_without_rows_are_named(tmp_path):
+    """What `ablate report` warns of: points sweep.json lists that the table has no row of
+    (shards still running, or a worker off the shared storage)."""
+    (tmp_path / "sweep.json").write_text(json.dumps({"points": ["a", "b", "c"]}))
+    assert sweep_module.points_without_rows(tmp_path) == ["a", "b", "c"]
+    (tmp_path / "results.jsonl").write_text(json.dumps({"run": "b", "status": "ok"}) + "\n")
+    assert sweep_module.points_without_rows(tmp_path) == ["a", "c"]
+    assert sweep_module.points_without_rows(tmp_path / "nothing") == []
