@@ -90,9 +90,10 @@ class Seq2SeqConfig:
                 object.__setattr__(self, name, spec)
         object.__setattr__(self, "freeze", tuple(self.freeze))
         check(self)
-        used = tuple(
-            dict.fromkeys(n for name in self.SPECS for heads in self._heads(name) for n in heads)
-        )
+        # The names the specs use, read from them directly (as ModelConfig does): expanding
+        # them per layer and head first would build n_layers x n_heads names.
+        entries = [e for name in self.SPECS for e in _entries(getattr(self, name))]
+        used = tuple(dict.fromkeys(n for e in entries for n in ([e] if isinstance(e, str) else e)))
         settings, _ = variant_settings(self.attention_settings, used)
         object.__setattr__(self, "attention_settings", settings)
 
@@ -198,6 +199,11 @@ def _decoder_problem(name: str) -> str | None:
             "self-attention (it serves only the encoder's `attention`)"
         )
     return problem
+
+
+def _entries(spec) -> list:
+    """The entries of an attention spec: the one name, or its per-layer entries."""
+    return [spec] if isinstance(spec, str) else list(spec)
 
 
 class Seq2SeqOutput(NamedTuple):
