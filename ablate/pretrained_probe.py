@@ -27,8 +27,6 @@ importance and the mean gate gradient per head (probe.json) are what the probe o
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -58,8 +56,9 @@ from ablate.probe import (
     _masks,
     _prefix_masks,
     parse_kinds,
+    start_outputs,
 )
-from ablate.runfolder import DROP_PNG, PROBE_FILE, PROBE_RECORD, PRUNING_PNG, write_atomic
+from ablate.runfolder import DROP_PNG, PROBE_FILE, PROBE_RECORD, write_atomic
 
 SUMMARY_FILE = "SUMMARY.md"
 #: The whole-model and per-layer replacements: PAPA's mean patterns, uniform patterns, and
@@ -511,15 +510,7 @@ def _refuse_other_probe(out_dir: Path, settings: dict) -> None:
 
 
 def _write(result: dict, drop: dict, pruning_2X: np.ndarray, out_dir: Path, tensorboard: bool):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(DROP_PNG.format(kind="*")):
-        stale.unlink()
-    files = [out_dir / PROBE_FILE, out_dir / "probe.csv", out_dir / PRUNING_PNG]
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(result["rows"][0]))
-    writer.writeheader()
-    writer.writerows(result["rows"])
-    write_atomic(files[1], table.getvalue())
+    files = start_outputs(out_dir, result["rows"])
     short = Path(result["model"]).name or result["model"]
     pruning = pruning_png(pruning_2X.reshape(1, -1), [short], None, "loss")
     write_atomic(files[2], pruning[0])

@@ -587,19 +587,26 @@ def _titled(drop: Any, f: Callable[[np.ndarray], np.ndarray] | None = None) -> A
     return f(drop)
 
 
-def _write_outputs(result: dict, drop: dict, pruning_Z2X: np.ndarray, out_dir: Path) -> list[str]:
-    """probe.json (NaN as null), probe.csv (one row per kind, seed, ablation) and the PNGs."""
+def start_outputs(out_dir: Path, rows: list[dict]) -> list[Path]:
+    """A probe's output folder made ready and its table written: the heatmaps of a previous
+    probe's other kinds removed (they would contradict the table), probe.csv (one row per
+    ablation) written; returns [probe.json, probe.csv, pruning.png], the files to fill."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The images of a previous probe's other kinds would contradict the table.
     for stale in out_dir.glob(DROP_PNG.format(kind="*")):
         stale.unlink()
     files = [out_dir / PROBE_FILE, out_dir / "probe.csv", out_dir / PRUNING_PNG]
-    write_atomic(files[0], json.dumps(nan_to_none(result), indent=1))
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=list(result["rows"][0]))
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
-    writer.writerows(result["rows"])
+    writer.writerows(rows)
     write_atomic(files[1], table.getvalue())
+    return files
+
+
+def _write_outputs(result: dict, drop: dict, pruning_Z2X: np.ndarray, out_dir: Path) -> list[str]:
+    """probe.json (NaN as null), probe.csv (one row per kind, seed, ablation) and the PNGs."""
+    files = start_outputs(out_dir, result["rows"])
+    write_atomic(files[0], json.dumps(nan_to_none(result), indent=1))
     write_atomic(files[2], pruning_png(pruning_Z2X, result["seeds"], result["chance"])[0])
     titles = [f"seed {s}" for s in result["seeds"]]
     with_mean = (
